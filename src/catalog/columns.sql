@@ -1,0 +1,13 @@
+-- Columns of the given tables in attnum order.
+SELECT a.attrelid::int8 AS table_oid,
+       a.attname::text AS name,
+       format_type(a.atttypid, a.atttypmod) AS type_sql,
+       a.atttypid::int8 AS type_oid,
+       a.attnotnull AS not_null,
+       pg_get_expr(d.adbin, d.adrelid) AS default_sql,
+       a.attidentity::text AS identity,
+       a.attgenerated::text AS generated
+FROM pg_attribute a
+LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE a.attrelid = ANY($1::int8[]::oid[]) AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attrelid, a.attnum

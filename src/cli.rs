@@ -1,0 +1,98 @@
+//! The command line (clap derive): the doc comments here are the `--help` text.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Move a live PostgreSQL schema to a new shape with no downtime.
+///
+/// A YAML mapping says how every table of the new ("green") schema is computed from the one in use
+/// ("blue"). bluegreen builds green beside blue, copies and keeps it in step, validates it, and
+/// flips search_path. Exit codes: 0 success, 1 the command found a problem, 2 error.
+#[derive(Parser, Debug)]
+#[command(
+    name = "bluegreen",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Check the mapping against the live database and show what would be done. Writes nothing.
+    ///
+    /// Runs green_ddl and compiles every expression inside one transaction that is rolled back;
+    /// profiles the data (value maps, NOT NULL / CHECK / UNIQUE of green, determinism); prints per
+    /// green table the source, estimated rows and size, chunks, sync key and rollback verdict, and
+    /// every SQL statement prepare/copy/cutover/rollback will run with the lock it takes.
+    /// Exit 0 when the plan is sound, 2 when the mapping has errors.
+    Plan(PlanArgs),
+}
+
+/// Flags every command that talks to a database shares.
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// The mapping file (YAML).
+    #[arg(short = 'm', long = "mapping", value_name = "FILE")]
+    pub mapping: PathBuf,
+    /// PostgreSQL connection URL, e.g. postgres://user:password@host:5432/db (a Unix socket
+    /// directory goes in ?host=/path). The password is never printed.
+    #[arg(
+        long = "database-url",
+        env = "DATABASE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Tables for a terminal.
+    Text,
+    /// Machine-readable (schema documented in README.md; `format_version` marks changes).
+    Json,
+    /// A maintenance-window runbook.
+    Markdown,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProfileArg {
+    /// No data profiling: names, types and expressions only.
+    None,
+    /// Profile a sample of driving tables larger than 200k rows, the rest fully.
+    Sample,
+    /// Profile every row (slow on large tables).
+    Full,
+}
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// How much of the data to profile.
+    #[arg(long, value_enum, default_value_t = ProfileArg::Sample)]
+    pub profile: ProfileArg,
+    /// Parallel jobs the copy will use (overrides settings.jobs).
+    #[arg(long)]
+    pub jobs: Option<u32>,
+    /// Rows per copy chunk (overrides settings.chunk_rows).
+    #[arg(long)]
+    pub chunk_rows: Option<u64>,
+    /// Lock timeout for every DDL and lock, e.g. 2s or 500ms (overrides settings.lock_timeout).
+    #[arg(long, value_parser = parse_duration_ms)]
+    pub lock_timeout: Option<u64>,
+}
+
+fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    crate::mapping::parse_duration(s)
+        .map(|d| d.as_millis() as u64)
+        .ok_or_else(|| format!("`{s}` is not a duration: write 500ms, 2s or 1min"))
+}

@@ -1,0 +1,130 @@
+//! Connections: every connection bluegreen opens has the same pinned session settings, so that text
+//! renderings (and later checksums) never depend on a server or role default. Also the throwaway
+//! cluster used by tests and `demo`, and the translation of connection failures into diagnostics
+//! that never echo a password.
+
+pub mod cluster;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{ConnectOptions, Connection};
+
+use crate::diag::Diagnostic;
+
+/// Session settings pinned on every connection (sent in the startup packet).
+pub const PINNED: &[(&str, &str)] = &[
+    ("TimeZone", "UTC"),
+    ("DateStyle", "ISO, YMD"),
+    ("IntervalStyle", "iso_8601"),
+    ("extra_float_digits", "3"),
+    ("bytea_output", "hex"),
+    ("client_encoding", "UTF8"),
+    ("standard_conforming_strings", "on"),
+];
+
+/// The URL with any password replaced by `***`, for messages and reports.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        // Not a URL we can parse: show only the scheme, never the rest (it may hold a password).
+        Err(_) => match url.split_once("://") {
+            Some((scheme, _)) => format!("{scheme}://…"),
+            None => "(unparseable database URL)".to_string(),
+        },
+    }
+}
+
+/// Parse a URL into options with the pinned settings.
+pub fn options(url: &str) -> Result<PgConnectOptions, Diagnostic> {
+    let opts = PgConnectOptions::from_str(url).map_err(|e| {
+        Diagnostic::error(
+            "bad-database-url",
+            format!(
+                "cannot parse the database URL {}: {}",
+                redact_url(url),
+                scrub(&e.to_string(), url)
+            ),
+        )
+        .hint("write it as postgres://user:password@host:port/database (or set DATABASE_URL)")
+    })?;
+    Ok(opts
+        .application_name("bluegreen")
+        .options(PINNED.iter().copied())
+        // Statements can carry data; they are never logged by the driver.
+        .disable_statement_logging())
+}
+
+/// Connect, with a bounded wait, and translate failures into a diagnostic with a hint.
+pub async fn connect(url: &str) -> Result<PgConnection, Diagnostic> {
+    let opts = options(url)?;
+    let attempt =
+        tokio::time::timeout(Duration::from_secs(15), PgConnection::connect_with(&opts)).await;
+    match attempt {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(connect_error(url, &e)),
+        Err(_) => Err(Diagnostic::error(
+            "database-unreachable",
+            format!("no answer from {} within 15 s", redact_url(url)),
+        )
+        .hint("check host, port and firewall; is the server running?")),
+    }
+}
+
+fn connect_error(url: &str, e: &sqlx::Error) -> Diagnostic {
+    let shown = redact_url(url);
+    if let Some(db) = e.as_database_error() {
+        let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+        let msg = scrub(db.message(), url);
+        return match code.as_str() {
+            "28P01" | "28000" => Diagnostic::error(
+                "authentication-failed",
+                format!("authentication failed for {shown}: {msg}"),
+            )
+            .hint("check the user name and password in the database URL (or DATABASE_URL)"),
+            "3D000" => Diagnostic::error("database-missing", format!("{shown}: {msg}"))
+                .hint("check the database name at the end of the URL"),
+            _ => Diagnostic::error(
+                "connect-failed",
+                format!("cannot connect to {shown}: {msg} (SQLSTATE {code})"),
+            ),
+        };
+    }
+    Diagnostic::error(
+        "database-unreachable",
+        format!("cannot reach {shown}: {}", scrub(&e.to_string(), url)),
+    )
+    .hint("check host and port (or the socket directory given as ?host=/path); is the server running?")
+}
+
+/// Remove the URL's password from a message, whatever the driver put in it.
+fn scrub(msg: &str, url: &str) -> String {
+    match url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.password().map(str::to_string))
+    {
+        Some(pw) if !pw.is_empty() => msg.replace(&pw, "***"),
+        _ => msg.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db.example:5432/carbot"),
+            "postgres://app:***@db.example:5432/carbot"
+        );
+        assert_eq!(redact_url("postgres://app@db/x"), "postgres://app@db/x");
+        assert!(!redact_url("postgres://app:s3cret@[bad").contains("s3cret"));
+    }
+}

@@ -1,0 +1,59 @@
+CREATE SCHEMA IF NOT EXISTS {control};
+CREATE TABLE IF NOT EXISTS {control}.runs (
+    migration      text PRIMARY KEY,
+    mapping_digest text NOT NULL,
+    phase          text NOT NULL,
+    blue_schema    text NOT NULL,
+    green_schema   text NOT NULL,
+    previous_search_path jsonb,
+    updated_at     timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS {control}.chunks (
+    migration   text NOT NULL,
+    green_table text NOT NULL,
+    chunk_no    int  NOT NULL,
+    lower_bound text,
+    upper_bound text,
+    null_keys   boolean NOT NULL DEFAULT false,
+    state       text NOT NULL DEFAULT 'pending',
+    rows_copied bigint,
+    done_at     timestamptz,
+    PRIMARY KEY (migration, green_table, chunk_no)
+);
+CREATE TABLE IF NOT EXISTS {control}.changes (
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    migration  text NOT NULL,
+    blue_table text NOT NULL,
+    op         char(1) NOT NULL,
+    old_row    jsonb,
+    new_row    jsonb,
+    txid       xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    logged_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE TABLE IF NOT EXISTS {control}.sync_failures (
+    migration   text NOT NULL,
+    green_table text NOT NULL,
+    sync_key    jsonb NOT NULL,
+    error       text NOT NULL,
+    failed_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (migration, green_table, sync_key)
+);
+CREATE TABLE IF NOT EXISTS {control}.events (
+    id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    migration text NOT NULL,
+    at        timestamptz NOT NULL DEFAULT now(),
+    who       text NOT NULL DEFAULT current_user,
+    command   text NOT NULL,
+    outcome   text NOT NULL,
+    detail    jsonb
+);
+CREATE OR REPLACE FUNCTION {control}.unmapped_value(target text, value text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $fn$
+BEGIN
+    IF value IS NULL THEN
+        RETURN NULL;
+    END IF;
+    RAISE EXCEPTION 'bluegreen: value % of % is not in its map and the column has no default', quote_literal(value), target
+        USING ERRCODE = 'data_exception';
+END
+$fn$;

@@ -1,0 +1,179 @@
+//! Renders an entry's mapping as SQL: the select list, `M(blue)` as a query, and the statements
+//! built on it. Pure: mapping + catalog in, [`Sql`] out. Every later command (copy, sync, validate)
+//! evaluates the mapping through these functions, so what `plan` compiles is what runs.
+
+use crate::catalog;
+use crate::mapping::{Column, TableEntry};
+use crate::sql::{Expr, Ident, Literal, QName, Sql, TypeName, join};
+
+/// The SQL for one mapped column, before assignment to the green column. `lenient` (profiling
+/// only) turns a value outside a default-less map into NULL instead of an error, so that all such
+/// values can be counted.
+pub fn column_sql(
+    entry: &TableEntry,
+    col: &Column,
+    green_col: &catalog::Column,
+    control: &str,
+    lenient: bool,
+) -> String {
+    let Some(vm) = &col.value_map else {
+        return Expr(&col.expr.text).to_string();
+    };
+    let ty = TypeName(&green_col.type_sql);
+    let mut s = format!("CASE {}::text", Expr(&col.expr.text));
+    for (k, v) in &vm.entries {
+        match v {
+            Some(v) => s.push_str(&format!(
+                " WHEN {} THEN {}::{ty}",
+                Literal::new(k),
+                Literal::new(v)
+            )),
+            None => s.push_str(&format!(" WHEN {} THEN NULL::{ty}", Literal::new(k))),
+        }
+    }
+    match &vm.default {
+        Some(Some(d)) => s.push_str(&format!(" ELSE {}::{ty} END", Literal::new(d))),
+        Some(None) => s.push_str(&format!(" ELSE NULL::{ty} END")),
+        None if lenient => s.push_str(&format!(" ELSE NULL::{ty} END")),
+        // No default: a value outside the map is an error, never a silent NULL. NULL stays NULL.
+        None => s.push_str(&format!(
+            " ELSE {}({}, {}::text)::{ty} END",
+            QName::new(control, "unmapped_value"),
+            Literal::new(format!("{}.{}", entry.name, col.name)),
+            Expr(&col.expr.text)
+        )),
+    }
+    s
+}
+
+/// `(where)` and extra conditions joined by AND, or nothing.
+pub fn where_clause(entry: &TableEntry, extra: &[String]) -> String {
+    let mut conds: Vec<String> = entry
+        .where_
+        .iter()
+        .map(|w| Expr(&w.text).to_string())
+        .collect();
+    conds.extend(extra.iter().cloned());
+    if conds.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conds.join(" AND "))
+    }
+}
+
+pub fn group_by_clause(entry: &TableEntry) -> String {
+    if entry.group_by.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " GROUP BY {}",
+            join(entry.group_by.iter().map(|g| Expr(&g.text)), ", ")
+        )
+    }
+}
+
+/// Options for rendering `M(blue)`.
+#[derive(Default, Clone)]
+pub struct Shape<'a> {
+    /// Replace the relation read by an alias (a sample, a set of changed rows).
+    pub replace: Option<(&'a str, &'a str)>,
+    /// Extra conditions ANDed to `where` (a chunk range, a key set).
+    pub extra_where: Vec<String>,
+    /// Unmapped values become NULL instead of raising (profiling only).
+    pub lenient: bool,
+}
+
+/// `SELECT <mapped columns AS green names> FROM <from> WHERE ... GROUP BY ...`: `M(blue)` on the
+/// mapped columns, in entry order.
+pub fn mapping_select(
+    entry: &TableEntry,
+    green: &catalog::Table,
+    control: &str,
+    shape: &Shape,
+) -> Sql {
+    let cols = entry.columns.iter().filter_map(|c| {
+        let gc = green.column(&c.name)?;
+        Some(format!(
+            "{} AS {}",
+            column_sql(entry, c, gc, control, shape.lenient),
+            Ident::new(&c.name)
+        ))
+    });
+    Sql(format!(
+        "SELECT {} FROM {}{}{}",
+        join(cols, ", "),
+        entry.from_clause.render_with(shape.replace),
+        where_clause(entry, &shape.extra_where),
+        group_by_clause(entry)
+    ))
+}
+
+/// The mapped green column names, in entry order (only those that exist in green).
+pub fn mapped_columns<'a>(entry: &'a TableEntry, green: &'a catalog::Table) -> Vec<&'a str> {
+    entry
+        .columns
+        .iter()
+        .filter(|c| green.column(&c.name).is_some())
+        .map(|c| c.name.as_str())
+        .collect()
+}
+
+/// `INSERT INTO green.T (mapped columns) SELECT M(blue)`, with `OVERRIDING SYSTEM VALUE` when an
+/// identity-always column is mapped.
+pub fn insert_select(
+    entry: &TableEntry,
+    green: &catalog::Table,
+    control: &str,
+    shape: &Shape,
+) -> Sql {
+    let cols = mapped_columns(entry, green);
+    let overriding = cols
+        .iter()
+        .any(|c| green.column(c).is_some_and(|gc| gc.identity == "a"));
+    Sql(format!(
+        "INSERT INTO {} ({}){} {}",
+        green.qname(),
+        join(cols.iter().map(|c| Ident::new(*c)), ", "),
+        if overriding {
+            " OVERRIDING SYSTEM VALUE"
+        } else {
+            ""
+        },
+        mapping_select(entry, green, control, shape)
+    ))
+}
+
+/// Compile-only probe of one expression: `SELECT (expr) FROM <from> WHERE ... GROUP BY ...`.
+pub fn expr_probe(entry: &TableEntry, expr: &str) -> (Sql, usize) {
+    let head = "SELECT ";
+    let body = Expr(expr).to_string();
+    (
+        Sql(format!(
+            "{head}{body} FROM {}{}{}",
+            entry.from_clause.render(),
+            where_clause(entry, &[]),
+            group_by_clause(entry)
+        )),
+        // Offset (in characters) of the expression text inside the statement: after "(".
+        head.chars().count() + 1,
+    )
+}
+
+/// Compile-only probe of one column's assignment to its green column.
+pub fn assign_probe(
+    entry: &TableEntry,
+    col: &Column,
+    green: &catalog::Table,
+    gc: &catalog::Column,
+    control: &str,
+) -> Sql {
+    Sql(format!(
+        "INSERT INTO {} ({}) SELECT {} FROM {}{}{}",
+        green.qname(),
+        Ident::new(&col.name),
+        column_sql(entry, col, gc, control, false),
+        entry.from_clause.render(),
+        where_clause(entry, &[]),
+        group_by_clause(entry)
+    ))
+}

@@ -1,0 +1,375 @@
+//! The SQL that prepare, copy, cutover and rollback run, each statement with the lock it takes, so
+//! a reviewer sees before the maintenance window exactly what will touch the live tables.
+
+use serde::Serialize;
+
+use super::EffectiveSettings;
+use super::query::{Shape, insert_select};
+use crate::catalog::Catalog;
+use crate::mapping::Mapping;
+use crate::names;
+use crate::sql::{Ident, Literal, QName, join};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Step {
+    /// `prepare`, `copy`, `cutover` or `rollback`.
+    pub phase: &'static str,
+    pub what: String,
+    pub sql: String,
+    /// The lock taken, and on what.
+    pub lock: String,
+}
+
+fn step(
+    phase: &'static str,
+    what: impl Into<String>,
+    sql: impl Into<String>,
+    lock: impl Into<String>,
+) -> Step {
+    Step {
+        phase,
+        what: what.into(),
+        sql: sql.into(),
+        lock: lock.into(),
+    }
+}
+
+/// The control schema's DDL (tables for run state, chunk ledger, change log, sync failures,
+/// audit events; the helper raising on unmapped values). Idempotent.
+pub fn control_ddl(control: &str) -> String {
+    include_str!("control.sql").replace("{control}", &Ident::new(control).to_string())
+}
+
+/// The capture trigger function: logs whole old/new rows from the statement's transition tables.
+pub fn capture_function(m: &Mapping) -> String {
+    let f = names::capture_function(&m.control_schema, &m.migration);
+    let changes = QName::new(&m.control_schema, "changes");
+    format!(
+        "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog AS $fn$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO {changes} (migration, blue_table, op, new_row)
+        SELECT {mig}, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'I', to_jsonb(n) FROM new_rows n;
+    ELSIF TG_OP = 'UPDATE' THEN
+        INSERT INTO {changes} (migration, blue_table, op, old_row)
+        SELECT {mig}, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'U', to_jsonb(o) FROM old_rows o;
+        INSERT INTO {changes} (migration, blue_table, op, new_row)
+        SELECT {mig}, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'U', to_jsonb(n) FROM new_rows n;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO {changes} (migration, blue_table, op, old_row)
+        SELECT {mig}, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'D', to_jsonb(o) FROM old_rows o;
+    ELSE
+        INSERT INTO {changes} (migration, blue_table, op)
+        VALUES ({mig}, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'T');
+    END IF;
+    RETURN NULL;
+END
+$fn$",
+        mig = Literal::new(&m.migration)
+    )
+}
+
+/// All steps, in the order they run.
+pub fn all(m: &Mapping, cat: &Catalog, s: &EffectiveSettings) -> Vec<Step> {
+    let mut out = Vec::new();
+    let control = &m.control_schema;
+    let lt = format!("SET lock_timeout = '{}ms'", s.lock_timeout_ms);
+    let retry = format!(
+        "under lock_timeout {} ms, retried with backoff",
+        s.lock_timeout_ms
+    );
+    let green_tables: Vec<QName> = m
+        .tables
+        .iter()
+        .map(|e| QName::new(&m.green, &e.name))
+        .collect();
+    let blue_read = m.blue_tables_read();
+
+    // prepare
+    out.push(step(
+        "prepare",
+        "one runner per migration",
+        format!(
+            "SELECT pg_try_advisory_lock(hashtextextended({}, 0))",
+            Literal::new(names::advisory_key(&m.migration))
+        ),
+        "session advisory lock; no table lock",
+    ));
+    out.push(step(
+        "prepare",
+        "control schema",
+        control_ddl(control),
+        format!("none on application tables (creates {control}.*)"),
+    ));
+    out.push(step(
+        "prepare",
+        format!("green schema and DDL from {}", m.green_ddl.display()),
+        format!(
+            "CREATE SCHEMA {};\nSET LOCAL search_path = {};\n-- the statements of {}",
+            Ident::new(&m.green),
+            Ident::new(&m.green),
+            m.green_ddl.display()
+        ),
+        "ACCESS EXCLUSIVE on the new green objects only",
+    ));
+    for gt in green_tables.iter().filter_map(|q| cat.table(q)) {
+        for ix in gt.indexes.iter().filter(|ix| !ix.backs_constraint) {
+            out.push(step(
+                "prepare",
+                format!("defer index {} until after the copy", ix.name),
+                format!("DROP INDEX {}", QName::new(&gt.schema, &ix.name)),
+                format!(
+                    "ACCESS EXCLUSIVE on {} (empty, unused)",
+                    gt.qname().display()
+                ),
+            ));
+        }
+        for fk in &gt.foreign_keys {
+            out.push(step(
+                "prepare",
+                format!("defer foreign key {} until after the copy", fk.name),
+                format!(
+                    "ALTER TABLE {} DROP CONSTRAINT {}",
+                    gt.qname(),
+                    Ident::new(&fk.name)
+                ),
+                format!(
+                    "ACCESS EXCLUSIVE on {} (empty, unused)",
+                    gt.qname().display()
+                ),
+            ));
+        }
+    }
+    out.push(step(
+        "prepare",
+        "capture trigger function",
+        capture_function(m),
+        "none",
+    ));
+    let f = names::capture_function(control, &m.migration);
+    for bt in &blue_read {
+        let mut sql = vec![lt.clone()];
+        for (ev, event, refs) in [
+            ("ins", "INSERT", "REFERENCING NEW TABLE AS new_rows "),
+            (
+                "upd",
+                "UPDATE",
+                "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows ",
+            ),
+            ("del", "DELETE", "REFERENCING OLD TABLE AS old_rows "),
+            ("trunc", "TRUNCATE", ""),
+        ] {
+            sql.push(format!(
+                "CREATE TRIGGER {} AFTER {event} ON {bt} {refs}FOR EACH STATEMENT EXECUTE FUNCTION {f}()",
+                Ident::new(names::capture_trigger(ev))
+            ));
+        }
+        out.push(step(
+            "prepare",
+            format!("capture changes on {}", bt.display()),
+            sql.join(";\n"),
+            format!(
+                "SHARE ROW EXCLUSIVE on {} (blocks writes for the moment it is held; {retry})",
+                bt.display()
+            ),
+        ));
+    }
+
+    // copy
+    for e in &m.tables {
+        let Some(gt) = cat.table(&QName::new(&m.green, &e.name)) else {
+            continue;
+        };
+        let Some(bt) = cat.table(&e.from_clause.driving().table) else {
+            continue;
+        };
+        let sync = super::sync_key(e, gt).map(|(k, _)| k).unwrap_or_default();
+        let key = super::chunk_key(e, bt, &sync);
+        let range = if key.starts_with("ctid") {
+            vec![format!(
+                "{}.ctid >= $1::tid AND {}.ctid < $2::tid",
+                Ident::new(&e.from_clause.driving().alias),
+                Ident::new(&e.from_clause.driving().alias)
+            )]
+        } else {
+            vec![format!("({key}) >= $1 AND ({key}) < $2")]
+        };
+        if !key.starts_with("ctid") {
+            out.push(step(
+                "copy",
+                format!("{}: chunk boundaries from the data (quantiles)", e.name),
+                format!(
+                    "SELECT percentile_disc(ARRAY(SELECT g / $1::float8 FROM generate_series(1, $1 - 1) g)) WITHIN GROUP (ORDER BY ({key})) FROM {}{}",
+                    e.from_clause.render(),
+                    super::query::where_clause(e, &[])
+                ),
+                format!("ACCESS SHARE on {}", e.from_clause.items.iter().map(|i| i.table.display()).collect::<Vec<_>>().join(", ")),
+            ));
+        }
+        let shape = Shape {
+            extra_where: range,
+            ..Shape::default()
+        };
+        out.push(step(
+            "copy",
+            format!("{}: each chunk, claimed from the ledger and marked done in one transaction", e.name),
+            format!(
+                "SELECT chunk_no, lower_bound, upper_bound FROM {} WHERE migration = {} AND green_table = {} AND state = 'pending' LIMIT 1 FOR UPDATE SKIP LOCKED;\n{};\nUPDATE {} SET state = 'done', rows_copied = $3, done_at = now() WHERE migration = {} AND green_table = {} AND chunk_no = $4",
+                QName::new(control, "chunks"),
+                Literal::new(&m.migration),
+                Literal::new(&e.name),
+                insert_select(e, gt, control, &shape),
+                QName::new(control, "chunks"),
+                Literal::new(&m.migration),
+                Literal::new(&e.name),
+            ),
+            format!(
+                "ROW EXCLUSIVE on {}; ACCESS SHARE on {}",
+                gt.qname().display(),
+                e.from_clause.items.iter().map(|i| i.table.display()).collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    }
+    for gt in green_tables.iter().filter_map(|q| cat.table(q)) {
+        for ix in gt.indexes.iter().filter(|ix| !ix.backs_constraint) {
+            out.push(step(
+                "copy",
+                format!("build deferred index {}", ix.name),
+                ix.definition.clone(),
+                format!("SHARE on {} (green, not yet in use)", gt.qname().display()),
+            ));
+        }
+    }
+    for gt in green_tables.iter().filter_map(|q| cat.table(q)) {
+        for fk in &gt.foreign_keys {
+            out.push(step(
+                "copy",
+                format!("foreign key {} added unvalidated, then validated", fk.name),
+                format!(
+                    "ALTER TABLE {t} ADD CONSTRAINT {n} {d} NOT VALID;\nALTER TABLE {t} VALIDATE CONSTRAINT {n}",
+                    t = gt.qname(),
+                    n = Ident::new(&fk.name),
+                    d = fk.definition
+                ),
+                format!(
+                    "SHARE ROW EXCLUSIVE on {} and {} (instant), then SHARE UPDATE EXCLUSIVE while validating",
+                    gt.qname().display(),
+                    fk.ref_table.display()
+                ),
+            ));
+        }
+    }
+    for seq in cat.sequences.iter().filter(|s| s.name.schema == m.green) {
+        if let Some((owner, col)) = &seq.owner
+            && m.entry(&owner.name).and_then(|e| e.column(col)).is_some()
+        {
+            out.push(step(
+                "copy",
+                format!(
+                    "advance {} past the copied {}.{col}",
+                    seq.name.display(),
+                    owner.name
+                ),
+                format!(
+                    "SELECT setval({}, greatest((SELECT max({}) FROM {}), 1))",
+                    Literal::new(seq.name.to_string()),
+                    Ident::new(col),
+                    owner
+                ),
+                "none (sequence update)",
+            ));
+        }
+    }
+    for q in &green_tables {
+        out.push(step(
+            "copy",
+            format!("statistics for {}", q.display()),
+            format!("ANALYZE {q}"),
+            "SHARE UPDATE EXCLUSIVE on green only",
+        ));
+    }
+    out.push(step(
+        "copy",
+        "catch up: re-derive the sync keys touched since capture began, then switch triggers to live mode",
+        format!(
+            "SELECT id, blue_table, op, old_row, new_row FROM {} WHERE migration = {} ORDER BY id LIMIT $1;\n-- per green table: DELETE the green rows of the touched sync keys that M(blue) no longer produces;\n-- INSERT ... SELECT M(blue) WHERE <sync key> IN (touched keys) ON CONFLICT (<green key>) DO UPDATE SET <mapped columns only>",
+            QName::new(control, "changes"),
+            Literal::new(&m.migration)
+        ),
+        "ROW EXCLUSIVE on green tables; ACCESS SHARE on blue tables",
+    ));
+
+    // cutover
+    let blue_list = join(blue_read.iter(), ", ");
+    let db = Ident::new(&cat.server.database);
+    let new_path = format!(
+        "{}, \"$user\", {}",
+        Ident::new(&m.green),
+        Ident::new(&m.blue)
+    );
+    out.push(step(
+        "cutover",
+        "fence blue writes (reads go on), finish sync, flip search_path: one short transaction",
+        format!(
+            "BEGIN;\n{lt};\nLOCK TABLE {blue_list} IN EXCLUSIVE MODE;\n-- final catch-up of the change log (normally empty in live mode)\n-- reverse triggers installed on the green tables ({});\nALTER DATABASE {db} SET search_path = {new_path};{}\nUPDATE {} SET phase = 'cut_over', previous_search_path = $1, updated_at = now() WHERE migration = {};\nCOMMIT",
+            green_tables.iter().map(|q| q.display()).collect::<Vec<_>>().join(", "),
+            role_settings(cat, &db, &new_path),
+            QName::new(control, "runs"),
+            Literal::new(&m.migration)
+        ),
+        format!("EXCLUSIVE on {} (writes wait, reads go on; {retry}); SHARE ROW EXCLUSIVE on the green tables for their triggers", blue_read.iter().map(QName::display).collect::<Vec<_>>().join(", ")),
+    ));
+
+    // rollback
+    let green_list = join(green_tables.iter(), ", ");
+    let previous = cat
+        .search_path_settings
+        .iter()
+        .find(|s| s.role.is_none() && s.in_this_database)
+        .map(|s| {
+            format!(
+                "ALTER DATABASE {db} SET search_path = {}",
+                requote_search_path(&s.search_path)
+            )
+        })
+        .unwrap_or_else(|| format!("ALTER DATABASE {db} RESET search_path"));
+    out.push(step(
+        "rollback",
+        "fence green writes, finish reverse sync, restore the previous search_path",
+        format!(
+            "BEGIN;\n{lt};\nLOCK TABLE {green_list} IN EXCLUSIVE MODE;\n-- final reverse catch-up: blue rebuilt from green for invertible tables\n{previous};\nUPDATE {} SET phase = 'rolled_back', updated_at = now() WHERE migration = {};\nCOMMIT",
+            QName::new(control, "runs"),
+            Literal::new(&m.migration)
+        ),
+        format!("EXCLUSIVE on {} (writes wait, reads go on; {retry})", green_tables.iter().map(QName::display).collect::<Vec<_>>().join(", ")),
+    ));
+    out
+}
+
+/// `ALTER ROLE ... IN DATABASE ... SET search_path` for each role whose own setting would
+/// override the database's.
+fn role_settings(cat: &Catalog, db: &Ident, new_path: &str) -> String {
+    cat.search_path_settings
+        .iter()
+        .filter_map(|s| s.role.as_ref())
+        .map(|r| {
+            format!(
+                "\nALTER ROLE {} IN DATABASE {db} SET search_path = {new_path};",
+                Ident::new(r)
+            )
+        })
+        .collect()
+}
+
+/// A stored `search_path` value (`"$user", public`) re-rendered element by element through the
+/// renderer, so catalog text never reaches SQL unquoted.
+pub fn requote_search_path(value: &str) -> String {
+    join(
+        value
+            .split(',')
+            .map(|p| p.trim())
+            .filter(|p| !p.is_empty())
+            .map(|p| Ident::new(p.trim_matches('"').replace("\"\"", "\""))),
+        ", ",
+    )
+}

@@ -1,0 +1,1028 @@
+//! The database side of `plan`: everything PostgreSQL must judge, done inside ONE transaction that
+//! is always rolled back, so `plan` leaves no schema, table, trigger or sequence value behind.
+//!
+//! In that transaction it creates the control schema and runs `green_ddl` (DDL is transactional in
+//! PostgreSQL), loads the catalog, then for every entry: compiles `from`/`where`, each column
+//! expression and its assignment to the green column (errors mapped back to file:line:col,
+//! table.column), finds every relation and function the entry reads through a temporary view and
+//! `pg_depend` (undeclared dependencies, green reads, volatile functions), and profiles the data
+//! (value-map coverage, NOT NULL / CHECK / UNIQUE violations, results that differ when evaluated
+//! twice). Each check runs under a savepoint so one failure does not hide the others.
+//!
+//! It takes no lock stronger than ACCESS SHARE on a blue table, and runs under `lock_timeout`.
+
+use std::collections::BTreeMap;
+
+use sqlx::postgres::PgDatabaseError;
+use sqlx::{Connection, PgConnection, Row};
+
+use crate::catalog::{self, Catalog};
+use crate::diag::{Diagnostic, Span};
+use crate::mapping::{Mapping, Reverse, TableEntry};
+use crate::plan::query::{self, Shape};
+use crate::plan::{EntryFacts, Profile, static_checks, steps};
+use crate::sql::{Expr, Ident, Literal, QName, Sql, join};
+
+/// Driving tables estimated larger than this are sampled by `--profile sample`.
+pub const SAMPLE_THRESHOLD: f64 = 200_000.0;
+/// Rows a sample aims for.
+pub const SAMPLE_ROWS: f64 = 100_000.0;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProfileMode {
+    None,
+    Sample,
+    Full,
+}
+
+pub struct Outcome {
+    pub catalog: Catalog,
+    pub facts: BTreeMap<String, EntryFacts>,
+    pub diagnostics: Vec<Diagnostic>,
+    pub green_ddl_ran: bool,
+}
+
+/// Stable functions whose result depends on the clock or the session's identity: deterministic
+/// within a statement, different on every re-derivation.
+const TIME_OR_IDENTITY: &[&str] = &[
+    "now",
+    "transaction_timestamp",
+    "statement_timestamp",
+    "current_setting",
+    "current_user",
+    "session_user",
+    "current_schema",
+    "current_schemas",
+    "current_database",
+    "inet_client_addr",
+    "pg_backend_pid",
+    "txid_current",
+    "pg_current_xact_id",
+];
+
+struct Probe<'a> {
+    conn: &'a mut PgConnection,
+    m: &'a Mapping,
+    diags: Vec<Diagnostic>,
+}
+
+/// Run every check in one transaction and roll it back.
+pub async fn run(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    lock_timeout_ms: u64,
+    profile: ProfileMode,
+) -> Result<Outcome, Diagnostic> {
+    let mut tx = conn.begin().await.map_err(db_diag)?;
+    let result = Probe {
+        conn: &mut tx,
+        m,
+        diags: Vec::new(),
+    }
+    .run(lock_timeout_ms, profile)
+    .await;
+    // Whatever happened, nothing survives.
+    tx.rollback().await.map_err(db_diag)?;
+    result
+}
+
+fn db_diag(e: sqlx::Error) -> Diagnostic {
+    Diagnostic::error("database-error", e.to_string())
+}
+
+fn pg_err(e: &sqlx::Error) -> Option<&PgDatabaseError> {
+    e.as_database_error()?.try_downcast_ref::<PgDatabaseError>()
+}
+
+/// A statement from `green_ddl` that would end bluegreen's transaction. Quoted strings, dollar
+/// quotes and comments are skipped; the first word of each statement is checked.
+pub fn transaction_control(sql: &str) -> Option<(usize, String)> {
+    let b = sql.as_bytes();
+    let mut i = 0;
+    let mut stmt_start = true;
+    let mut line = 1;
+    while i < b.len() {
+        let c = b[i];
+        if c == b'\n' {
+            line += 1;
+        }
+        if c == b'-' && b.get(i + 1) == Some(&b'-') {
+            while i < b.len() && b[i] != b'\n' {
+                i += 1;
+            }
+            continue;
+        }
+        if c == b'/' && b.get(i + 1) == Some(&b'*') {
+            i += 2;
+            while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
+                if b[i] == b'\n' {
+                    line += 1;
+                }
+                i += 1;
+            }
+            i += 2;
+            continue;
+        }
+        if c == b'\'' || c == b'"' {
+            i += 1;
+            while i < b.len() && b[i] != c {
+                if b[i] == b'\n' {
+                    line += 1;
+                }
+                i += 1;
+            }
+            i += 1;
+            stmt_start = false;
+            continue;
+        }
+        if c == b'$' {
+            // $tag$ ... $tag$
+            if let Some(end) = sql[i + 1..].find('$') {
+                let tag = &sql[i..i + end + 2];
+                if tag[1..tag.len() - 1]
+                    .chars()
+                    .all(|ch| ch.is_alphanumeric() || ch == '_')
+                {
+                    if let Some(close) = sql[i + tag.len()..].find(tag) {
+                        line += sql[i..i + tag.len() + close].matches('\n').count();
+                        i += tag.len() + close + tag.len();
+                        stmt_start = false;
+                        continue;
+                    }
+                }
+            }
+        }
+        if c == b';' {
+            stmt_start = true;
+            i += 1;
+            continue;
+        }
+        if stmt_start && c.is_ascii_alphabetic() {
+            let end = sql[i..]
+                .find(|ch: char| !ch.is_ascii_alphabetic())
+                .map(|e| i + e)
+                .unwrap_or(sql.len());
+            let word = sql[i..end].to_ascii_uppercase();
+            if [
+                "BEGIN",
+                "COMMIT",
+                "END",
+                "ROLLBACK",
+                "START",
+                "ABORT",
+                "SAVEPOINT",
+                "RELEASE",
+                "PREPARE",
+            ]
+            .contains(&word.as_str())
+            {
+                // PREPARE TRANSACTION only; a plain PREPARE statement is harmless but unusual.
+                let rest = sql[end..].trim_start().to_ascii_uppercase();
+                if word != "PREPARE" || rest.starts_with("TRANSACTION") {
+                    return Some((line, word));
+                }
+            }
+            stmt_start = false;
+            i = end;
+            continue;
+        }
+        if !c.is_ascii_whitespace() {
+            stmt_start = false;
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Translate a character position in `text` (0-based) into a file span, given where the text
+/// starts in the file. The value may be quoted in YAML: find it on its line.
+fn span_in(source: &str, start: &Span, text: &str, offset: usize) -> Span {
+    let line_text = source
+        .lines()
+        .nth(start.line.saturating_sub(1) as usize)
+        .unwrap_or("");
+    if !text.contains('\n') {
+        let from = (start.column.saturating_sub(1)) as usize;
+        let from_byte = line_text
+            .char_indices()
+            .nth(from)
+            .map(|(b, _)| b)
+            .unwrap_or(line_text.len());
+        if let Some(found) = line_text[from_byte..].find(text) {
+            let col = line_text[..from_byte + found].chars().count() + offset + 1;
+            return Span {
+                column: col as u64,
+                ..start.clone()
+            };
+        }
+    }
+    start.clone()
+}
+
+impl Probe<'_> {
+    async fn exec(&mut self, sql: &Sql) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql(sql.assert_safe())
+            .execute(&mut *self.conn)
+            .await
+            .map(|_| ())
+    }
+
+    /// Run `f` under a savepoint; roll back to it on error.
+    async fn guarded(&mut self, sql: &Sql) -> Result<(), sqlx::Error> {
+        self.exec(&Sql("SAVEPOINT bluegreen_probe".into())).await?;
+        match self.exec(sql).await {
+            Ok(()) => {
+                self.exec(&Sql("RELEASE SAVEPOINT bluegreen_probe".into()))
+                    .await?;
+                Ok(())
+            }
+            Err(e) => {
+                self.exec(&Sql("ROLLBACK TO SAVEPOINT bluegreen_probe".into()))
+                    .await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Compile without running: PREPARE parses, analyses and plans; DEALLOCATE drops it again.
+    async fn compile(&mut self, sql: &Sql) -> Result<(), sqlx::Error> {
+        let prefix = "PREPARE bluegreen_check AS ";
+        let res = self.guarded(&Sql(format!("{prefix}{sql}"))).await;
+        match res {
+            Ok(()) => {
+                self.exec(&Sql("DEALLOCATE bluegreen_check".into())).await?;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn run(
+        mut self,
+        lock_timeout_ms: u64,
+        profile: ProfileMode,
+    ) -> Result<Outcome, Diagnostic> {
+        let m = self.m;
+        self.exec(&Sql(format!(
+            "SET LOCAL lock_timeout = '{lock_timeout_ms}ms'; SET LOCAL search_path = pg_catalog; SET LOCAL client_min_messages = warning"
+        )))
+        .await
+        .map_err(db_diag)?;
+        let pre = catalog::load(self.conn, &[&m.blue])
+            .await
+            .map_err(db_diag)?;
+        if !pre.server.schemas.contains(&m.blue) {
+            return Err(Diagnostic::error(
+                "unknown-blue-schema",
+                format!(
+                    "blue schema `{}` does not exist in database {}",
+                    m.blue, pre.server.database
+                ),
+            )
+            .maybe_hint(crate::diag::did_you_mean(
+                &m.blue,
+                pre.server.schemas.iter().map(String::as_str),
+            ))
+            .hint_or("set `blue:` in the mapping to the schema the application uses today"));
+        }
+        if pre.server.version_num < 150_000 {
+            self.diags.push(Diagnostic::warning(
+                "old-server",
+                format!(
+                    "PostgreSQL {} : bluegreen is tested on 15 and later",
+                    pre.server.version
+                ),
+            ));
+        }
+
+        // Control schema, so the generated SQL compiles exactly as it will run.
+        if let Err(e) = self.exec(&Sql(steps::control_ddl(&m.control_schema))).await {
+            return Err(Diagnostic::error("control-schema", format!("cannot create the control schema `{}`: {e}", m.control_schema))
+                .hint("the role needs CREATE on the database; or set `control_schema:` to a schema it may create"));
+        }
+
+        // Green DDL, unless green already exists (prepare ran): then check against it.
+        let green_exists = pre.server.schemas.contains(&m.green)
+            && sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind IN ('r','p'))")
+                .bind(&m.green)
+                .fetch_one(&mut *self.conn)
+                .await
+                .map_err(db_diag)?;
+        let mut green_ddl_ran = false;
+        if green_exists {
+            self.diags.push(Diagnostic::info(
+                "green-exists",
+                format!("green schema `{}` already has tables (prepared earlier): checked against them, green_ddl not re-run", m.green),
+            ));
+        } else {
+            self.green_ddl().await?;
+            green_ddl_ran = true;
+        }
+        let cat = catalog::load(self.conn, &[&m.blue, &m.green])
+            .await
+            .map_err(db_diag)?;
+        // All other tables the mapping names (schemas other than blue), for existence checks.
+        let mut cat = cat;
+        for q in m.blue_tables_read() {
+            if q.schema != m.blue && q.schema != m.green {
+                let extra = catalog::load(self.conn, &[&q.schema])
+                    .await
+                    .map_err(db_diag)?;
+                cat.tables.extend(extra.tables);
+            }
+        }
+        let statics = static_checks(m, &cat);
+        let broken: Vec<String> = statics
+            .iter()
+            .filter(|d| d.is_error())
+            .filter_map(|d| d.table.clone())
+            .collect();
+        self.diags.extend(statics);
+
+        let mut facts = BTreeMap::new();
+        self.exec(&Sql(format!(
+            "SET LOCAL search_path = pg_catalog, {}",
+            Ident::new(&m.blue)
+        )))
+        .await
+        .map_err(db_diag)?;
+        for e in &m.tables {
+            if broken.contains(&e.name) || e.from_clause.items.is_empty() {
+                continue;
+            }
+            let Some(gt) = cat.table(&QName::new(&m.green, &e.name)) else {
+                continue;
+            };
+            let f = self.entry(e, gt, &cat, profile).await.map_err(db_diag)?;
+            facts.insert(e.name.clone(), f);
+        }
+        Ok(Outcome {
+            catalog: cat,
+            facts,
+            diagnostics: self.diags,
+            green_ddl_ran,
+        })
+    }
+
+    async fn green_ddl(&mut self) -> Result<(), Diagnostic> {
+        let m = self.m;
+        let ddl = std::fs::read_to_string(&m.green_ddl).map_err(|e| {
+            Diagnostic::error(
+                "missing-file",
+                format!("cannot read green_ddl {}: {e}", m.green_ddl.display()),
+            )
+            .at(Some(m.green_ddl_span.clone()))
+        })?;
+        if let Some((line, word)) = transaction_control(&ddl) {
+            return Err(Diagnostic::error(
+                "green-ddl-transaction",
+                format!(
+                    "green_ddl contains {word}: bluegreen runs the file in its own transaction"
+                ),
+            )
+            .at(Some(Span::new(&m.green_ddl, line as u64, 1)))
+            .hint("remove transaction control statements from the file"));
+        }
+        let green = Ident::new(&m.green);
+        self.exec(&Sql(format!(
+            "CREATE SCHEMA IF NOT EXISTS {green}; SET LOCAL search_path = {green}"
+        )))
+        .await
+        .map_err(db_diag)?;
+        // The file is the user's own DDL, run as written: its text is the statement.
+        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(ddl.clone()))
+            .execute(&mut *self.conn)
+            .await
+        {
+            let (msg, pos) = match pg_err(&e) {
+                Some(p) => (
+                    format!("{} (SQLSTATE {})", p.message(), p.code()),
+                    match p.position() {
+                        Some(sqlx::postgres::PgErrorPosition::Original(n)) => Some(n),
+                        _ => None,
+                    },
+                ),
+                None => (e.to_string(), None),
+            };
+            let span = pos.map(|n| {
+                let before: String = ddl.chars().take(n.saturating_sub(1)).collect();
+                let line = before.matches('\n').count() as u64 + 1;
+                let col = before.rsplit('\n').next().unwrap_or("").chars().count() as u64 + 1;
+                Span::new(&m.green_ddl, line, col)
+            });
+            return Err(
+                Diagnostic::error("green-ddl-failed", format!("green_ddl failed: {msg}"))
+                    .at(span.or(Some(Span::new(&m.green_ddl, 1, 1))))
+                    .hint(
+                        "fix the green DDL file; it runs with search_path set to the green schema",
+                    ),
+            );
+        }
+        self.exec(&Sql("SET LOCAL search_path = pg_catalog".into()))
+            .await
+            .map_err(db_diag)?;
+        Ok(())
+    }
+
+    /// An expression error mapped back to the file.
+    fn expr_error(
+        &self,
+        e: &sqlx::Error,
+        entry: &TableEntry,
+        column: Option<&str>,
+        text: &str,
+        span: &Span,
+        offset_in_stmt: usize,
+        cat: &Catalog,
+    ) -> Diagnostic {
+        let Some(p) = pg_err(e) else {
+            return Diagnostic::error("expression-error", e.to_string())
+                .at(Some(span.clone()))
+                .table(&entry.name);
+        };
+        let code = p.code();
+        let pos_in_expr = match p.position() {
+            Some(sqlx::postgres::PgErrorPosition::Original(n)) => {
+                // The statement is sent as "PREPARE bluegreen_check AS " + sql.
+                let n = n
+                    .saturating_sub(1)
+                    .saturating_sub("PREPARE bluegreen_check AS ".len());
+                n.checked_sub(offset_in_stmt)
+                    .filter(|k| *k <= text.chars().count())
+            }
+            _ => None,
+        };
+        let at = span_in(&self.m.source, span, text, pos_in_expr.unwrap_or(0));
+        let kind = match code {
+            "42601" => "expression-syntax",
+            "42703" => "unknown-blue-column",
+            "42P01" => "unknown-table-or-alias",
+            "42883" => "unknown-function",
+            "42803" => "group-by",
+            "42804" | "42846" => "type-mismatch",
+            "22P02" | "22023" => "bad-value",
+            _ => "expression-error",
+        };
+        let mut hint = p.hint().map(str::to_string);
+        if hint.is_none() && code == "42703" {
+            // "column w.nme does not exist": suggest from the tables in `from`.
+            let wanted = p.message().split_whitespace().nth(1).unwrap_or("");
+            let (alias, col) = wanted.split_once('.').unwrap_or(("", wanted));
+            let mut cands: Vec<String> = Vec::new();
+            for it in &entry.from_clause.items {
+                if alias.is_empty() || it.alias == alias {
+                    if let Some(t) = cat.table(&it.table) {
+                        cands.extend(t.columns.iter().map(|c| format!("{}.{}", it.alias, c.name)));
+                    }
+                }
+            }
+            let target = if alias.is_empty() {
+                col.to_string()
+            } else {
+                format!("{alias}.{col}")
+            };
+            hint = crate::diag::did_you_mean(&target, cands.iter().map(String::as_str));
+        }
+        if hint.is_none() && (code == "42804" || code == "42846") {
+            if let Some(c) = column.and_then(|c| {
+                cat.table(&QName::new(&self.m.green, &entry.name))?
+                    .column(c)
+                    .cloned()
+            }) {
+                hint = Some(format!(
+                    "cast the expression to the green column's type: ({text})::{}",
+                    c.type_sql
+                ));
+            }
+        }
+        let mut d = Diagnostic::error(kind, format!("{} (SQLSTATE {code})", p.message()))
+            .at(Some(at))
+            .table(&entry.name)
+            .maybe_hint(hint);
+        if let Some(c) = column {
+            d = d.column(c);
+        }
+        d
+    }
+
+    async fn entry(
+        &mut self,
+        e: &TableEntry,
+        gt: &catalog::Table,
+        cat: &Catalog,
+        profile: ProfileMode,
+    ) -> Result<EntryFacts, sqlx::Error> {
+        let m = self.m;
+        let control = &m.control_schema;
+        let mut facts = EntryFacts::default();
+        let mut ok = true;
+
+        // from + where
+        let base = Sql(format!(
+            "SELECT 1 FROM {}{}",
+            e.from_clause.render(),
+            query::where_clause(e, &[])
+        ));
+        if let Err(err) = self.compile(&base).await {
+            let (text, span) = match (&e.where_, pg_err(&err).map(|p| p.message().to_string())) {
+                (Some(w), Some(msg)) if msg.contains("WHERE") || msg.contains("boolean") => {
+                    (w.text.clone(), w.span.clone())
+                }
+                _ => (e.from.text.clone(), e.from.span.clone()),
+            };
+            let d = self.expr_error(&err, e, None, &text, &span, usize::MAX, cat);
+            self.diags.push(d);
+            return Ok(facts);
+        }
+        // group_by expressions
+        for g in &e.group_by {
+            let (sql, off) = query::expr_probe(e, &g.text);
+            if let Err(err) = self.compile(&sql).await {
+                let d = self.expr_error(&err, e, None, &g.text, &g.span, off, cat);
+                self.diags.push(d);
+                ok = false;
+            }
+        }
+        // each column: the expression alone, then its assignment to the green column
+        for c in &e.columns {
+            let Some(gc) = gt.column(&c.name) else {
+                continue;
+            };
+            let (sql, off) = query::expr_probe(e, &c.expr.text);
+            if let Err(err) = self.compile(&sql).await {
+                let d =
+                    self.expr_error(&err, e, Some(&c.name), &c.expr.text, &c.expr.span, off, cat);
+                self.diags.push(d);
+                ok = false;
+                continue;
+            }
+            let sql = query::assign_probe(e, c, gt, gc, control);
+            if let Err(err) = self.compile(&sql).await {
+                let mut d = self.expr_error(
+                    &err,
+                    e,
+                    Some(&c.name),
+                    &c.expr.text,
+                    &c.expr.span,
+                    usize::MAX,
+                    cat,
+                );
+                if c.value_map.is_some() && d.code == "bad-value" {
+                    d.code = "bad-map-value";
+                    d.hint = Some(format!(
+                        "every value under `map:` (and `default:`) must be a valid {}",
+                        gc.type_sql
+                    ));
+                }
+                self.diags.push(d);
+                ok = false;
+            }
+        }
+        // sync key, when given separately: it must compile in the entry's grouping.
+        if let Some(sk) = &e.sync_key {
+            for (col, x) in sk {
+                let (sql, off) = query::expr_probe(e, &x.text);
+                if let Err(err) = self.compile(&sql).await {
+                    let d = self.expr_error(&err, e, Some(col), &x.text, &x.span, off, cat);
+                    self.diags.push(d);
+                    ok = false;
+                }
+            }
+        }
+        if !ok {
+            return Ok(facts);
+        }
+        // Dependencies and volatility, per column (so a finding names its column).
+        let declared: Vec<QName> = e
+            .from_clause
+            .items
+            .iter()
+            .map(|i| i.table.clone())
+            .collect();
+        let mut reads: Vec<QName> = Vec::new();
+        let mut targets: Vec<(Option<&str>, String, &Span)> = e
+            .columns
+            .iter()
+            .filter_map(|c| {
+                Some((
+                    Some(c.name.as_str()),
+                    query::column_sql(e, c, gt.column(&c.name)?, control, false),
+                    &c.expr.span,
+                ))
+            })
+            .collect();
+        if let Some(w) = &e.where_ {
+            targets.push((None, "1".into(), &w.span));
+        }
+        for (col, sql_expr, span) in targets {
+            let view = Sql(format!(
+                "CREATE TEMP VIEW bluegreen_probe AS SELECT {} AS v FROM {}{}{}",
+                Expr(&sql_expr),
+                e.from_clause.render(),
+                query::where_clause(e, &[]),
+                query::group_by_clause(e)
+            ));
+            if let Err(err) = self.guarded(&view).await {
+                let mut d = Diagnostic::error("expression-error", err.to_string())
+                    .at(Some(span.clone()))
+                    .table(&e.name);
+                if let Some(c) = col {
+                    d = d.column(c);
+                }
+                self.diags.push(d);
+                continue;
+            }
+            let rows = sqlx::query(include_str!("deps.sql"))
+                .fetch_all(&mut *self.conn)
+                .await?;
+            let sqlvalue: bool = sqlx::query_scalar(
+                "SELECT coalesce(bool_or(r.ev_action::text LIKE '%SQLVALUEFUNCTION%'), false) FROM pg_rewrite r WHERE r.ev_class = 'bluegreen_probe'::regclass",
+            )
+            .fetch_one(&mut *self.conn)
+            .await?;
+            self.exec(&Sql("DROP VIEW bluegreen_probe".into())).await?;
+            let mut flagged: Vec<String> = Vec::new();
+            if sqlvalue {
+                flagged.push("CURRENT_DATE / CURRENT_TIMESTAMP / CURRENT_USER depend on the clock or the session".to_string());
+            }
+            for r in rows {
+                let kind: String = r.try_get("kind")?;
+                let schema: String = r.try_get("schema")?;
+                let name: String = r.try_get("name")?;
+                let volatile: Option<String> = r.try_get("volatility")?;
+                if kind == "relation" {
+                    let q = QName::new(&schema, &name);
+                    if !reads.contains(&q) {
+                        reads.push(q.clone());
+                    }
+                    if schema == m.green {
+                        self.diags.push(
+                            Diagnostic::error("reads-green", format!("reads green table {}", q.display()))
+                                .at(Some(span.clone()))
+                                .table(&e.name)
+                                .maybe_col(col)
+                                .hint("green is computed from blue only: derive the value from blue (e.g. md5(natural_key)::uuid)"),
+                        );
+                    } else if !declared.contains(&q) {
+                        self.diags.push(
+                            Diagnostic::error("undeclared-dependency", format!("reads {} outside `from`: sync could not follow changes to it", q.display()))
+                                .at(Some(span.clone()))
+                                .table(&e.name)
+                                .maybe_col(col)
+                                .hint(format!("declare it in `from` as `JOIN {} x ON ...` and read x.<column> instead of a subquery", q.display())),
+                        );
+                    }
+                } else if schema != *control {
+                    let v = volatile.unwrap_or_default();
+                    if v == "v" {
+                        flagged.push(format!("{schema}.{name}() is VOLATILE"));
+                    } else if schema == "pg_catalog" && TIME_OR_IDENTITY.contains(&name.as_str()) {
+                        flagged.push(format!("{name}() depends on the clock or the session"));
+                    }
+                }
+            }
+            for why in flagged {
+                {
+                    self.diags.push(
+                        Diagnostic::error("volatile-expression", format!("non-deterministic: {why}; sync and validate recompute green from blue and would get another answer"))
+                            .at(Some(span.clone()))
+                            .table(&e.name)
+                            .maybe_col(col)
+                            .hint("derive it from blue data: md5('prefix:' || natural_key)::uuid for ids, keep the blue timestamp for times"),
+                    );
+                }
+            }
+        }
+        facts.reads = reads;
+
+        // Reverse expressions compile over the green table and fit the blue column.
+        if let Reverse::Columns(cols) = &e.reverse
+            && let Some(bt) = cat.table(&e.from_clause.driving().table)
+        {
+            for (bc, x) in cols {
+                let Some(bcol) = bt.column(bc) else { continue };
+                let sql = Sql(format!(
+                    "SELECT CAST({} AS {}) FROM {}",
+                    Expr(&x.text),
+                    bcol.type_sql,
+                    gt.qname()
+                ));
+                if let Err(err) = self.compile(&sql).await {
+                    let msg = pg_err(&err)
+                        .map(|p| p.message().to_string())
+                        .unwrap_or_else(|| err.to_string());
+                    self.diags.push(
+                        Diagnostic::error(
+                            "reverse-error",
+                            format!("reverse expression for blue column {bc}: {msg}"),
+                        )
+                        .at(Some(x.span.clone()))
+                        .table(&e.name)
+                        .column(bc)
+                        .hint(format!(
+                            "reverse expressions read the columns of {} (unqualified)",
+                            gt.qname().display()
+                        )),
+                    );
+                }
+            }
+        }
+
+        facts.compiled = self
+            .diags
+            .iter()
+            .all(|d| !(d.is_error() && d.table.as_deref() == Some(&e.name)));
+        if facts.compiled && profile != ProfileMode::None {
+            facts.profile = self.profile(e, gt, cat, profile).await?;
+        }
+        Ok(facts)
+    }
+
+    async fn profile(
+        &mut self,
+        e: &TableEntry,
+        gt: &catalog::Table,
+        cat: &Catalog,
+        mode: ProfileMode,
+    ) -> Result<Option<Profile>, sqlx::Error> {
+        let m = self.m;
+        let driving = e.from_clause.driving();
+        let bt = cat.table(&driving.table).expect("checked");
+        let sample = mode == ProfileMode::Sample && bt.reltuples > SAMPLE_THRESHOLD;
+        let fraction = if sample {
+            (SAMPLE_ROWS / bt.reltuples).min(1.0)
+        } else {
+            1.0
+        };
+        let sampled_rel = format!(
+            "(SELECT * FROM {} TABLESAMPLE SYSTEM ({:.6}) REPEATABLE (7))",
+            bt.qname(),
+            fraction * 100.0
+        );
+        let shape = Shape {
+            replace: sample.then_some((driving.alias.as_str(), sampled_rel.as_str())),
+            extra_where: Vec::new(),
+            lenient: true,
+        };
+        // A scratch table with every green column (green types, no constraints) plus the raw text
+        // of each mapped value, filled with M(blue) over the profiled rows.
+        let mut defs: Vec<String> = gt
+            .columns
+            .iter()
+            .map(|c| format!("{} {}", Ident::new(&c.name), c.type_sql))
+            .collect();
+        let raw_cols: Vec<(usize, &crate::mapping::Column)> = e
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.value_map.is_some())
+            .collect();
+        for (i, _) in &raw_cols {
+            defs.push(format!("bluegreen_raw_{i} text"));
+        }
+        let mut insert_cols: Vec<String> = query::mapped_columns(e, gt)
+            .iter()
+            .map(|c| Ident::new(*c).to_string())
+            .collect();
+        let select = query::mapping_select(e, gt, &m.control_schema, &shape);
+        let mut select_sql = select.0.clone();
+        if !raw_cols.is_empty() {
+            // Append the raw values to the select list (before FROM).
+            let raw_list: Vec<String> = raw_cols
+                .iter()
+                .map(|(_, c)| format!("{}::text", Expr(&c.expr.text)))
+                .collect();
+            let from_pos = select_sql.find(" FROM ").expect("select has FROM");
+            select_sql.insert_str(from_pos, &format!(", {}", raw_list.join(", ")));
+            insert_cols.extend(raw_cols.iter().map(|(i, _)| format!("bluegreen_raw_{i}")));
+        }
+        let create = Sql(format!(
+            "CREATE TEMP TABLE bluegreen_profile ({}) ON COMMIT DROP;\nINSERT INTO bluegreen_profile ({}) {select_sql}",
+            defs.join(", "),
+            insert_cols.join(", ")
+        ));
+        if let Err(err) = self.guarded(&create).await {
+            let msg = pg_err(&err)
+                .map(|p| {
+                    format!(
+                        "{}{}",
+                        p.message(),
+                        p.detail().map(|d| format!(" ({d})")).unwrap_or_default()
+                    )
+                })
+                .unwrap_or_else(|| err.to_string());
+            self.diags.push(
+                Diagnostic::error("profile-failed", format!("evaluating the mapping on the data fails: {msg}"))
+                    .at(Some(e.span.clone()))
+                    .table(&e.name)
+                    .hint("copy would fail the same way: fix the expression or filter such rows with `where`"),
+            );
+            return Ok(None);
+        }
+        let driving_rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {sampled} AS s",
+            sampled = if sample {
+                sampled_rel.clone()
+            } else {
+                bt.qname().to_string()
+            }
+        )))
+        .fetch_one(&mut *self.conn)
+        .await?;
+        let row = sqlx::query("SELECT count(*) AS n, coalesce(avg(pg_column_size(p.*)), 0)::float8 AS w FROM bluegreen_profile p")
+            .fetch_one(&mut *self.conn)
+            .await?;
+        let produced: i64 = row.try_get("n")?;
+        let width: f64 = row.try_get("w")?;
+        let scope = if sample {
+            format!("in a {:.1}% sample", fraction * 100.0)
+        } else {
+            "in the data".to_string()
+        };
+
+        // NOT NULL
+        for c in &e.columns {
+            let Some(gc) = gt.column(&c.name) else {
+                continue;
+            };
+            if !gc.not_null {
+                continue;
+            }
+            let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT count(*) FROM bluegreen_profile WHERE {} IS NULL",
+                Ident::new(&c.name)
+            )))
+            .fetch_one(&mut *self.conn)
+            .await?;
+            if n > 0 {
+                self.diags.push(
+                    Diagnostic::error(
+                        "not-null-violation",
+                        format!(
+                            "{n} row(s) {scope} map to NULL, but green column {} is NOT NULL",
+                            c.name
+                        ),
+                    )
+                    .at(Some(c.expr.span.clone()))
+                    .table(&e.name)
+                    .column(&c.name)
+                    .hint("coalesce(...) to a value, or exclude such rows with `where`"),
+                );
+            }
+        }
+        // CHECK
+        for ck in &gt.checks {
+            let q = Sql(format!(
+                "SELECT count(*) FROM bluegreen_profile WHERE NOT ({})",
+                ck.expr
+            ));
+            self.exec(&Sql("SAVEPOINT bluegreen_check".into())).await?;
+            match sqlx::query_scalar::<_, i64>(q.assert_safe())
+                .fetch_one(&mut *self.conn)
+                .await
+            {
+                Ok(n) => {
+                    self.exec(&Sql("RELEASE SAVEPOINT bluegreen_check".into()))
+                        .await?;
+                    if n > 0 {
+                        self.diags.push(
+                            Diagnostic::error("check-violation", format!("{n} row(s) {scope} break CHECK {} ({})", ck.name, ck.expr))
+                                .at(Some(e.span.clone()))
+                                .table(&e.name)
+                                .hint("adjust the mapping (e.g. clamp with least/greatest) or the constraint"),
+                        );
+                    }
+                }
+                Err(_) => {
+                    self.exec(&Sql("ROLLBACK TO SAVEPOINT bluegreen_check".into()))
+                        .await?;
+                }
+            }
+        }
+        // UNIQUE (primary key included)
+        for key in gt.unique_keys() {
+            let cols = join(key.iter().map(Ident::new), ", ");
+            let not_null = join(
+                key.iter().map(|c| format!("{} IS NOT NULL", Ident::new(c))),
+                " AND ",
+            );
+            let q = Sql(format!(
+                "SELECT count(*), coalesce(sum(n), 0)::int8 FROM (SELECT count(*) AS n FROM bluegreen_profile WHERE {not_null} GROUP BY {cols} HAVING count(*) > 1) d"
+            ));
+            let r = sqlx::query(q.assert_safe())
+                .fetch_one(&mut *self.conn)
+                .await?;
+            let groups: i64 = r.try_get(0)?;
+            let rows: i64 = r.try_get(1)?;
+            if groups > 0 {
+                self.diags.push(
+                    Diagnostic::error("unique-violation", format!("{groups} value(s) of ({}) occur more than once {scope} ({rows} rows): green's unique key would reject them", key.join(", ")))
+                        .at(Some(e.span.clone()))
+                        .table(&e.name)
+                        .hint("group the rows (group_by) or make the key expression distinguish them"),
+                );
+            }
+        }
+        // Value maps
+        for (i, c) in &raw_cols {
+            let vm = c.value_map.as_ref().unwrap();
+            let keys = join(vm.entries.iter().map(|(k, _)| Literal::new(k)), ", ");
+            let q = Sql(format!(
+                "SELECT bluegreen_raw_{i} AS v, count(*) AS n FROM bluegreen_profile WHERE bluegreen_raw_{i} IS NOT NULL AND bluegreen_raw_{i} NOT IN ({keys}) GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 20"
+            ));
+            let rows = sqlx::query(q.assert_safe())
+                .fetch_all(&mut *self.conn)
+                .await?;
+            for r in rows {
+                let v: String = r.try_get("v")?;
+                let n: i64 = r.try_get("n")?;
+                match &vm.default {
+                    None => self.diags.push(
+                        Diagnostic::error("unmapped-value", format!("value {} ({n} row(s) {scope}) is not in `map` and there is no `default`", Literal::new(&v)))
+                            .at(Some(c.span.clone()))
+                            .table(&e.name)
+                            .column(&c.name)
+                            .hint(format!("add `{v}: <green value>` under map, or a `default:`")),
+                    ),
+                    Some(d) => self.diags.push(
+                        Diagnostic::info("default-used", format!("value {} ({n} row(s) {scope}) is not in `map`: it becomes the default {}", Literal::new(&v), d.as_deref().unwrap_or("NULL")))
+                            .at(Some(c.span.clone()))
+                            .table(&e.name)
+                            .column(&c.name),
+                    ),
+                }
+            }
+        }
+        // Evaluated twice in one statement, the mapping must give the same rows.
+        let twice = Sql(format!(
+            "SELECT count(*) FROM ((SELECT t::text FROM ({select}) t) EXCEPT ALL (SELECT t::text FROM ({select}) t)) d"
+        ));
+        self.exec(&Sql("SAVEPOINT bluegreen_check".into())).await?;
+        match sqlx::query_scalar::<_, i64>(twice.assert_safe())
+            .fetch_one(&mut *self.conn)
+            .await
+        {
+            Ok(n) => {
+                self.exec(&Sql("RELEASE SAVEPOINT bluegreen_check".into()))
+                    .await?;
+                if n > 0 {
+                    self.diags.push(
+                        Diagnostic::error("non-deterministic-result", format!("evaluating the mapping twice {scope} gave {n} different row(s)"))
+                            .at(Some(e.span.clone()))
+                            .table(&e.name)
+                            .hint("a function marked IMMUTABLE or STABLE returns different values: make the expressions depend on blue data only"),
+                    );
+                }
+            }
+            Err(_) => {
+                self.exec(&Sql("ROLLBACK TO SAVEPOINT bluegreen_check".into()))
+                    .await?
+            }
+        }
+        self.exec(&Sql("DROP TABLE bluegreen_profile".into()))
+            .await?;
+        Ok(Some(Profile {
+            mode: if sample { "sample" } else { "full" }.into(),
+            fraction,
+            driving_rows_read: driving_rows,
+            rows_produced: produced,
+            avg_row_bytes: width,
+        }))
+    }
+}
+
+impl Diagnostic {
+    fn maybe_col(self, c: Option<&str>) -> Self {
+        match c {
+            Some(c) => self.column(c),
+            None => self,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_transaction_control_outside_quotes() {
+        assert_eq!(
+            transaction_control("CREATE TABLE a (x int);\nCOMMIT;"),
+            Some((2, "COMMIT".into()))
+        );
+        assert_eq!(
+            transaction_control(
+                "CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $$ BEGIN RETURN 1; END $$;\n-- COMMIT\nSELECT 'COMMIT';"
+            ),
+            None
+        );
+        assert_eq!(
+            transaction_control("begin;\ncreate table t (x int);"),
+            Some((1, "BEGIN".into()))
+        );
+        assert_eq!(
+            transaction_control("CREATE TABLE t (x int); PREPARE TRANSACTION 'x'"),
+            Some((1, "PREPARE".into()))
+        );
+    }
+}
