@@ -11,6 +11,7 @@
 -- No random(), no now(): every value is derived from the generate_series index through md5 and modulo,
 -- and every timestamp from the fixed base 2024-01-01 00:00:00+00, so two runs give identical rows.
 -- Run with search_path = the legacy schema, after legacy.sql. Re-running it starts over (TRUNCATE).
+-- (The OFFSET 0 fences below keep each per-row hash computed once instead of inlined at every use.)
 --
 -- Edge cases present on purpose: ~1.2% leads and ~3% customers whose workshop does not exist,
 -- ~5% soft-deleted leads, fahrzeug NULL (~15%) and '' (~5%), priority NULL (~10%), lead_score NULL
@@ -20,7 +21,8 @@
 TRUNCATE chat_messages, leads, customers, workshops RESTART IDENTITY;
 
 DROP TABLE IF EXISTS pg_temp.carbot_gen;
-CREATE TEMP TABLE carbot_gen AS
+DROP TABLE IF EXISTS pg_temp.carbot_gen_src;
+CREATE TEMP TABLE carbot_gen_src AS
 SELECT s.n AS n_leads,
        greatest(5, s.n / 200) AS n_workshops,
        greatest(2, greatest(5, s.n / 200) * 3 / 5) AS n_owners,
@@ -75,6 +77,18 @@ SELECT s.n AS n_leads,
        timestamptz '2024-01-01 00:00:00+00' AS base
 FROM (SELECT greatest(0, coalesce(nullif(current_setting('carbot.leads', true), ''), '1000')::int) AS n) s;
 
+-- The dictionaries are read for every generated row: keep them uncompressed (no TOAST), or each
+-- subscript would decompress the whole array again.
+CREATE TEMP TABLE carbot_gen (LIKE carbot_gen_src);
+ALTER TABLE carbot_gen
+    ALTER cities SET STORAGE PLAIN, ALTER plz SET STORAGE PLAIN, ALTER area SET STORAGE PLAIN,
+    ALTER streets SET STORAGE PLAIN, ALTER kinds SET STORAGE PLAIN, ALTER business_types SET STORAGE PLAIN,
+    ALTER services SET STORAGE PLAIN, ALTER first_names SET STORAGE PLAIN,
+    ALTER last_names SET STORAGE PLAIN, ALTER domains SET STORAGE PLAIN, ALTER vehicles SET STORAGE PLAIN,
+    ALTER anliegen SET STORAGE PLAIN, ALTER bot_lines SET STORAGE PLAIN, ALTER user_lines SET STORAGE PLAIN;
+INSERT INTO carbot_gen SELECT * FROM carbot_gen_src;
+DROP TABLE carbot_gen_src;
+
 -- workshops ---------------------------------------------------------------------------------------
 INSERT INTO workshops (id, owner_id, owner_email, name, slug, phone, address, city, postal_code,
                        business_type, opening_hours, services, is_active, created_at, updated_at)
@@ -111,8 +125,10 @@ CROSS JOIN LATERAL (
            p.base - (400 + (get_byte(h, 15) << 8 | get_byte(h, 14)) % 700) * interval '1 day'
                + (g.i * 7) % 86400 * interval '1 second' AS created
     FROM (SELECT decode(md5('workshop:' || g.i), 'hex') AS h,
-                 1 + (g.i - 1) % p.n_owners AS oi) a
+                 1 + (g.i - 1) % p.n_owners AS oi
+          OFFSET 0) a
     CROSS JOIN LATERAL (SELECT 1 + get_byte(a.h, 0) % 20 AS ci) c
+    OFFSET 0
 ) v;
 
 -- customers ---------------------------------------------------------------------------------------
@@ -145,7 +161,7 @@ CROSS JOIN generate_series(1, p.n_customers) AS g(i)
 CROSS JOIN LATERAL (
     SELECT h, ci, full_name, created,
            translate(lower(replace(full_name, ' ', '.')), 'äöüßéışç', 'aouseisc') AS local
-    FROM (SELECT decode(md5('customer:' || g.i), 'hex') AS h) a
+    FROM (SELECT decode(md5('customer:' || g.i), 'hex') AS h OFFSET 0) a
     CROSS JOIN LATERAL (
         SELECT 1 + get_byte(a.h, 7) % 20 AS ci,
                CASE get_byte(a.h, 4) % 10
@@ -160,7 +176,9 @@ CROSS JOIN LATERAL (
                END AS full_name,
                p.base - interval '730 days'
                    + ((g.i::bigint * 63072000) / greatest(p.n_customers, 1)) * interval '1 second' AS created
+        OFFSET 0
     ) b
+    OFFSET 0
 ) v;
 
 -- leads -------------------------------------------------------------------------------------------
@@ -211,7 +229,7 @@ CROSS JOIN LATERAL (
            CASE WHEN status = 'new' THEN created
                 ELSE created + (get_byte(h, 10) % 14) * interval '1 day' + get_byte(h, 9) * interval '1 minute'
            END AS updated
-    FROM (SELECT decode(md5('lead:' || g.i), 'hex') AS h) a
+    FROM (SELECT decode(md5('lead:' || g.i), 'hex') AS h OFFSET 0) a
     CROSS JOIN LATERAL (
         SELECT CASE WHEN get_byte(a.h, 14) % 20 = 0 THEN p.first_names[1 + get_byte(a.h, 12) % 32]
                     ELSE p.first_names[1 + get_byte(a.h, 12) % 32] || ' ' || p.last_names[1 + get_byte(a.h, 13) % 40]
@@ -224,7 +242,9 @@ CROSS JOIN LATERAL (
                     WHEN get_byte(a.h, 4) % 20 < 18 THEN 'converted'
                     ELSE 'lost' END AS status,
                p.base + ((g.i::bigint * 31536000) / p.n_leads + get_byte(a.h, 7) * 13) * interval '1 second' AS created
+        OFFSET 0
     ) b
+    OFFSET 0
 ) v;
 
 -- chat_messages: one session per lead index, 2..8 messages, ids (j-1)*8 + k -------------------------
@@ -256,7 +276,8 @@ CROSS JOIN LATERAL (
            p.base + ((g.j::bigint * 31536000) / p.n_leads + get_byte(a.h, 7) * 13) * interval '1 second'
                - (get_byte(a.h, 11) % 30) * interval '1 minute' - interval '10 minutes' AS started
     FROM generate_series(1, p.n_leads) AS g(j)
-    CROSS JOIN LATERAL (SELECT decode(md5('lead:' || g.j), 'hex') AS h) a
+    CROSS JOIN LATERAL (SELECT decode(md5('lead:' || g.j), 'hex') AS h OFFSET 0) a
+    OFFSET 0
 ) s
 CROSS JOIN LATERAL generate_series(1, s.n_msgs) AS k(k);
 

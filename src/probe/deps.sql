@@ -1,20 +1,32 @@
--- What the temporary view bluegreen_probe reads: relations, and functions (directly or behind an
--- operator) with their volatility.
-WITH d AS (
-    SELECT DISTINCT dep.refclassid, dep.refobjid
-    FROM pg_depend dep
-    JOIN pg_rewrite r ON dep.classid = 'pg_rewrite'::regclass AND dep.objid = r.oid
-    WHERE r.ev_class = 'bluegreen_probe'::regclass AND dep.refobjid <> 'bluegreen_probe'::regclass
+-- What the temporary view bluegreen_probe reads: relations, and every function it calls (directly,
+-- behind an operator, as an aggregate or window function) with its volatility. Built-in objects are
+-- "pinned" and never recorded in pg_depend, so functions are read from the view's query tree.
+WITH rule AS (
+    SELECT r.oid, r.ev_action::text AS tree
+    FROM pg_rewrite r
+    WHERE r.ev_class = 'bluegreen_probe'::regclass
+),
+rels AS (
+    SELECT DISTINCT m[1]::oid AS oid
+    FROM rule, regexp_matches(rule.tree, ':relid (\d+)', 'g') m
+    UNION
+    SELECT dep.refobjid
+    FROM pg_depend dep JOIN rule ON dep.classid = 'pg_rewrite'::regclass AND dep.objid = rule.oid
+    WHERE dep.refclassid = 'pg_class'::regclass
+),
+funcs AS (
+    SELECT DISTINCT m[1]::oid AS oid
+    FROM rule, regexp_matches(rule.tree, ':(?:funcid|opfuncid|aggfnoid|winfnoid) (\d+)', 'g') m
+    UNION
+    SELECT dep.refobjid
+    FROM pg_depend dep JOIN rule ON dep.classid = 'pg_rewrite'::regclass AND dep.objid = rule.oid
+    WHERE dep.refclassid = 'pg_proc'::regclass
 )
 SELECT 'relation' AS kind, n.nspname::text AS schema, c.relname::text AS name, NULL::text AS volatility
-FROM d JOIN pg_class c ON d.refclassid = 'pg_class'::regclass AND c.oid = d.refobjid
+FROM rels JOIN pg_class c ON c.oid = rels.oid
 JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.oid <> 'bluegreen_probe'::regclass
 UNION ALL
 SELECT 'function', n.nspname::text, p.proname::text, p.provolatile::text
-FROM d JOIN pg_proc p ON d.refclassid = 'pg_proc'::regclass AND p.oid = d.refobjid
-JOIN pg_namespace n ON n.oid = p.pronamespace
-UNION ALL
-SELECT 'function', n.nspname::text, p.proname::text, p.provolatile::text
-FROM d JOIN pg_operator o ON d.refclassid = 'pg_operator'::regclass AND o.oid = d.refobjid
-JOIN pg_proc p ON p.oid = o.oprcode
+FROM funcs JOIN pg_proc p ON p.oid = funcs.oid
 JOIN pg_namespace n ON n.oid = p.pronamespace

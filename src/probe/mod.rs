@@ -483,7 +483,7 @@ impl Probe<'_> {
             };
             hint = crate::diag::did_you_mean(&target, cands.iter().map(String::as_str));
         }
-        if hint.is_none() && (code == "42804" || code == "42846") {
+        if code == "42804" || code == "42846" {
             if let Some(c) = column.and_then(|c| {
                 cat.table(&QName::new(&self.m.green, &entry.name))?
                     .column(c)
@@ -848,8 +848,28 @@ impl Probe<'_> {
             if !gc.not_null {
                 continue;
             }
+            // A value outside a default-less map is reported as unmapped, not again as NULL.
+            let unmapped_excluded = raw_cols
+                .iter()
+                .find(|(_, rc)| {
+                    rc.name == c.name
+                        && rc.value_map.as_ref().is_some_and(|vm| vm.default.is_none())
+                })
+                .map(|(i, rc)| {
+                    let keys = join(
+                        rc.value_map
+                            .as_ref()
+                            .unwrap()
+                            .entries
+                            .iter()
+                            .map(|(k, _)| Literal::new(k)),
+                        ", ",
+                    );
+                    format!(" AND (bluegreen_raw_{i} IS NULL OR bluegreen_raw_{i} IN ({keys}))")
+                })
+                .unwrap_or_default();
             let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "SELECT count(*) FROM bluegreen_profile WHERE {} IS NULL",
+                "SELECT count(*) FROM bluegreen_profile WHERE {} IS NULL{unmapped_excluded}",
                 Ident::new(&c.name)
             )))
             .fetch_one(&mut *self.conn)

@@ -1,0 +1,353 @@
+//! `bluegreen plan` end to end against a real PostgreSQL.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{self, bluegreen, carbot_db, cluster, connect, fingerprint};
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn plan_carbot_in_all_formats_writes_nothing() {
+    let url = carbot_db("plan_formats").await;
+    let before = fingerprint(&url).await;
+
+    let out = bluegreen(&url)
+        .args(["plan", "-m", "mappings/carbot.yaml"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for needle in [
+        "plan OK",
+        "organizations",
+        "chat_sessions",
+        "N:1 group_by",
+        "== prepare ==",
+        "== copy ==",
+        "== cutover ==",
+        "== rollback ==",
+        "SHARE ROW EXCLUSIVE on public.leads",
+        "LOCK TABLE",
+        "ALTER DATABASE",
+    ] {
+        assert!(
+            text.contains(needle),
+            "text output lacks {needle:?}:\n{text}"
+        );
+    }
+
+    let out = bluegreen(&url)
+        .args([
+            "plan",
+            "-m",
+            "mappings/carbot.yaml",
+            "--format",
+            "json",
+            "--profile",
+            "full",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    assert_eq!(v["format_version"], 1);
+    assert_eq!(v["ok"], true);
+    let tables = v["tables"].as_array().unwrap();
+    let names: Vec<&str> = tables.iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "organizations",
+            "workshops",
+            "customers",
+            "leads",
+            "customer_vehicles",
+            "chat_sessions",
+            "chat_messages"
+        ]
+    );
+    // The profile counts what M(blue) really produces: compare with the database's own count.
+    let mut c = connect(&url).await;
+    for (table, sql) in [
+        (
+            "leads",
+            "SELECT count(*) FROM public.leads l JOIN public.workshops w ON w.id = l.workshop_id WHERE l.deleted_at IS NULL",
+        ),
+        (
+            "organizations",
+            "SELECT count(DISTINCT owner_email) FROM public.workshops",
+        ),
+        (
+            "customers",
+            "SELECT count(*) FROM public.customers c JOIN public.workshops w ON w.id = c.workshop_id",
+        ),
+    ] {
+        let expected: i64 = sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap();
+        let t = tables.iter().find(|t| t["name"] == table).unwrap();
+        assert_eq!(
+            t["profile"]["rows_produced"].as_i64().unwrap(),
+            expected,
+            "{table}"
+        );
+        assert_eq!(t["profile"]["mode"], "full");
+    }
+    let leads = tables.iter().find(|t| t["name"] == "leads").unwrap();
+    assert_eq!(leads["sync_key"][0][0], "id");
+    assert_eq!(leads["reverse"]["verdict"], "invertible");
+    let orgs = tables
+        .iter()
+        .find(|t| t["name"] == "organizations")
+        .unwrap();
+    assert_eq!(orgs["reverse"]["verdict"], "lossy");
+    assert!(
+        v["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["phase"] == "cutover")
+    );
+
+    let out = bluegreen(&url)
+        .args(["plan", "-m", "mappings/carbot.yaml", "--format", "markdown"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let md = stdout(&out);
+    for needle in [
+        "# Runbook",
+        "## Pre-checks",
+        "## Steps",
+        "bluegreen copy -m mappings/carbot.yaml",
+        "## Rollback",
+        "## Sign-off",
+        "```sql",
+    ] {
+        assert!(md.contains(needle), "markdown lacks {needle:?}");
+    }
+
+    assert_eq!(
+        before,
+        fingerprint(&url).await,
+        "plan must leave the database unchanged"
+    );
+}
+
+/// Each fixture in mappings/invalid states on line 1 what `plan` must say:
+/// `# expect: code=<code> line=<n> [table=<t>] [column=<c>] [hint=<text>] [message=<text>]`.
+#[tokio::test]
+async fn invalid_mappings_fail_with_located_errors() {
+    let url = carbot_db("plan_invalid").await;
+    let before = fingerprint(&url).await;
+    let dir = support::root().join("mappings/invalid");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 15, "fixtures missing");
+    let mut failures = Vec::new();
+    for f in &files {
+        let first = std::fs::read_to_string(f)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap()
+            .to_string();
+        let spec = first
+            .strip_prefix("# expect:")
+            .unwrap_or_else(|| panic!("{}: line 1 must be `# expect: ...`", f.display()));
+        let get = |k: &str| {
+            spec.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+                .map(str::to_string)
+        };
+        let rel = support::rel(f);
+        let out = bluegreen(&url).args(["plan", "-m", &rel]).output().unwrap();
+        let err = stderr(&out);
+        let code = get("code").unwrap();
+        let line = get("line").unwrap();
+        let head = format!("error[{code}]: {rel}:{line}:");
+        let diag_line = err.lines().find(|l| l.starts_with(&head));
+        let mut ok = out.status.code() == Some(2) && !err.contains("panicked");
+        match diag_line {
+            None => ok = false,
+            Some(l) => {
+                if let Some(t) = get("table") {
+                    ok &= l.contains(&format!("table {t}"));
+                }
+                if let Some(c) = get("column") {
+                    ok &= l.contains(&format!("column {c}"));
+                }
+                if let Some(m) = get("message") {
+                    ok &= l.contains(&m);
+                }
+            }
+        }
+        if let Some(h) = get("hint") {
+            ok &= err
+                .lines()
+                .any(|l| l.trim_start().starts_with("hint:") && l.contains(&h));
+        }
+        if !ok {
+            failures.push(format!(
+                "{rel} (exit {:?}) expected `{spec}`, got:\n{err}",
+                out.status.code()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    assert_eq!(
+        before,
+        fingerprint(&url).await,
+        "a failed plan must leave the database unchanged"
+    );
+}
+
+#[tokio::test]
+async fn unreachable_database_and_wrong_password_are_clear_errors() {
+    let out = bluegreen("postgres://postgres@localhost/x?host=/tmp/bluegreen-no-such-dir")
+        .args(["plan", "-m", "mappings/carbot.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("error[database-unreachable]"),
+        "{}",
+        stderr(&out)
+    );
+
+    let url = carbot_db("plan_auth").await;
+    let mut c = connect(&url).await;
+    support::exec(
+        &mut c,
+        &format!(
+            "DROP ROLE IF EXISTS {r}; CREATE ROLE {r} LOGIN PASSWORD 'right-secret'",
+            r = bluegreen::pg::cluster::PASSWORD_ROLE
+        ),
+    )
+    .await;
+    let bad = cluster().url_with_password(
+        "plan_auth",
+        bluegreen::pg::cluster::PASSWORD_ROLE,
+        "wrong-secret-4711",
+    );
+    let out = bluegreen(&bad)
+        .args(["plan", "-m", "mappings/carbot.yaml"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("error[authentication-failed]"), "{err}");
+    assert!(
+        !err.contains("wrong-secret-4711") && !stdout(&out).contains("wrong-secret-4711"),
+        "password leaked: {err}"
+    );
+    assert!(err.contains("***"), "{err}");
+}
+
+#[test]
+fn command_line_mistakes_exit_2() {
+    let out = assert_cmd::Command::cargo_bin("bluegreen")
+        .unwrap()
+        .args(["plan"])
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = assert_cmd::Command::cargo_bin("bluegreen")
+        .unwrap()
+        .args([
+            "plan",
+            "-m",
+            "no/such/mapping.yaml",
+            "--database-url",
+            "postgres://x@localhost/y",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("error[mapping-unreadable]"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+fn server_running_in(dir: &str) -> bool {
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("postgres.*{dir}")])
+        .output()
+        .unwrap();
+    !out.stdout.is_empty()
+}
+
+fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "timed out waiting until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn cluster_is_stopped_and_removed_on_drop() {
+    let c = bluegreen::pg::cluster::Cluster::start().unwrap();
+    let dir = c.socket_dir().to_path_buf();
+    assert!(dir.join("data/postmaster.pid").exists());
+    drop(c);
+    assert!(!dir.exists(), "cluster directory left behind");
+    assert!(!server_running_in(&dir.display().to_string()));
+}
+
+/// The watchdog stops the server when its owner is killed with SIGKILL. The owner is this test
+/// binary re-run as a child (BLUEGREEN_WATCHDOG_CHILD names a file): it starts a cluster, writes
+/// the cluster's directory to that file, and waits to be killed.
+#[test]
+fn cluster_is_stopped_when_its_owner_is_killed() {
+    if let Some(report) = std::env::var_os("BLUEGREEN_WATCHDOG_CHILD") {
+        let c = bluegreen::pg::cluster::Cluster::start().unwrap();
+        std::fs::write(&report, c.socket_dir().display().to_string()).unwrap();
+        std::thread::sleep(Duration::from_secs(120));
+        return;
+    }
+    let report = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    std::fs::remove_file(&report).unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "plan::cluster_is_stopped_when_its_owner_is_killed",
+            "--test-threads=1",
+        ])
+        .env("BLUEGREEN_WATCHDOG_CHILD", &*report)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the child started a cluster", || {
+        report.exists()
+            && std::fs::metadata(&report)
+                .map(|m| m.len() > 0)
+                .unwrap_or(false)
+    });
+    let dir = std::fs::read_to_string(&report).unwrap();
+    assert!(
+        std::path::Path::new(&dir)
+            .join("data/postmaster.pid")
+            .exists()
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    wait_until(
+        "the watchdog stopped the orphaned server and removed its directory",
+        || !server_running_in(&dir) && !std::path::Path::new(&dir).exists(),
+    );
+}
