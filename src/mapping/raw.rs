@@ -116,6 +116,7 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for Ordered<V> {
 }
 
 /// A column: `name: <expr>` or `name: {expr: <expr>, map: {...}, default: <value>}`.
+#[allow(clippy::large_enum_variant)] // short-lived, one per column while parsing
 pub enum ColumnSpec {
     Plain(String),
     Mapped {

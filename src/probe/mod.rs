@@ -142,13 +142,12 @@ pub fn transaction_control(sql: &str) -> Option<(usize, String)> {
                 if tag[1..tag.len() - 1]
                     .chars()
                     .all(|ch| ch.is_alphanumeric() || ch == '_')
+                    && let Some(close) = sql[i + tag.len()..].find(tag)
                 {
-                    if let Some(close) = sql[i + tag.len()..].find(tag) {
-                        line += sql[i..i + tag.len() + close].matches('\n').count();
-                        i += tag.len() + close + tag.len();
-                        stmt_start = false;
-                        continue;
-                    }
+                    line += sql[i..i + tag.len() + close].matches('\n').count();
+                    i += tag.len() + close + tag.len();
+                    stmt_start = false;
+                    continue;
                 }
             }
         }
@@ -425,6 +424,7 @@ impl Probe<'_> {
     }
 
     /// An expression error mapped back to the file.
+    #[allow(clippy::too_many_arguments)]
     fn expr_error(
         &self,
         e: &sqlx::Error,
@@ -470,10 +470,10 @@ impl Probe<'_> {
             let (alias, col) = wanted.split_once('.').unwrap_or(("", wanted));
             let mut cands: Vec<String> = Vec::new();
             for it in &entry.from_clause.items {
-                if alias.is_empty() || it.alias == alias {
-                    if let Some(t) = cat.table(&it.table) {
-                        cands.extend(t.columns.iter().map(|c| format!("{}.{}", it.alias, c.name)));
-                    }
+                if (alias.is_empty() || it.alias == alias)
+                    && let Some(t) = cat.table(&it.table)
+                {
+                    cands.extend(t.columns.iter().map(|c| format!("{}.{}", it.alias, c.name)));
                 }
             }
             let target = if alias.is_empty() {
@@ -483,17 +483,17 @@ impl Probe<'_> {
             };
             hint = crate::diag::did_you_mean(&target, cands.iter().map(String::as_str));
         }
-        if code == "42804" || code == "42846" {
-            if let Some(c) = column.and_then(|c| {
+        if (code == "42804" || code == "42846")
+            && let Some(c) = column.and_then(|c| {
                 cat.table(&QName::new(&self.m.green, &entry.name))?
                     .column(c)
                     .cloned()
-            }) {
-                hint = Some(format!(
-                    "cast the expression to the green column's type: ({text})::{}",
-                    c.type_sql
-                ));
-            }
+            })
+        {
+            hint = Some(format!(
+                "cast the expression to the green column's type: ({text})::{}",
+                c.type_sql
+            ));
         }
         let mut d = Diagnostic::error(kind, format!("{} (SQLSTATE {code})", p.message()))
             .at(Some(at))
