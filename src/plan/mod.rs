@@ -678,3 +678,6 @@ impl Plan {
             .count()
     }
 }
+
+#[cfg(test)]
+mod tests;
