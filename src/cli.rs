@@ -31,6 +31,21 @@ pub enum Command {
     /// every SQL statement prepare/copy/cutover/rollback will run with the lock it takes.
     /// Exit 0 when the plan is sound, 2 when the mapping has errors.
     Plan(PlanArgs),
+    /// Create the control schema, the green schema (green_ddl) and change capture on every blue
+    /// table the mapping reads. Idempotent; every lock under lock_timeout with retry.
+    Prepare(PrepareArgs),
+    /// Fill green from blue while the application writes, then keep it in step (live sync).
+    ///
+    /// Runs prepare when needed. Copies parallel chunks of each driving table (resumable: kill it
+    /// and run it again; several copy processes can share the work), builds indexes and foreign
+    /// keys after the data, advances sequences, replays the captured changes and switches the
+    /// triggers to live mode, after which every write to blue re-derives green in its own
+    /// transaction.
+    Copy(CopyArgs),
+    /// Catch up the change log now and retry keys whose sync failed.
+    Sync(StatusArgs),
+    /// Phase, per-table progress, change-log backlog, sync failures, recent events.
+    Status(StatusArgs),
 }
 
 /// Flags every command that talks to a database shares.
@@ -95,4 +110,50 @@ fn parse_duration_ms(s: &str) -> Result<u64, String> {
     crate::mapping::parse_duration(s)
         .map(|d| d.as_millis() as u64)
         .ok_or_else(|| format!("`{s}` is not a duration: write 500ms, 2s or 1min"))
+}
+
+#[derive(Args, Debug)]
+pub struct PrepareArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Lock timeout for every DDL and lock, e.g. 2s or 500ms (overrides settings.lock_timeout).
+    #[arg(long, value_parser = parse_duration_ms)]
+    pub lock_timeout: Option<u64>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EngineArg {
+    /// Pick per the benchmark (currently insert-select: the server does all the work).
+    Auto,
+    /// Server-side INSERT ... SELECT per chunk: no data leaves the server.
+    InsertSelect,
+    /// Binary COPY TO STDOUT piped into COPY FROM STDIN through this process.
+    Copy,
+}
+
+#[derive(Args, Debug)]
+pub struct CopyArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Parallel workers (overrides settings.jobs).
+    #[arg(long)]
+    pub jobs: Option<u32>,
+    /// Rows per chunk (overrides settings.chunk_rows); used when chunks are first planned.
+    #[arg(long)]
+    pub chunk_rows: Option<u64>,
+    /// Copy engine.
+    #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
+    pub engine: EngineArg,
+    /// Lock timeout for every DDL and lock (overrides settings.lock_timeout).
+    #[arg(long, value_parser = parse_duration_ms)]
+    pub lock_timeout: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Output format (text or json).
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
 }

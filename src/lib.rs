@@ -5,6 +5,9 @@
 #![allow(clippy::result_large_err)]
 
 pub mod catalog;
+pub mod copy;
+pub mod state;
+pub mod sync;
 pub mod cli;
 pub mod cmd;
 pub mod diag;

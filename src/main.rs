@@ -23,6 +23,10 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match &cli.command {
             Command::Plan(a) => cmd::plan::run(a).await,
+            Command::Prepare(a) => cmd::run::prepare(a).await,
+            Command::Copy(a) => cmd::run::copy(a).await,
+            Command::Sync(a) => cmd::run::sync(a).await,
+            Command::Status(a) => cmd::run::status(a).await,
         }
     });
     match result {

@@ -4,6 +4,7 @@
 //! that never echo a password.
 
 pub mod cluster;
+pub mod locking;
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -6,12 +6,24 @@ CREATE TABLE IF NOT EXISTS {control}.runs (
     blue_schema    text NOT NULL,
     green_schema   text NOT NULL,
     previous_search_path jsonb,
+    blue_fingerprint text,
     updated_at     timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS {control}.deferred (
+    migration   text NOT NULL,
+    kind        text NOT NULL,
+    name        text NOT NULL,
+    green_table text NOT NULL,
+    definition  text NOT NULL,
+    done        boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (migration, kind, name)
 );
 CREATE TABLE IF NOT EXISTS {control}.chunks (
     migration   text NOT NULL,
     green_table text NOT NULL,
     chunk_no    int  NOT NULL,
+    key_sql     text NOT NULL,
+    key_type    text NOT NULL,
     lower_bound text,
     upper_bound text,
     null_keys   boolean NOT NULL DEFAULT false,
@@ -30,6 +42,7 @@ CREATE TABLE IF NOT EXISTS {control}.changes (
     txid       xid8 NOT NULL DEFAULT pg_current_xact_id(),
     logged_at  timestamptz NOT NULL DEFAULT clock_timestamp()
 );
+CREATE INDEX IF NOT EXISTS changes_migration_id ON {control}.changes (migration, id);
 CREATE TABLE IF NOT EXISTS {control}.sync_failures (
     migration   text NOT NULL,
     green_table text NOT NULL,

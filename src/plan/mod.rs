@@ -6,6 +6,7 @@
 pub mod query;
 pub mod render;
 pub mod steps;
+pub mod sync;
 
 use std::collections::BTreeMap;
 
@@ -657,7 +658,7 @@ fn cpu_bound_jobs() -> u32 {
 /// What copy ranges over: the first sync-key expression when it is a plain driving column or the
 /// entry groups (groups must never be split across chunks); else the driving primary key; else
 /// physical ranges.
-fn chunk_key(e: &TableEntry, bt: &catalog::Table, sync: &[(String, String)]) -> String {
+pub fn chunk_key(e: &TableEntry, bt: &catalog::Table, sync: &[(String, String)]) -> String {
     let alias = &e.from_clause.driving().alias;
     if let Some((_, first)) = sync.first()
         && (!e.group_by.is_empty() || plain_column_of(first, alias).is_some())

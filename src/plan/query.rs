@@ -177,3 +177,37 @@ pub fn assign_probe(
         group_by_clause(entry)
     ))
 }
+
+/// `M(blue)` with every column cast to its green type, in entry order (what green must hold).
+pub fn mapping_select_typed(entry: &TableEntry, green: &catalog::Table, control: &str) -> Sql {
+    let cols = entry.columns.iter().filter_map(|c| {
+        let gc = green.column(&c.name)?;
+        Some(format!(
+            "({})::{} AS {}",
+            column_sql(entry, c, gc, control, false),
+            TypeName(&gc.type_sql),
+            Ident::new(&c.name)
+        ))
+    });
+    Sql(format!(
+        "SELECT {} FROM {}{}{}",
+        join(cols, ", "),
+        entry.from_clause.render(),
+        where_clause(entry, &[]),
+        group_by_clause(entry)
+    ))
+}
+
+/// The number of rows by which green.T and M(blue) differ as multisets on the mapped columns
+/// (rows of one missing from the other, both ways): 0 exactly when the invariant holds.
+pub fn invariant_diff(entry: &TableEntry, green: &catalog::Table, control: &str) -> Sql {
+    let m = mapping_select_typed(entry, green, control);
+    let g = format!(
+        "SELECT {} FROM {}",
+        join(mapped_columns(entry, green).iter().map(|c| Ident::new(*c)), ", "),
+        green.qname()
+    );
+    Sql(format!(
+        "SELECT (SELECT count(*) FROM ((SELECT t::text FROM ({m}) t) EXCEPT ALL (SELECT t::text FROM ({g}) t)) a) + (SELECT count(*) FROM ((SELECT t::text FROM ({g}) t) EXCEPT ALL (SELECT t::text FROM ({m}) t)) b)"
+    ))
+}

@@ -40,33 +40,24 @@ pub fn control_ddl(control: &str) -> String {
     include_str!("control.sql").replace("{control}", &Ident::new(control).to_string())
 }
 
-/// The capture trigger function: logs whole old/new rows from the statement's transition tables.
-pub fn capture_function(m: &Mapping) -> String {
-    let f = names::capture_function(&m.control_schema, &m.migration);
-    let changes = QName::new(&m.control_schema, "changes");
-    format!(
-        "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog AS $fn$
-BEGIN
-    IF TG_OP = 'INSERT' THEN
-        INSERT INTO {changes} (migration, blue_table, op, new_row)
-        SELECT {mig}, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'I', to_jsonb(n) FROM new_rows n;
-    ELSIF TG_OP = 'UPDATE' THEN
-        INSERT INTO {changes} (migration, blue_table, op, old_row)
-        SELECT {mig}, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'U', to_jsonb(o) FROM old_rows o;
-        INSERT INTO {changes} (migration, blue_table, op, new_row)
-        SELECT {mig}, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'U', to_jsonb(n) FROM new_rows n;
-    ELSIF TG_OP = 'DELETE' THEN
-        INSERT INTO {changes} (migration, blue_table, op, old_row)
-        SELECT {mig}, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'D', to_jsonb(o) FROM old_rows o;
-    ELSE
-        INSERT INTO {changes} (migration, blue_table, op)
-        VALUES ({mig}, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'T');
-    END IF;
-    RETURN NULL;
-END
-$fn$",
-        mig = Literal::new(&m.migration)
-    )
+/// The capture triggers on blue table `x` (the `n`th table the mapping reads): one statement-level
+/// trigger per event with its transition tables, and one for TRUNCATE, which row triggers never see.
+pub fn capture_triggers(m: &Mapping, x: &QName, n: usize) -> Vec<crate::sql::Sql> {
+    let f = names::sync_function(&m.control_schema, &m.migration, n);
+    [
+        ("ins", "INSERT", "REFERENCING NEW TABLE AS new_rows "),
+        ("upd", "UPDATE", "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows "),
+        ("del", "DELETE", "REFERENCING OLD TABLE AS old_rows "),
+        ("trunc", "TRUNCATE", ""),
+    ]
+    .iter()
+    .map(|(ev, event, refs)| {
+        crate::sql::Sql(format!(
+            "DROP TRIGGER IF EXISTS {t} ON {x}; CREATE TRIGGER {t} AFTER {event} ON {x} {refs}FOR EACH STATEMENT EXECUTE FUNCTION {f}()",
+            t = Ident::new(names::sync_trigger(ev))
+        ))
+    })
+    .collect()
 }
 
 /// All steps, in the order they run.
@@ -140,38 +131,20 @@ pub fn all(m: &Mapping, cat: &Catalog, s: &EffectiveSettings) -> Vec<Step> {
             ));
         }
     }
-    out.push(step(
-        "prepare",
-        "capture trigger function",
-        capture_function(m),
-        "none",
-    ));
-    let f = names::capture_function(control, &m.migration);
-    for bt in &blue_read {
+    for (n, bt) in blue_read.iter().enumerate() {
+        out.push(step(
+            "prepare",
+            format!("capture function for {} (logs changed rows until sync goes live)", bt.display()),
+            crate::plan::sync::capture_trigger_function(m, n).0,
+            "none",
+        ));
         let mut sql = vec![lt.clone()];
-        for (ev, event, refs) in [
-            ("ins", "INSERT", "REFERENCING NEW TABLE AS new_rows "),
-            (
-                "upd",
-                "UPDATE",
-                "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows ",
-            ),
-            ("del", "DELETE", "REFERENCING OLD TABLE AS old_rows "),
-            ("trunc", "TRUNCATE", ""),
-        ] {
-            sql.push(format!(
-                "CREATE TRIGGER {} AFTER {event} ON {bt} {refs}FOR EACH STATEMENT EXECUTE FUNCTION {f}()",
-                Ident::new(names::capture_trigger(ev))
-            ));
-        }
+        sql.extend(capture_triggers(m, bt, n).into_iter().map(|s| s.0));
         out.push(step(
             "prepare",
             format!("capture changes on {}", bt.display()),
             sql.join(";\n"),
-            format!(
-                "SHARE ROW EXCLUSIVE on {} (blocks writes for the moment it is held; {retry})",
-                bt.display()
-            ),
+            format!("SHARE ROW EXCLUSIVE on {} (blocks writes for the moment it is held; {retry})", bt.display()),
         ));
     }
 

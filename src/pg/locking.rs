@@ -1,0 +1,143 @@
+//! Locks without queues: every DDL and lock on an application table runs in a transaction under
+//! `lock_timeout`, retried a bounded number of times with exponential backoff and jitter. While a
+//! statement waits for a lock, every later writer queues behind it
+//! (<https://www.postgresql.org/docs/15/explicit-locking.html>), so waiting long is never an option:
+//! after the retries the command fails and names the transactions in the way (pid, age, query).
+//!
+//! Also the advisory locks that make one runner per migration.
+
+use std::time::Duration;
+
+use sqlx::{Connection, PgConnection, Row};
+
+use crate::diag::Diagnostic;
+use crate::sql::{Literal, QName, Sql};
+
+/// How often a lock is tried before giving up.
+pub const ATTEMPTS: u32 = 6;
+
+fn is_lock_timeout(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "55P03")
+}
+
+/// Run `statements` in one transaction under `lock_timeout`, retrying lock timeouts. `tables` are
+/// the application tables it locks (named in the error when retries run out).
+pub async fn run_locked(
+    conn: &mut PgConnection,
+    lock_timeout_ms: u64,
+    statements: &[Sql],
+    tables: &[QName],
+) -> Result<(), Diagnostic> {
+    let mut delay = Duration::from_millis(100);
+    for attempt in 1..=ATTEMPTS {
+        let result = async {
+            let mut tx = conn.begin().await?;
+            sqlx::raw_sql(Sql(format!("SET LOCAL lock_timeout = '{lock_timeout_ms}ms'")).assert_safe())
+                .execute(&mut *tx)
+                .await?;
+            for s in statements {
+                sqlx::raw_sql(s.assert_safe()).execute(&mut *tx).await?;
+            }
+            tx.commit().await
+        }
+        .await;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if is_lock_timeout(&e) && attempt < ATTEMPTS => {
+                let jitter = Duration::from_millis(u64::from(std::process::id() % 97) + (attempt as u64 * 37) % 89);
+                eprintln!(
+                    "bluegreen: lock not granted within {lock_timeout_ms} ms (attempt {attempt}/{ATTEMPTS}); retrying in {} ms",
+                    (delay + jitter).as_millis()
+                );
+                tokio::time::sleep(delay + jitter).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) if is_lock_timeout(&e) => {
+                let who = blockers(conn, tables).await.unwrap_or_default();
+                return Err(Diagnostic::error(
+                    "lock-timeout",
+                    format!(
+                        "could not lock {} within {lock_timeout_ms} ms after {ATTEMPTS} attempts; in the way: {}",
+                        tables.iter().map(QName::display).collect::<Vec<_>>().join(", "),
+                        if who.is_empty() { "(the blocking transaction ended meanwhile)".to_string() } else { who.join("; ") }
+                    ),
+                )
+                .hint("wait for or end those transactions (pg_terminate_backend(pid)), then re-run; raise --lock-timeout only if writers can afford to wait that long"));
+            }
+            Err(e) => return Err(Diagnostic::error("database-error", e.to_string())),
+        }
+    }
+    unreachable!("the last attempt returns")
+}
+
+/// Sessions holding or waiting for locks on `tables`: "pid 123 (idle in transaction for 42 s: UPDATE ...)".
+pub async fn blockers(conn: &mut PgConnection, tables: &[QName]) -> Result<Vec<String>, sqlx::Error> {
+    let names: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
+    let rows = sqlx::query(
+        "SELECT DISTINCT a.pid, coalesce(a.state, '') AS state,
+                extract(epoch FROM now() - coalesce(a.xact_start, a.query_start))::int8 AS age,
+                left(coalesce(a.query, ''), 80) AS query
+         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+         WHERE l.granted AND l.relation = ANY (SELECT to_regclass(n)::oid FROM unnest($1::text[]) n)
+           AND a.pid <> pg_backend_pid()
+         ORDER BY 3 DESC",
+    )
+    .bind(&names)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            format!(
+                "pid {} ({} for {} s: {})",
+                r.get::<i32, _>("pid"),
+                r.get::<String, _>("state"),
+                r.get::<i64, _>("age"),
+                r.get::<String, _>("query")
+            )
+        })
+        .collect())
+}
+
+fn key(migration: &str) -> Sql {
+    Sql(format!(
+        "hashtextextended({}, 0)",
+        Literal::new(crate::names::advisory_key(migration))
+    ))
+}
+
+/// Take the migration's runner lock on this session: exclusive (prepare, finishing steps) or shared
+/// (copy workers, which may run in several processes at once). Fails fast when taken.
+pub async fn try_runner_lock(conn: &mut PgConnection, migration: &str, exclusive: bool) -> Result<(), Diagnostic> {
+    let f = if exclusive { "pg_try_advisory_lock" } else { "pg_try_advisory_lock_shared" };
+    let got: bool = sqlx::query_scalar(Sql(format!("SELECT {f}({})", key(migration))).assert_safe())
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| Diagnostic::error("database-error", e.to_string()))?;
+    if got {
+        return Ok(());
+    }
+    Err(Diagnostic::error(
+        "migration-busy",
+        format!("another bluegreen command is working on migration `{migration}` right now"),
+    )
+    .hint("wait for it to finish (see `bluegreen status`), then re-run"))
+}
+
+/// Wait for the exclusive runner lock (finishing steps after a shared phase).
+pub async fn runner_lock_wait(conn: &mut PgConnection, migration: &str) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(Sql(format!("SELECT pg_advisory_lock({})", key(migration))).assert_safe())
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
+pub async fn runner_unlock(conn: &mut PgConnection, migration: &str, exclusive: bool) -> Result<(), sqlx::Error> {
+    let f = if exclusive { "pg_advisory_unlock" } else { "pg_advisory_unlock_shared" };
+    sqlx::raw_sql(Sql(format!("SELECT {f}({})", key(migration))).assert_safe())
+        .execute(conn)
+        .await
+        .map(|_| ())
+}

@@ -1,0 +1,576 @@
+//! The SQL that keeps `green.T = M(blue)`: re-derivation by sync key (DESIGN.md, "How the
+//! invariant is kept", step 3) rendered as plpgsql functions in the control schema.
+//!
+//! Per entry E: `up_E(keys)` upserts `M(blue)` restricted to the keys (mapped columns only, so
+//! green-only columns survive) and `del_E(keys)` deletes the green rows of those keys that `M(blue)`
+//! no longer produces. Per blue table X: a trigger function (`capture` body during copy: log the
+//! changed rows; `live` body afterwards: re-derive inside the writer's transaction) and a
+//! `catchup_X(lo, hi)` that replays a range of the change log. Both find the touched keys with one
+//! rule: the entry's sync-key expressions evaluated over its `from`, with X's alias reading the
+//! changed rows. Upserts run parents first, deletes children first (green foreign keys). Each entry
+//! runs in its own subtransaction: a failure is recorded with its keys, never raised to the
+//! application. Keys are serialised with transaction-level advisory locks, so two writers
+//! re-deriving the same green row cannot interleave with stale snapshots.
+//!
+//! Pure: mapping + catalog in, SQL text out.
+
+use crate::catalog::{self, Catalog};
+use crate::mapping::{JoinKind, Mapping, TableEntry};
+use crate::names;
+use crate::plan::query::{Shape, column_sql, group_by_clause, mapped_columns, where_clause};
+use crate::sql::{Expr, Ident, Literal, QName, Sql, join};
+
+/// Settings pinned on every generated function, so expressions evaluate as in `plan` and `copy`
+/// whatever the application session's settings are.
+fn function_settings(m: &Mapping) -> String {
+    format!(
+        "SET search_path = pg_catalog, {} SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'iso_8601' SET extra_float_digits = 3",
+        Ident::new(&m.blue)
+    )
+}
+
+/// One entry with what sync needs about it.
+pub struct SyncEntry<'a> {
+    pub index: usize,
+    pub entry: &'a TableEntry,
+    pub green: &'a catalog::Table,
+    /// (green column, expression, green type)
+    pub keys: Vec<(String, String, String)>,
+    /// The green columns `ON CONFLICT` uses: the primary key, or a unique key, fully mapped.
+    pub upsert_key: Vec<String>,
+}
+
+/// The green key an upsert conflicts on: the primary key or the first unique key whose columns
+/// are all mapped (plainly).
+pub fn upsert_key(e: &TableEntry, gt: &catalog::Table) -> Option<Vec<String>> {
+    gt.unique_keys()
+        .into_iter()
+        .find(|k| k.iter().all(|c| e.column(c).is_some()))
+}
+
+pub fn sync_entries<'a>(m: &'a Mapping, cat: &'a Catalog) -> Vec<SyncEntry<'a>> {
+    let mut out = Vec::new();
+    for (index, e) in m.tables.iter().enumerate() {
+        let Some(gt) = cat.table(&QName::new(&m.green, &e.name)) else { continue };
+        let Some((keys, _)) = super::sync_key(e, gt) else { continue };
+        let Some(upsert_key) = upsert_key(e, gt) else { continue };
+        let keys = keys
+            .into_iter()
+            .filter_map(|(c, x)| {
+                let ty = gt.column(&c)?.type_sql.clone();
+                Some((c, x, ty))
+            })
+            .collect();
+        out.push(SyncEntry { index, entry: e, green: gt, keys, upsert_key });
+    }
+    order_by_foreign_keys(out, m)
+}
+
+/// Parents before children among the green tables (green foreign keys); ties keep mapping order.
+fn order_by_foreign_keys<'a>(mut entries: Vec<SyncEntry<'a>>, m: &Mapping) -> Vec<SyncEntry<'a>> {
+    let mut ordered: Vec<SyncEntry<'a>> = Vec::new();
+    while !entries.is_empty() {
+        let pos = entries
+            .iter()
+            .position(|e| {
+                e.green.foreign_keys.iter().all(|fk| {
+                    fk.ref_table.schema != m.green
+                        || fk.ref_table.name == e.green.name
+                        || !entries.iter().any(|o| o.green.name == fk.ref_table.name)
+                })
+            })
+            .unwrap_or(0); // a cycle: keep mapping order
+        ordered.push(entries.remove(pos));
+    }
+    ordered
+}
+
+impl SyncEntry<'_> {
+    fn name(&self, kind: &str, m: &Mapping) -> QName {
+        names::entry_function(&m.control_schema, &m.migration, self.index, kind, &self.entry.name)
+    }
+    pub fn up_fn(&self, m: &Mapping) -> QName {
+        self.name("up", m)
+    }
+    pub fn del_fn(&self, m: &Mapping) -> QName {
+        self.name("del", m)
+    }
+    fn params(&self) -> String {
+        join(
+            self.keys.iter().enumerate().map(|(j, (_, _, ty))| format!("k{j} {ty}[]")),
+            ", ",
+        )
+    }
+    fn unnest(&self, prefix: &str) -> String {
+        format!(
+            "unnest({}) AS u({})",
+            join((0..self.keys.len()).map(|j| format!("{prefix}{j}")), ", "),
+            join((0..self.keys.len()).map(|j| format!("k{j}")), ", ")
+        )
+    }
+    fn all_not_null(&self) -> String {
+        join((0..self.keys.len()).map(|j| format!("u.k{j} IS NOT NULL")), " AND ")
+    }
+    fn any_null(&self) -> String {
+        join((0..self.keys.len()).map(|j| format!("u.k{j} IS NULL")), " OR ")
+    }
+    fn key_tuple(&self) -> String {
+        format!(
+            "({})",
+            join(self.keys.iter().map(|(_, x, ty)| format!("{}::{ty}", Expr(x))), ", ")
+        )
+    }
+    /// `M(blue)` restricted to the keys in the parameter arrays `k0..`: non-NULL keys through an
+    /// indexable IN, NULL keys in a second branch the planner skips when there are none.
+    fn restricted_m(&self, m: &Mapping, prefix: &str) -> String {
+        let u = self.unnest(prefix);
+        let in_keys = format!(
+            "{} IN (SELECT {} FROM {u} WHERE {})",
+            self.key_tuple(),
+            join((0..self.keys.len()).map(|j| format!("u.k{j}")), ", "),
+            self.all_not_null()
+        );
+        let null_keys = format!(
+            "EXISTS (SELECT 1 FROM {u} WHERE ({}) AND {})",
+            self.any_null(),
+            join(
+                self.keys.iter().enumerate().map(|(j, (_, x, ty))| format!("u.k{j} IS NOT DISTINCT FROM {}::{ty}", Expr(x))),
+                " AND "
+            )
+        );
+        let has_null = format!("EXISTS (SELECT 1 FROM {u} WHERE {})", self.any_null());
+        let one = |extra: Vec<String>| select_m(m, self.entry, self.green, extra);
+        format!("{} UNION ALL {}", one(vec![in_keys]), one(vec![has_null, null_keys]))
+    }
+    fn mapped(&self) -> Vec<&str> {
+        mapped_columns(self.entry, self.green)
+    }
+
+    /// `CREATE FUNCTION up_E(keys)`: upsert M(blue) for the keys on the mapped columns only.
+    pub fn up_function(&self, m: &Mapping) -> Sql {
+        let cols = self.mapped();
+        let overriding = cols.iter().any(|c| self.green.column(c).is_some_and(|gc| gc.identity == "a"));
+        let others: Vec<&str> = cols.iter().copied().filter(|c| !self.upsert_key.iter().any(|k| k == c)).collect();
+        let conflict = if others.is_empty() {
+            "DO NOTHING".to_string()
+        } else {
+            format!(
+                "DO UPDATE SET {} WHERE {}",
+                join(others.iter().map(|c| format!("{0} = EXCLUDED.{0}", Ident::new(*c))), ", "),
+                join(
+                    others.iter().map(|c| {
+                        let ty = self.green.column(c).map(|g| g.type_sql.as_str()).unwrap_or("");
+                        if lacks_equality(ty) {
+                            format!("t.{0}::text IS DISTINCT FROM EXCLUDED.{0}::text", Ident::new(*c))
+                        } else {
+                            format!("t.{0} IS DISTINCT FROM EXCLUDED.{0}", Ident::new(*c))
+                        }
+                    }),
+                    " OR "
+                )
+            )
+        };
+        Sql(format!(
+            "CREATE OR REPLACE FUNCTION {f}({params}) RETURNS void LANGUAGE plpgsql {settings} AS $fn$\nBEGIN\n    INSERT INTO {t} AS t ({cols}){ov}\n    SELECT * FROM ({m}) AS m\n    ON CONFLICT ({key}) {conflict};\nEND\n$fn$",
+            f = self.up_fn(m),
+            params = self.params(),
+            settings = function_settings(m),
+            t = self.green.qname(),
+            cols = join(cols.iter().map(|c| Ident::new(*c)), ", "),
+            ov = if overriding { " OVERRIDING SYSTEM VALUE" } else { "" },
+            m = self.restricted_m(m, "k"),
+            key = join(self.upsert_key.iter().map(Ident::new), ", "),
+        ))
+    }
+
+    /// `CREATE FUNCTION del_E(keys)`: delete the green rows of the keys M(blue) no longer produces.
+    pub fn del_function(&self, m: &Mapping) -> Sql {
+        let green_key = format!(
+            "({})",
+            join(self.keys.iter().map(|(c, _, _)| format!("t.{}", Ident::new(c))), ", ")
+        );
+        let u = self.unnest("k");
+        let produced = format!(
+            "NOT EXISTS (SELECT 1 FROM ({}) AS m WHERE {})",
+            self.restricted_m(m, "k"),
+            join(
+                self.upsert_key.iter().map(|c| {
+                    let ty = self.green.column(c).map(|g| g.type_sql.as_str()).unwrap_or("");
+                    format!("m.{0}::{ty} = t.{0}", Ident::new(c))
+                }),
+                " AND "
+            )
+        );
+        Sql(format!(
+            "CREATE OR REPLACE FUNCTION {f}({params}) RETURNS void LANGUAGE plpgsql {settings} AS $fn$\nBEGIN\n    DELETE FROM {t} AS t WHERE {green_key} IN (SELECT {ks} FROM {u} WHERE {nn}) AND {produced};\n    IF EXISTS (SELECT 1 FROM {u} WHERE {anynull}) THEN\n        DELETE FROM {t} AS t WHERE EXISTS (SELECT 1 FROM {u} WHERE ({anynull}) AND {match}) AND {produced};\n    END IF;\nEND\n$fn$",
+            f = self.del_fn(m),
+            params = self.params(),
+            settings = function_settings(m),
+            t = self.green.qname(),
+            ks = join((0..self.keys.len()).map(|j| format!("u.k{j}")), ", "),
+            nn = self.all_not_null(),
+            anynull = self.any_null(),
+            r#match = join(
+                self.keys.iter().enumerate().map(|(j, (c, _, _))| format!("u.k{j} IS NOT DISTINCT FROM t.{}", Ident::new(c))),
+                " AND "
+            ),
+        ))
+    }
+
+    /// Aliases of this entry that read blue table `x`.
+    fn aliases_of(&self, x: &QName) -> Vec<&str> {
+        self.entry
+            .from_clause
+            .items
+            .iter()
+            .filter(|i| &i.table == x)
+            .map(|i| i.alias.as_str())
+            .collect()
+    }
+
+    /// `SELECT DISTINCT <keys> ...` for a change to alias `alias` whose rows are in `changed`.
+    fn touched_keys(&self, alias: &str, changed: &str) -> String {
+        let sel = join(
+            self.keys.iter().enumerate().map(|(j, (_, x, ty))| format!("{}::{ty} AS k{j}", Expr(x))),
+            ", "
+        );
+        let only_this = self.keys.iter().all(|(_, x, _)| {
+            let refs = referenced_aliases(x, &self.entry.from_clause.items.iter().map(|i| i.alias.as_str()).collect::<Vec<_>>());
+            !refs.is_empty() && refs.iter().all(|a| *a == alias)
+        });
+        if only_this {
+            format!("SELECT DISTINCT {sel} FROM {changed} AS {}", Ident::new(alias))
+        } else {
+            format!("SELECT DISTINCT {sel} FROM {}", render_changed(self.entry, alias, changed))
+        }
+    }
+
+    /// Every key green holds or M(blue) produces (after a TRUNCATE).
+    fn all_keys(&self) -> String {
+        let sel = join(
+            self.keys.iter().enumerate().map(|(j, (_, x, ty))| format!("{}::{ty} AS k{j}", Expr(x))),
+            ", "
+        );
+        let green_sel = join(
+            self.keys.iter().enumerate().map(|(j, (c, _, _))| format!("t.{} AS k{j}", Ident::new(c))),
+            ", "
+        );
+        format!(
+            "SELECT {green_sel} FROM {} AS t UNION SELECT {sel} FROM {}",
+            self.green.qname(),
+            self.entry.from_clause.render()
+        )
+    }
+}
+
+fn lacks_equality(ty: &str) -> bool {
+    matches!(ty, "json" | "xml" | "point" | "line" | "lseg" | "box" | "path" | "polygon" | "circle")
+        || ty.ends_with("json[]")
+}
+
+/// `SELECT <mapped columns> FROM ... WHERE (where) AND <extra> GROUP BY ...`.
+fn select_m(m: &Mapping, e: &TableEntry, gt: &catalog::Table, extra: Vec<String>) -> String {
+    let cols = e.columns.iter().filter_map(|c| {
+        let gc = gt.column(&c.name)?;
+        Some(format!("{} AS {}", column_sql(e, c, gc, &m.control_schema, false), Ident::new(&c.name)))
+    });
+    let _ = Shape::default();
+    format!(
+        "SELECT {} FROM {}{}{}",
+        join(cols, ", "),
+        e.from_clause.render(),
+        where_clause(e, &extra),
+        group_by_clause(e)
+    )
+}
+
+/// The entry's `from` with `alias` reading `changed`, its join made inner: only rows that matched
+/// a changed row are touched.
+fn render_changed(e: &TableEntry, alias: &str, changed: &str) -> String {
+    let mut fc = e.from_clause.clone();
+    for it in &mut fc.items {
+        if it.alias == alias
+            && let Some((kind, _)) = &mut it.join
+        {
+            *kind = JoinKind::Inner;
+        }
+    }
+    fc.render_with(Some((alias, changed)))
+}
+
+/// The aliases an expression qualifies columns with (`w.city` -> `w`), outside quotes.
+pub fn referenced_aliases<'a>(expr: &str, aliases: &[&'a str]) -> Vec<&'a str> {
+    let mut out = Vec::new();
+    let b = expr.as_bytes();
+    let mut i = 0;
+    let mut in_str = false;
+    while i < b.len() {
+        let c = b[i];
+        if c == b'\'' {
+            in_str = !in_str;
+            i += 1;
+            continue;
+        }
+        if !in_str && (c.is_ascii_alphabetic() || c == b'_' || c == b'"') {
+            let start = i;
+            let word = if c == b'"' {
+                let end = expr[i + 1..].find('"').map(|e| i + 1 + e).unwrap_or(b.len() - 1);
+                i = end + 1;
+                expr[start + 1..end].to_string()
+            } else {
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+                    i += 1;
+                }
+                expr[start..i].to_lowercase()
+            };
+            let prev_dot = start > 0 && b[start - 1] == b'.';
+            if !prev_dot
+                && b.get(i) == Some(&b'.')
+                && let Some(a) = aliases.iter().find(|a| **a == word)
+                && !out.contains(a)
+            {
+                out.push(*a);
+            }
+            continue;
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The changed rows of blue table `x`, read from the change log ids `lo..=hi` (catch-up).
+fn changes_relation(m: &Mapping, x: &QName) -> String {
+    let ch = QName::new(&m.control_schema, "changes");
+    let filter = format!(
+        "c.migration = {} AND c.blue_table = {} AND c.id BETWEEN lo AND hi",
+        Literal::new(&m.migration),
+        Literal::new(x.display())
+    );
+    format!(
+        "(SELECT r.* FROM {ch} AS c CROSS JOIN LATERAL jsonb_populate_record(NULL::{x}, c.old_row) AS r WHERE {filter} AND c.old_row IS NOT NULL UNION ALL SELECT r.* FROM {ch} AS c CROSS JOIN LATERAL jsonb_populate_record(NULL::{x}, c.new_row) AS r WHERE {filter} AND c.new_row IS NOT NULL)"
+    )
+}
+
+/// Variable declarations and the apply phase (lock, upsert parents first, delete children first,
+/// each entry in its own subtransaction) for blue table `x`. `find` fills the key arrays.
+fn apply_block(m: &Mapping, entries: &[SyncEntry], x: &QName, find: &str) -> (String, String) {
+    let touching: Vec<&SyncEntry> = entries.iter().filter(|e| !e.aliases_of(x).is_empty()).collect();
+    let mut decl = String::new();
+    for e in &touching {
+        for (j, (_, _, ty)) in e.keys.iter().enumerate() {
+            decl.push_str(&format!("    e{}_k{j} {ty}[];\n", e.index));
+        }
+        decl.push_str(&format!("    e{}_ok boolean := true;\n", e.index));
+    }
+    let failures = QName::new(&m.control_schema, "sync_failures");
+    let mut body = String::new();
+    body.push_str(find);
+    body.push_str("    PERFORM set_config('bluegreen.applying', 'forward', true);\n");
+    let args = |e: &SyncEntry| join((0..e.keys.len()).map(|j| format!("e{}_k{j}", e.index)), ", ");
+    let unnest_vars = |e: &SyncEntry| {
+        format!(
+            "unnest({}) AS u({})",
+            args(e),
+            join((0..e.keys.len()).map(|j| format!("k{j}")), ", ")
+        )
+    };
+    let key_json = |e: &SyncEntry| format!("jsonb_build_array({})", join((0..e.keys.len()).map(|j| format!("u.k{j}")), ", "));
+    let record = |e: &SyncEntry| {
+        format!(
+            "            e{i}_ok := false;\n            INSERT INTO {failures} (migration, green_table, sync_key, error)\n            SELECT DISTINCT {mig}, {t}, {kj}, SQLSTATE || ': ' || SQLERRM FROM {u}\n            ON CONFLICT (migration, green_table, sync_key) DO UPDATE SET error = EXCLUDED.error, failed_at = now();\n",
+            i = e.index,
+            mig = Literal::new(&m.migration),
+            t = Literal::new(&e.entry.name),
+            kj = key_json(e),
+            u = unnest_vars(e)
+        )
+    };
+    // Lock every touched key first, in one global order (entry order, then key hash).
+    for e in &touching {
+        body.push_str(&format!(
+            "    IF {first} IS NOT NULL THEN\n        PERFORM pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended({p} || ROW({ks})::text, 0) AS h FROM {u} ORDER BY 1) AS s;\n    END IF;\n",
+            first = format!("e{}_k0", e.index),
+            p = Literal::new(format!("bluegreen:{}:{}:", m.migration, e.entry.name)),
+            ks = join((0..e.keys.len()).map(|j| format!("u.k{j}")), ", "),
+            u = unnest_vars(e)
+        ));
+    }
+    for e in &touching {
+        body.push_str(&format!(
+            "    IF e{i}_k0 IS NOT NULL THEN\n        BEGIN\n            PERFORM {f}({a});\n        EXCEPTION WHEN OTHERS THEN\n{rec}        END;\n    END IF;\n",
+            i = e.index,
+            f = e.up_fn(m),
+            a = args(e),
+            rec = record(e)
+        ));
+    }
+    for e in touching.iter().rev() {
+        body.push_str(&format!(
+            "    IF e{i}_k0 IS NOT NULL THEN\n        BEGIN\n            PERFORM {f}({a});\n        EXCEPTION WHEN OTHERS THEN\n{rec}        END;\n    END IF;\n",
+            i = e.index,
+            f = e.del_fn(m),
+            a = args(e),
+            rec = record(e)
+        ));
+    }
+    // Keys that re-derived cleanly are no longer failed.
+    for e in &touching {
+        body.push_str(&format!(
+            "    IF e{i}_ok AND e{i}_k0 IS NOT NULL AND EXISTS (SELECT 1 FROM {failures} WHERE migration = {mig} AND green_table = {t}) THEN\n        DELETE FROM {failures} AS x WHERE x.migration = {mig} AND x.green_table = {t} AND x.sync_key IN (SELECT {kj} FROM {u});\n    END IF;\n",
+            i = e.index,
+            mig = Literal::new(&m.migration),
+            t = Literal::new(&e.entry.name),
+            kj = key_json(e),
+            u = unnest_vars(e),
+        ));
+    }
+    body.push_str("    PERFORM set_config('bluegreen.applying', '', true);\n");
+    (decl, body)
+}
+
+/// Key-finding statements for blue table `x` whose changed rows are in `changed`.
+fn find_keys(entries: &[SyncEntry], x: &QName, changed: &str, indent: &str) -> String {
+    let mut s = String::new();
+    for e in entries {
+        let aliases = e.aliases_of(x);
+        if aliases.is_empty() {
+            continue;
+        }
+        let union = join(aliases.iter().map(|a| e.touched_keys(a, changed)), " UNION ");
+        s.push_str(&format!(
+            "{indent}SELECT {} INTO {} FROM ({union}) AS s;\n",
+            join((0..e.keys.len()).map(|j| format!("array_agg(s.k{j})")), ", "),
+            join((0..e.keys.len()).map(|j| format!("e{}_k{j}", e.index)), ", ")
+        ));
+    }
+    s
+}
+
+fn find_all_keys(entries: &[SyncEntry], x: &QName, indent: &str) -> String {
+    let mut s = String::new();
+    for e in entries.iter().filter(|e| !e.aliases_of(x).is_empty()) {
+        s.push_str(&format!(
+            "{indent}SELECT {} INTO {} FROM ({}) AS s;\n",
+            join((0..e.keys.len()).map(|j| format!("array_agg(s.k{j})")), ", "),
+            join((0..e.keys.len()).map(|j| format!("e{}_k{j}", e.index)), ", "),
+            e.all_keys()
+        ));
+    }
+    s
+}
+
+/// The live trigger function for blue table `x`: re-derive inside the writer's transaction.
+pub fn live_trigger_function(m: &Mapping, entries: &[SyncEntry], x: &QName, n: usize) -> Sql {
+    let find = format!(
+        "    IF TG_OP = 'INSERT' THEN\n{}    ELSIF TG_OP = 'UPDATE' THEN\n{}    ELSIF TG_OP = 'DELETE' THEN\n{}    ELSE\n{}    END IF;\n",
+        find_keys(entries, x, "new_rows", "        "),
+        find_keys(entries, x, "(SELECT * FROM old_rows UNION ALL SELECT * FROM new_rows)", "        "),
+        find_keys(entries, x, "old_rows", "        "),
+        find_all_keys(entries, x, "        "),
+    );
+    let (decl, body) = apply_block(m, entries, x, &find);
+    Sql(format!(
+        "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn$\nDECLARE\n{decl}BEGIN\n    -- Loop guard: a change the reverse sync is applying is not echoed back.\n    IF current_setting('bluegreen.applying', true) = 'reverse' THEN\n        RETURN NULL;\n    END IF;\n{body}    RETURN NULL;\nEND\n$fn$",
+        f = names::sync_function(&m.control_schema, &m.migration, n),
+        settings = function_settings(m),
+    ))
+}
+
+/// The capture trigger function for blue table `x` (during copy): log the changed rows.
+pub fn capture_trigger_function(m: &Mapping, n: usize) -> Sql {
+    let changes = QName::new(&m.control_schema, "changes");
+    Sql(format!(
+        "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog AS $fn$
+BEGIN
+    IF current_setting('bluegreen.applying', true) = 'reverse' THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO {changes} (migration, blue_table, op, new_row)
+        SELECT {mig}, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'I', to_jsonb(n) FROM new_rows n;
+    ELSIF TG_OP = 'UPDATE' THEN
+        INSERT INTO {changes} (migration, blue_table, op, old_row, new_row)
+        SELECT {mig}, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'U', to_jsonb(o), NULL FROM old_rows o
+        UNION ALL
+        SELECT {mig}, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'U', NULL, to_jsonb(n) FROM new_rows n;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO {changes} (migration, blue_table, op, old_row)
+        SELECT {mig}, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'D', to_jsonb(o) FROM old_rows o;
+    ELSE
+        INSERT INTO {changes} (migration, blue_table, op)
+        VALUES ({mig}, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'T');
+    END IF;
+    RETURN NULL;
+END
+$fn$",
+        f = names::sync_function(&m.control_schema, &m.migration, n),
+        mig = Literal::new(&m.migration)
+    ))
+}
+
+/// `catchup_X(lo, hi)`: re-derive the keys touched by change-log ids lo..=hi of blue table `x`.
+pub fn catchup_function(m: &Mapping, entries: &[SyncEntry], x: &QName, n: usize) -> Sql {
+    let ch = QName::new(&m.control_schema, "changes");
+    let find = format!(
+        "    IF EXISTS (SELECT 1 FROM {ch} AS c WHERE c.migration = {mig} AND c.blue_table = {bt} AND c.id BETWEEN lo AND hi AND c.op = 'T') THEN\n{}    ELSE\n{}    END IF;\n",
+        find_all_keys(entries, x, "        "),
+        find_keys(entries, x, &changes_relation(m, x), "        "),
+        mig = Literal::new(&m.migration),
+        bt = Literal::new(x.display()),
+    );
+    let (decl, body) = apply_block(m, entries, x, &find);
+    Sql(format!(
+        "CREATE OR REPLACE FUNCTION {f}(lo bigint, hi bigint) RETURNS void LANGUAGE plpgsql {settings} AS $fn$\nDECLARE\n{decl}BEGIN\n{body}END\n$fn$",
+        f = names::catchup_function(&m.control_schema, &m.migration, n),
+        settings = function_settings(m),
+    ))
+}
+
+/// `retry_E()`: re-derive every key recorded as failed for entry E.
+pub fn retry_function(m: &Mapping, e: &SyncEntry) -> Sql {
+    let failures = QName::new(&m.control_schema, "sync_failures");
+    let decl = format!(
+        "{}    e{}_ok boolean := true;\n",
+        join(e.keys.iter().enumerate().map(|(j, (_, _, ty))| format!("    e{}_k{j} {ty}[];\n", e.index)), ""),
+        e.index
+    );
+    let fill = format!(
+        "    SELECT {} INTO {} FROM {failures} AS f WHERE f.migration = {} AND f.green_table = {};\n",
+        join(
+            e.keys.iter().enumerate().map(|(j, (_, _, ty))| format!("array_agg((f.sync_key->>{j})::{ty})")),
+            ", "
+        ),
+        join((0..e.keys.len()).map(|j| format!("e{}_k{j}", e.index)), ", "),
+        Literal::new(&m.migration),
+        Literal::new(&e.entry.name)
+    );
+    // Apply for this entry alone, reusing the same block with a one-entry list.
+    let one = [SyncEntry {
+        index: e.index,
+        entry: e.entry,
+        green: e.green,
+        keys: e.keys.clone(),
+        upsert_key: e.upsert_key.clone(),
+    }];
+    let x = &e.entry.from_clause.driving().table;
+    let (_, body) = apply_block(m, &one, x, &fill);
+    Sql(format!(
+        "CREATE OR REPLACE FUNCTION {f}() RETURNS void LANGUAGE plpgsql {settings} AS $fn$\nDECLARE\n{decl}BEGIN\n{body}END\n$fn$",
+        f = names::entry_function(&m.control_schema, &m.migration, e.index, "retry", &e.entry.name),
+        settings = function_settings(m),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_aliases_outside_strings() {
+        let a = ["l", "w", "c"];
+        assert_eq!(referenced_aliases("md5('org:' || w.owner_email)::uuid", &a), ["w"]);
+        assert_eq!(referenced_aliases("coalesce(l.x, 'w.y') || c.\"Name\"", &a), ["l", "c"]);
+        assert_eq!(referenced_aliases("public.l.x", &a), Vec::<&str>::new());
+        assert_eq!(referenced_aliases("min(W.city)", &a), ["w"]);
+    }
+}
