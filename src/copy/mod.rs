@@ -499,8 +499,10 @@ async fn copy_chunk(
     }
 }
 
-/// After the data: deferred indexes (in parallel within `jobs`), foreign keys (NOT VALID, then
-/// VALIDATE), sequences advanced, statistics; then sync takes over.
+/// After the data: deferred indexes (in parallel within `jobs`), sequences advanced, statistics;
+/// then sync takes over. Foreign keys come back in the live switch (NOT VALID, instant) and are
+/// validated after it: chunks were copied at different instants, so green is consistent only once
+/// the change log is drained.
 async fn finish(conn: &mut PgConnection, url: &str, m: &Mapping, o: &Options) -> Result<(), Diagnostic> {
     let phase = state::phase(conn, m).await?;
     if state::phase_rank(&phase) < state::phase_rank("copied") {
@@ -533,18 +535,6 @@ async fn finish(conn: &mut PgConnection, url: &str, m: &Mapping, o: &Options) ->
         for r in results {
             r?;
         }
-        for r in rows.iter().filter(|r| r.get::<String, _>("kind") == "foreign key") {
-            let name: String = r.get("name");
-            let table = QName::new(&m.green, r.get::<String, _>("green_table"));
-            let def: String = r.get("definition");
-            let n = Ident::new(&name);
-            exec(conn, &Sql(format!("ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {n}; ALTER TABLE {table} ADD CONSTRAINT {n} {def} NOT VALID"))).await?;
-            exec(conn, &Sql(format!("ALTER TABLE {table} VALIDATE CONSTRAINT {n}"))).await.map_err(|d| {
-                d.hint("a green foreign key does not hold on the copied data: rows reference rows the mapping does not produce")
-            })?;
-            exec(conn, &Sql(format!("UPDATE {deferred} SET done = true WHERE migration = {} AND kind = 'foreign key' AND name = {}", Literal::new(&m.migration), Literal::new(&name)))).await?;
-            eprintln!("bluegreen: validated foreign key {name}");
-        }
         let cat = load_catalog(conn, m).await?;
         for seq in cat.sequences.iter().filter(|s| s.name.schema == m.green) {
             if let Some((owner, col)) = &seq.owner
@@ -562,5 +552,47 @@ async fn finish(conn: &mut PgConnection, url: &str, m: &Mapping, o: &Options) ->
         state::set_phase(conn, m, "copied").await?;
         state::event(conn, m, "copy", "copied", serde_json::json!({})).await?;
     }
-    crate::sync::go_live(conn, m, o.lock_timeout_ms).await
+    crate::sync::go_live(conn, m, o.lock_timeout_ms).await?;
+    validate_foreign_keys(conn, m).await
+}
+
+/// Pending green foreign keys, as (name, green table, definition).
+pub async fn pending_foreign_keys(conn: &mut PgConnection, m: &Mapping) -> Result<Vec<(String, QName, String)>, Diagnostic> {
+    let rows = sqlx::query(Sql(format!(
+        "SELECT name, green_table, definition FROM {} WHERE migration = $1 AND kind = 'foreign key' AND NOT done ORDER BY name",
+        QName::new(&m.control_schema, "deferred")
+    )).assert_safe())
+    .bind(&m.migration)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get("name"), QName::new(&m.green, r.get::<String, _>("green_table")), r.get("definition")))
+        .collect())
+}
+
+/// The statements adding a pending foreign key unvalidated (instant; enforced for new writes).
+pub fn add_foreign_key_not_valid(name: &str, table: &QName, def: &str) -> Sql {
+    let n = Ident::new(name);
+    Sql(format!("ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {n}; ALTER TABLE {table} ADD CONSTRAINT {n} {def} NOT VALID"))
+}
+
+/// VALIDATE every foreign key added NOT VALID at the live switch. Runs while live sync keeps
+/// green consistent; takes SHARE UPDATE EXCLUSIVE on green tables only, which no writer needs.
+async fn validate_foreign_keys(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagnostic> {
+    for (name, table, _) in pending_foreign_keys(conn, m).await? {
+        exec(conn, &Sql(format!("ALTER TABLE {table} VALIDATE CONSTRAINT {}", Ident::new(&name)))).await.map_err(|d| {
+            d.table(&table.name).hint("a green foreign key does not hold: the mapping produces child rows whose parent it does not produce (check the joins and filters of both entries)")
+        })?;
+        exec(conn, &Sql(format!(
+            "UPDATE {} SET done = true WHERE migration = {} AND kind = 'foreign key' AND name = {}",
+            QName::new(&m.control_schema, "deferred"),
+            Literal::new(&m.migration),
+            Literal::new(&name)
+        )))
+        .await?;
+        eprintln!("bluegreen: validated foreign key {name}");
+    }
+    Ok(())
 }

@@ -137,6 +137,9 @@ pub async fn go_live(conn: &mut PgConnection, m: &Mapping, lock_timeout_ms: u64)
         )));
         stmts.push(live_trigger_function(m, &entries, x, n));
     }
+    for (name, table, def) in crate::copy::pending_foreign_keys(conn, m).await? {
+        stmts.push(crate::copy::add_foreign_key_not_valid(&name, &table, &def));
+    }
     stmts.push(Sql(format!(
         "DELETE FROM {} WHERE migration = {}",
         QName::new(&m.control_schema, "changes"),

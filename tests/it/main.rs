@@ -1,4 +1,5 @@
 //! Integration tests: one binary, one throwaway PostgreSQL per process, a database per test.
 
+mod copy;
 mod plan;
 mod support;

@@ -109,3 +109,82 @@ pub async fn fingerprint(url: &str) -> Vec<String> {
 pub fn rel(p: &Path) -> String {
     p.strip_prefix(root()).unwrap_or(p).display().to_string()
 }
+
+/// The invariant of DESIGN.md for every entry: green.T = M(blue) as multisets on the mapped
+/// columns. Returns the entries that differ, with the number of differing rows.
+pub async fn invariant_violations(url: &str, mapping: &str) -> Vec<(String, i64)> {
+    let m = bluegreen::mapping::load(&root().join(mapping)).unwrap();
+    let mut c = connect(url).await;
+    let cat = bluegreen::copy::load_catalog(&mut c, &m).await.unwrap();
+    let mut out = Vec::new();
+    for e in &m.tables {
+        let gt = cat.table(&bluegreen::sql::QName::new(&m.green, &e.name)).expect("green table");
+        let sql = bluegreen::plan::query::invariant_diff(e, gt, &m.control_schema);
+        let n: i64 = sqlx::query_scalar(sql.assert_safe()).fetch_one(&mut c).await.unwrap();
+        if n != 0 {
+            out.push((e.name.clone(), n));
+        }
+    }
+    out
+}
+
+/// Assert the invariant holds for every entry of `mapping`.
+pub async fn assert_invariant(url: &str, mapping: &str) {
+    let v = invariant_violations(url, mapping).await;
+    assert!(v.is_empty(), "green != M(blue): {v:?}");
+}
+
+/// A simulated CarBot application: a second connection writing to every blue table the mapping
+/// reads (inserts, updates including key updates and moves between groups, deletes, bulk
+/// updates), deterministically from `seed`, until `stop` is set. Returns the statements run.
+pub async fn carbot_writer(url: String, seed: u64, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> u64 {
+    use std::sync::atomic::Ordering;
+    let mut c = connect(&url).await;
+    let mut i: u64 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        i += 1;
+        let k = seed * 1_000_000 + i;
+        let sql = carbot_write(k, i);
+        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone())).execute(&mut c).await {
+            panic!("application write failed (sync must never fail it): {e}\n{sql}");
+        }
+    }
+    i
+}
+
+/// The i-th write of the simulated application.
+pub fn carbot_write(k: u64, i: u64) -> String {
+    let some_lead = format!("(SELECT id FROM public.leads ORDER BY md5(id::text || '{k}') LIMIT 1)");
+    let some_workshop = format!("(SELECT id FROM public.workshops ORDER BY md5(id::text || '{k}') LIMIT 1)");
+    let some_customer = format!("(SELECT id FROM public.customers ORDER BY md5(id::text || '{k}') LIMIT 1)");
+    let statuses = ["new", "contacted", "qualified", "converted", "lost"];
+    let status = statuses[(i % 5) as usize];
+    match i % 14 {
+        0 => format!(
+            "INSERT INTO public.leads (id, workshop_id, kunde_id, name, email, status, priority, lead_score, fahrzeug, \"timestamp\")
+             SELECT md5('lead:{k}')::uuid, {some_workshop}, 'k{k}', 'Lead {k}', 'l{k}@example.org', '{status}', 'high', {score}, 'VW Golf {k}', '2024-05-01'"
+            , score = i % 100
+        ),
+        1 => format!("UPDATE public.leads SET status = '{status}', priority = NULL, updated_at = '2024-06-01' WHERE id = {some_lead}"),
+        2 => format!("UPDATE public.leads SET id = md5('moved:{k}')::uuid WHERE id = {some_lead}"),
+        3 => format!("DELETE FROM public.leads WHERE id = {some_lead}"),
+        4 => format!("UPDATE public.leads SET deleted_at = CASE WHEN deleted_at IS NULL THEN '2024-07-01'::timestamptz END, fahrzeug = '' WHERE id = {some_lead}"),
+        5 => format!("UPDATE public.workshops SET city = 'City {k}', name = 'Workshop {k}' WHERE id = {some_workshop}"),
+        6 => format!("UPDATE public.workshops SET owner_email = 'owner{}@example.org' WHERE id = {some_workshop}", k % 7),
+        7 => format!(
+            "INSERT INTO public.workshops (id, owner_email, name, city, created_at) VALUES (md5('ws:{k}')::uuid, 'owner{}@example.org', 'New {k}', 'Berlin', '2024-01-02')",
+            k % 5
+        ),
+        8 => format!("UPDATE public.customers SET name = 'Anna{k} Maria Schmidt', workshop_id = {some_workshop} WHERE id = {some_customer}"),
+        9 => format!(
+            "INSERT INTO public.customers (id, workshop_id, name, email) SELECT md5('cust:{k}')::uuid, {some_workshop}, 'Solo{k}', NULL"
+        ),
+        10 => format!(
+            "INSERT INTO public.chat_messages (workshop_id, session_id, lead_id, sender, message, created_at)
+             SELECT w, s, NULL, 'user', 'hello {k}', '2024-03-03' FROM (SELECT {some_workshop} AS w, (SELECT session_id FROM public.chat_messages ORDER BY md5(id::text || '{k}') LIMIT 1) AS s) x"
+        ),
+        11 => format!("DELETE FROM public.chat_messages WHERE id = (SELECT id FROM public.chat_messages ORDER BY md5(id::text || '{k}') LIMIT 1)"),
+        12 => format!("UPDATE public.leads SET lead_score = (coalesce(lead_score, 0) + 1) % 100 WHERE workshop_id = {some_workshop}"),
+        _ => format!("DELETE FROM public.customers WHERE id = {some_customer}"),
+    }
+}

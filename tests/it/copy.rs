@@ -1,0 +1,245 @@
+//! `copy` and live sync against a real PostgreSQL, under a concurrent writer: every test ends by
+//! checking the invariant green.T = M(blue) exactly.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::support::{self, assert_invariant, bluegreen, carbot_db, carbot_writer, connect, exec};
+
+const MAPPING: &str = "mappings/carbot.yaml";
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Run the bluegreen binary off the async runtime.
+async fn run(url: &str, args: &[&str]) -> std::process::Output {
+    let url = url.to_string();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || bluegreen(&url).args(&args).output().unwrap())
+        .await
+        .unwrap()
+}
+
+async fn with_writer<F: std::future::Future<Output = T>, T>(url: &str, seed: u64, f: F) -> (T, u64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = tokio::spawn(carbot_writer(url.to_string(), seed, stop.clone()));
+    // Let the writer get going before the work starts.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = f.await;
+    stop.store(true, Ordering::Relaxed);
+    let n = w.await.expect("writer panicked");
+    (t, n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_under_concurrent_writes_keeps_the_invariant_then_live_sync_keeps_it() {
+    let url = carbot_db("copy_live").await;
+    let (out, writes) = with_writer(&url, 1, run(&url, &["copy", "-m", MAPPING, "--jobs", "4", "--chunk-rows", "300"])).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(writes > 20, "the writer ran only {writes} statements during the copy");
+    assert_invariant(&url, MAPPING).await;
+    // Live: more writes, checked again; then status shows no backlog and no failures.
+    let ((), writes) = with_writer(&url, 2, tokio::time::sleep(Duration::from_millis(1500))).await;
+    assert!(writes > 20);
+    assert_invariant(&url, MAPPING).await;
+    let out = run(&url, &["status", "-m", MAPPING, "--format", "json"]).await;
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["phase"], "live");
+    assert_eq!(st["backlog"], 0);
+    assert_eq!(st["failures"].as_array().unwrap().len(), 0, "{st}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_update_and_truncate_in_live_mode() {
+    let url = carbot_db("copy_bulk").await;
+    let out = run(&url, &["copy", "-m", MAPPING]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut c = connect(&url).await;
+    exec(&mut c, "UPDATE public.leads SET status = 'qualified', lead_score = 77 WHERE status <> 'lost'").await;
+    exec(&mut c, "UPDATE public.workshops SET owner_email = 'one@example.org'").await;
+    assert_invariant(&url, MAPPING).await;
+    // TRUNCATE fires no row trigger: the statement trigger re-derives everything it touches.
+    exec(&mut c, "TRUNCATE public.chat_messages").await;
+    assert_invariant(&url, MAPPING).await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM carbot_v2.chat_sessions").fetch_one(&mut c).await.unwrap();
+    assert_eq!(n, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_halfway_then_copy_again() {
+    let url = carbot_db("copy_kill").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = tokio::spawn(carbot_writer(url.clone(), 3, stop.clone()));
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("bluegreen"))
+        .current_dir(support::root())
+        .env("DATABASE_URL", &url)
+        .args(["copy", "-m", MAPPING, "--jobs", "1", "--chunk-rows", "40"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut c = connect(&url).await;
+    let start = std::time::Instant::now();
+    loop {
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM bluegreen.chunks WHERE state = 'done'")
+            .fetch_one(&mut c)
+            .await
+            .unwrap_or(0);
+        if done >= 5 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "copy made no progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (pending, done): (i64, i64) = sqlx::query_as("SELECT count(*) FILTER (WHERE state <> 'done'), count(*) FILTER (WHERE state = 'done') FROM bluegreen.chunks")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert!(pending > 0 && done >= 5, "killed too late to test a resume ({pending} pending)");
+    let out = run(&url, &["copy", "-m", MAPPING, "--jobs", "2"]).await;
+    stop.store(true, Ordering::Relaxed);
+    w.await.unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_invariant(&url, MAPPING).await;
+    // No duplicates: every green primary key once (the invariant is a multiset equality; this
+    // names the failure more plainly).
+    let dups: i64 = sqlx::query_scalar("SELECT count(*) - count(DISTINCT id) FROM carbot_v2.leads").fetch_one(&mut c).await.unwrap();
+    assert_eq!(dups, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_copy_processes_share_the_work() {
+    let url = carbot_db("copy_two").await;
+    let out = run(&url, &["prepare", "-m", MAPPING]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ((a, b), _) = with_writer(&url, 4, async {
+        tokio::join!(
+            run(&url, &["copy", "-m", MAPPING, "--jobs", "2", "--chunk-rows", "100"]),
+            run(&url, &["copy", "-m", MAPPING, "--jobs", "2", "--chunk-rows", "100"])
+        )
+    })
+    .await;
+    assert!(a.status.success(), "{}", stderr(&a));
+    assert!(b.status.success(), "{}", stderr(&b));
+    assert_invariant(&url, MAPPING).await;
+}
+
+/// Green after `copy` with the given flags, as sorted text of every green table.
+async fn green_contents(name: &str, args: &[&str]) -> Vec<String> {
+    let url = carbot_db(name).await;
+    let mut full = vec!["copy", "-m", MAPPING];
+    full.extend_from_slice(args);
+    let out = run(&url, &full).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_invariant(&url, MAPPING).await;
+    let mut c = connect(&url).await;
+    let mut v = Vec::new();
+    for t in ["organizations", "workshops", "customers", "leads", "customer_vehicles", "chat_sessions", "chat_messages"] {
+        let s: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM carbot_v2.{t} t"
+        )))
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+        v.push(format!("{t} {s}"));
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_and_engines_give_the_same_green() {
+    let reference = green_contents("copy_j1", &["--jobs", "1", "--engine", "insert-select"]).await;
+    assert_eq!(reference, green_contents("copy_j4", &["--jobs", "4", "--chunk-rows", "250", "--engine", "insert-select"]).await);
+    assert_eq!(reference, green_contents("copy_c4", &["--jobs", "4", "--chunk-rows", "250", "--engine", "copy"]).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_green_rejects_still_commits_and_is_reported_then_retried() {
+    let url = carbot_db("copy_reject").await;
+    let out = run(&url, &["copy", "-m", MAPPING]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut c = connect(&url).await;
+    // green.leads has CHECK (lead_score BETWEEN 0 AND 100); blue has none.
+    exec(&mut c, "UPDATE public.leads SET lead_score = 500 WHERE id = (SELECT min(id::text)::uuid FROM public.leads WHERE deleted_at IS NULL AND workshop_id IN (SELECT id FROM public.workshops))").await;
+    let score: i32 = sqlx::query_scalar("SELECT max(lead_score) FROM public.leads").fetch_one(&mut c).await.unwrap();
+    assert_eq!(score, 500, "the application's write must commit");
+    let out = run(&url, &["status", "-m", MAPPING, "--format", "json"]).await;
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let failures = st["failures"].as_array().unwrap();
+    assert_eq!(failures.len(), 1, "{st}");
+    assert_eq!(failures[0]["table"], "leads");
+    assert!(failures[0]["error"].as_str().unwrap().contains("check"), "{st}");
+    let out = run(&url, &["sync", "-m", MAPPING]).await;
+    assert_eq!(out.status.code(), Some(1), "sync must report the failure it cannot fix");
+    // Fixed on blue: the next write re-derives the key and clears the failure.
+    exec(&mut c, "UPDATE public.leads SET lead_score = 50 WHERE lead_score = 500").await;
+    let out = run(&url, &["sync", "-m", MAPPING]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_invariant(&url, MAPPING).await;
+
+    // A green-only column written on green survives a later re-derivation of its row.
+    exec(&mut c, "UPDATE carbot_v2.workshops SET timezone = 'Europe/Zurich' WHERE id = (SELECT min(id::text)::uuid FROM public.workshops)").await;
+    exec(&mut c, "UPDATE public.workshops SET name = 'Renamed' WHERE id = (SELECT min(id::text)::uuid FROM public.workshops)").await;
+    let (tz, name): (String, String) = sqlx::query_as("SELECT timezone, name FROM carbot_v2.workshops WHERE id = (SELECT min(id::text)::uuid FROM public.workshops)")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!((tz.as_str(), name.as_str()), ("Europe/Zurich", "Renamed"));
+    assert_invariant(&url, MAPPING).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepare_behind_a_long_transaction_retries_then_names_it() {
+    let url = carbot_db("copy_locked").await;
+    let mut holder = connect(&url).await;
+    exec(&mut holder, "BEGIN; UPDATE public.workshops SET city = city WHERE id = (SELECT min(id::text)::uuid FROM public.workshops)").await;
+    // The application keeps writing other rows meanwhile; none may wait anywhere near long.
+    let stop = Arc::new(AtomicBool::new(false));
+    let app_url = url.clone();
+    let app_stop = stop.clone();
+    let app = tokio::spawn(async move {
+        let mut c = connect(&app_url).await;
+        exec(&mut c, "SET lock_timeout = '1500ms'").await;
+        let mut n = 0;
+        while !app_stop.load(Ordering::Relaxed) {
+            sqlx::raw_sql("UPDATE public.workshops SET name = name WHERE id = (SELECT max(id::text)::uuid FROM public.workshops)")
+                .execute(&mut c)
+                .await
+                .expect("an application write waited longer than 1.5 s");
+            n += 1;
+        }
+        n
+    });
+    let out = run(&url, &["prepare", "-m", MAPPING, "--lock-timeout", "300ms"]).await;
+    stop.store(true, Ordering::Relaxed);
+    let writes = app.await.unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("error[lock-timeout]") && err.contains("public.workshops"), "{err}");
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut holder).await.unwrap();
+    assert!(err.contains(&format!("pid {pid}")), "the blocker is not named: {err}");
+    assert!(err.contains("retrying") || err.contains("attempt"), "{err}");
+    assert!(writes > 0);
+    exec(&mut holder, "ROLLBACK").await;
+    // Once the transaction is gone, prepare (and copy) go through.
+    let out = run(&url, &["copy", "-m", MAPPING]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_invariant(&url, MAPPING).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_on_blue_is_detected_and_refused() {
+    let url = carbot_db("copy_drift").await;
+    let out = run(&url, &["prepare", "-m", MAPPING]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut c = connect(&url).await;
+    exec(&mut c, "ALTER TABLE public.leads ALTER COLUMN kunde_id TYPE varchar(200)").await;
+    let out = run(&url, &["copy", "-m", MAPPING]).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("error[ddl-drift]") && err.contains("kunde_id"), "{err}");
+}
