@@ -5,11 +5,9 @@
 #![allow(clippy::result_large_err)]
 
 pub mod catalog;
-pub mod copy;
-pub mod state;
-pub mod sync;
 pub mod cli;
 pub mod cmd;
+pub mod copy;
 pub mod diag;
 pub mod mapping;
 pub mod names;
@@ -18,3 +16,5 @@ pub mod pg;
 pub mod plan;
 pub mod probe;
 pub mod sql;
+pub mod state;
+pub mod sync;

@@ -20,8 +20,17 @@ fn bounded(s: String) -> String {
 }
 
 /// Per-entry sync function (`up`, `del`, `retry`) in the control schema.
-pub fn entry_function(control: &str, migration: &str, index: usize, kind: &str, entry: &str) -> QName {
-    QName::new(control, bounded(format!("{PREFIX}{migration}_{index}_{kind}_{entry}")))
+pub fn entry_function(
+    control: &str,
+    migration: &str,
+    index: usize,
+    kind: &str,
+    entry: &str,
+) -> QName {
+    QName::new(
+        control,
+        bounded(format!("{PREFIX}{migration}_{index}_{kind}_{entry}")),
+    )
 }
 
 /// Per-blue-table trigger function (capture during copy, live afterwards).

@@ -20,7 +20,12 @@ pub async fn exec(conn: &mut PgConnection, sql: &Sql) -> Result<(), Diagnostic> 
         .execute(conn)
         .await
         .map(|_| ())
-        .map_err(|e| Diagnostic::error("database-error", format!("{e}\nwhile running: {}", first_line(sql.as_str()))))
+        .map_err(|e| {
+            Diagnostic::error(
+                "database-error",
+                format!("{e}\nwhile running: {}", first_line(sql.as_str())),
+            )
+        })
 }
 
 fn first_line(s: &str) -> &str {
@@ -38,15 +43,25 @@ pub async fn phase(conn: &mut PgConnection, m: &Mapping) -> Result<String, Diagn
     if !exists {
         return Ok("new".into());
     }
-    let p: Option<String> = sqlx::query_scalar(Sql(format!("SELECT phase FROM {} WHERE migration = $1", QName::new(&m.control_schema, "runs"))).assert_safe())
-        .bind(&m.migration)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(db)?;
+    let p: Option<String> = sqlx::query_scalar(
+        Sql(format!(
+            "SELECT phase FROM {} WHERE migration = $1",
+            QName::new(&m.control_schema, "runs")
+        ))
+        .assert_safe(),
+    )
+    .bind(&m.migration)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db)?;
     Ok(p.unwrap_or_else(|| "new".into()))
 }
 
-pub async fn set_phase(conn: &mut PgConnection, m: &Mapping, phase: &str) -> Result<(), Diagnostic> {
+pub async fn set_phase(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    phase: &str,
+) -> Result<(), Diagnostic> {
     exec(
         conn,
         &Sql(format!(
@@ -60,7 +75,13 @@ pub async fn set_phase(conn: &mut PgConnection, m: &Mapping, phase: &str) -> Res
 }
 
 /// Append an audit event: who (the database role), when, which command, what came of it.
-pub async fn event(conn: &mut PgConnection, m: &Mapping, command: &str, outcome: &str, detail: serde_json::Value) -> Result<(), Diagnostic> {
+pub async fn event(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    command: &str,
+    outcome: &str,
+    detail: serde_json::Value,
+) -> Result<(), Diagnostic> {
     exec(
         conn,
         &Sql(format!(
@@ -96,12 +117,18 @@ pub async fn blue_fingerprint(conn: &mut PgConnection, m: &Mapping) -> Result<St
 
 /// Refuse to go on when a blue table's columns or types changed since `prepare`.
 pub async fn check_drift(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagnostic> {
-    let saved: Option<String> = sqlx::query_scalar(Sql(format!("SELECT blue_fingerprint FROM {} WHERE migration = $1", QName::new(&m.control_schema, "runs"))).assert_safe())
-        .bind(&m.migration)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(db)?
-        .flatten();
+    let saved: Option<String> = sqlx::query_scalar(
+        Sql(format!(
+            "SELECT blue_fingerprint FROM {} WHERE migration = $1",
+            QName::new(&m.control_schema, "runs")
+        ))
+        .assert_safe(),
+    )
+    .bind(&m.migration)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db)?
+    .flatten();
     let Some(saved) = saved else { return Ok(()) };
     let now = blue_fingerprint(conn, m).await?;
     if saved == now {
@@ -109,8 +136,17 @@ pub async fn check_drift(conn: &mut PgConnection, m: &Mapping) -> Result<(), Dia
     }
     let before: Vec<&str> = saved.lines().collect();
     let after: Vec<&str> = now.lines().collect();
-    let mut changes: Vec<String> = before.iter().filter(|l| !after.contains(l)).map(|l| format!("- {l}")).collect();
-    changes.extend(after.iter().filter(|l| !before.contains(l)).map(|l| format!("+ {l}")));
+    let mut changes: Vec<String> = before
+        .iter()
+        .filter(|l| !after.contains(l))
+        .map(|l| format!("- {l}"))
+        .collect();
+    changes.extend(
+        after
+            .iter()
+            .filter(|l| !before.contains(l))
+            .map(|l| format!("+ {l}")),
+    );
     Err(Diagnostic::error(
         "ddl-drift",
         format!("blue tables changed since prepare (columns or types):\n  {}", changes.join("\n  ")),
@@ -120,17 +156,30 @@ pub async fn check_drift(conn: &mut PgConnection, m: &Mapping) -> Result<(), Dia
 
 /// Refuse a mapping whose text changed since `prepare`.
 pub async fn check_mapping(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagnostic> {
-    let saved: Option<String> = sqlx::query_scalar(Sql(format!("SELECT mapping_digest FROM {} WHERE migration = $1", QName::new(&m.control_schema, "runs"))).assert_safe())
-        .bind(&m.migration)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(db)?;
+    let saved: Option<String> = sqlx::query_scalar(
+        Sql(format!(
+            "SELECT mapping_digest FROM {} WHERE migration = $1",
+            QName::new(&m.control_schema, "runs")
+        ))
+        .assert_safe(),
+    )
+    .bind(&m.migration)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db)?;
     match saved {
         Some(d) if d != m.digest() => Err(Diagnostic::error(
             "mapping-changed",
-            format!("{} changed since prepare (blake3 {} then, {} now)", m.path.display(), &d[..16], &m.digest()[..16]),
+            format!(
+                "{} changed since prepare (blake3 {} then, {} now)",
+                m.path.display(),
+                &d[..16],
+                &m.digest()[..16]
+            ),
         )
-        .hint("run with the mapping that was prepared; a changed mapping needs a new migration name")),
+        .hint(
+            "run with the mapping that was prepared; a changed mapping needs a new migration name",
+        )),
         _ => Ok(()),
     }
 }

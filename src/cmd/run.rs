@@ -12,18 +12,35 @@ fn reject(d: Diagnostic) -> anyhow::Error {
     Rejected(vec![d]).into()
 }
 
-fn settings(m: &Mapping, jobs: Option<u32>, chunk_rows: Option<u64>, lock_timeout: Option<u64>) -> plan::EffectiveSettings {
+fn settings(
+    m: &Mapping,
+    jobs: Option<u32>,
+    chunk_rows: Option<u64>,
+    lock_timeout: Option<u64>,
+) -> plan::EffectiveSettings {
     plan::effective_settings(
         m,
-        &plan::Options { jobs, chunk_rows, lock_timeout_ms: lock_timeout, profile: "none".into() },
+        &plan::Options {
+            jobs,
+            chunk_rows,
+            lock_timeout_ms: lock_timeout,
+            profile: "none".into(),
+        },
     )
 }
 
 pub async fn prepare(a: &PrepareArgs) -> anyhow::Result<Outcome> {
     let m = crate::mapping::load(&a.common.mapping)?;
     let s = settings(&m, None, None, a.lock_timeout);
-    copy::prepare(&a.common.database_url, &m, s.lock_timeout_ms).await.map_err(reject)?;
-    crate::output::print_stdout(&format!("prepared {}: green schema {}, change capture on {} blue table(s)\n", m.migration, m.green, m.blue_tables_read().len()))?;
+    copy::prepare(&a.common.database_url, &m, s.lock_timeout_ms)
+        .await
+        .map_err(reject)?;
+    crate::output::print_stdout(&format!(
+        "prepared {}: green schema {}, change capture on {} blue table(s)\n",
+        m.migration,
+        m.green,
+        m.blue_tables_read().len()
+    ))?;
     Ok(Outcome::Success)
 }
 
@@ -57,7 +74,9 @@ pub async fn copy(a: &CopyArgs) -> anyhow::Result<Outcome> {
 
 pub async fn sync(a: &StatusArgs) -> anyhow::Result<Outcome> {
     let m = crate::mapping::load(&a.common.mapping)?;
-    let mut conn = crate::pg::connect(&a.common.database_url).await.map_err(reject)?;
+    let mut conn = crate::pg::connect(&a.common.database_url)
+        .await
+        .map_err(reject)?;
     let r = crate::sync::sync(&mut conn, &m).await.map_err(reject)?;
     let out = match a.format {
         Format::Json => serde_json::to_string_pretty(&r)? + "\n",
@@ -70,12 +89,18 @@ pub async fn sync(a: &StatusArgs) -> anyhow::Result<Outcome> {
         ),
     };
     crate::output::print_stdout(&out)?;
-    Ok(if r.failures_left > 0 { Outcome::Problem } else { Outcome::Success })
+    Ok(if r.failures_left > 0 {
+        Outcome::Problem
+    } else {
+        Outcome::Success
+    })
 }
 
 pub async fn status(a: &StatusArgs) -> anyhow::Result<Outcome> {
     let m = crate::mapping::load(&a.common.mapping)?;
-    let mut conn = crate::pg::connect(&a.common.database_url).await.map_err(reject)?;
+    let mut conn = crate::pg::connect(&a.common.database_url)
+        .await
+        .map_err(reject)?;
     let st = crate::sync::status(&mut conn, &m).await.map_err(reject)?;
     let out = match a.format {
         Format::Json => serde_json::to_string_pretty(&st)? + "\n",

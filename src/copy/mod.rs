@@ -20,7 +20,9 @@ use crate::catalog::{self, Catalog};
 use crate::diag::Diagnostic;
 use crate::mapping::Mapping;
 use crate::pg::{self, locking};
-use crate::plan::query::{Shape, column_sql, group_by_clause, insert_select, mapped_columns, where_clause};
+use crate::plan::query::{
+    Shape, column_sql, group_by_clause, insert_select, mapped_columns, where_clause,
+};
 use crate::plan::sync::referenced_aliases;
 use crate::plan::{chunk_key, steps, sync_key};
 use crate::sql::{Ident, Literal, QName, Sql, join};
@@ -54,7 +56,14 @@ pub async fn load_catalog(conn: &mut PgConnection, m: &Mapping) -> Result<Catalo
     }
     let refs: Vec<&str> = schemas.iter().map(String::as_str).collect();
     let cat = catalog::load(conn, &refs).await.map_err(db)?;
-    exec(conn, &Sql(format!("SET search_path = pg_catalog, {}", Ident::new(&m.blue)))).await?;
+    exec(
+        conn,
+        &Sql(format!(
+            "SET search_path = pg_catalog, {}",
+            Ident::new(&m.blue)
+        )),
+    )
+    .await?;
     Ok(cat)
 }
 
@@ -67,7 +76,11 @@ pub async fn prepare(url: &str, m: &Mapping, lock_timeout_ms: u64) -> Result<(),
     r
 }
 
-async fn prepare_locked(conn: &mut PgConnection, m: &Mapping, lock_timeout_ms: u64) -> Result<(), Diagnostic> {
+async fn prepare_locked(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    lock_timeout_ms: u64,
+) -> Result<(), Diagnostic> {
     exec(conn, &Sql(steps::control_ddl(&m.control_schema))).await?;
     let phase = state::phase(conn, m).await?;
     if phase != "new" {
@@ -75,7 +88,10 @@ async fn prepare_locked(conn: &mut PgConnection, m: &Mapping, lock_timeout_ms: u
         state::check_drift(conn, m).await?;
     }
     if state::phase_rank(&phase) >= state::phase_rank("prepared") {
-        eprintln!("bluegreen: migration {} is already prepared (phase {phase})", m.migration);
+        eprintln!(
+            "bluegreen: migration {} is already prepared (phase {phase})",
+            m.migration
+        );
         return Ok(());
     }
     let runs = QName::new(&m.control_schema, "runs");
@@ -103,18 +119,35 @@ async fn prepare_locked(conn: &mut PgConnection, m: &Mapping, lock_timeout_ms: u
     .map_err(db)?;
     if !green_has_tables {
         let ddl = std::fs::read_to_string(&m.green_ddl).map_err(|e| {
-            Diagnostic::error("missing-file", format!("cannot read green_ddl {}: {e}", m.green_ddl.display()))
+            Diagnostic::error(
+                "missing-file",
+                format!("cannot read green_ddl {}: {e}", m.green_ddl.display()),
+            )
         })?;
         if let Some((line, word)) = crate::probe::transaction_control(&ddl) {
-            return Err(Diagnostic::error("green-ddl-transaction", format!("green_ddl contains {word} (line {line}): bluegreen runs the file in its own transaction")));
+            return Err(Diagnostic::error(
+                "green-ddl-transaction",
+                format!(
+                    "green_ddl contains {word} (line {line}): bluegreen runs the file in its own transaction"
+                ),
+            ));
         }
         let mut tx = conn.begin().await.map_err(db)?;
         let green = Ident::new(&m.green);
-        exec(&mut tx, &Sql(format!("CREATE SCHEMA IF NOT EXISTS {green}; SET LOCAL search_path = {green}"))).await?;
+        exec(
+            &mut tx,
+            &Sql(format!(
+                "CREATE SCHEMA IF NOT EXISTS {green}; SET LOCAL search_path = {green}"
+            )),
+        )
+        .await?;
         sqlx::raw_sql(sqlx::AssertSqlSafe(ddl))
             .execute(&mut *tx)
             .await
-            .map_err(|e| Diagnostic::error("green-ddl-failed", format!("green_ddl failed: {e}")).hint("run `bluegreen plan` to locate the error"))?;
+            .map_err(|e| {
+                Diagnostic::error("green-ddl-failed", format!("green_ddl failed: {e}"))
+                    .hint("run `bluegreen plan` to locate the error")
+            })?;
         exec(&mut tx, &Sql("SET LOCAL search_path = pg_catalog".into())).await?;
         let cat = catalog::load(&mut tx, &[&m.green]).await.map_err(db)?;
         let deferred = QName::new(&m.control_schema, "deferred");
@@ -172,31 +205,61 @@ struct ChunkPlan {
 }
 
 /// Plan the chunks of every entry not planned yet (serialised across processes).
-async fn plan_chunks(conn: &mut PgConnection, m: &Mapping, cat: &Catalog, chunk_rows: u64) -> Result<(), Diagnostic> {
+async fn plan_chunks(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    cat: &Catalog,
+    chunk_rows: u64,
+) -> Result<(), Diagnostic> {
     let mut tx = conn.begin().await.map_err(db)?;
-    exec(&mut tx, &Sql(format!("SELECT pg_advisory_xact_lock(hashtextextended({}, 1))", Literal::new(crate::names::advisory_key(&m.migration))))).await?;
+    exec(
+        &mut tx,
+        &Sql(format!(
+            "SELECT pg_advisory_xact_lock(hashtextextended({}, 1))",
+            Literal::new(crate::names::advisory_key(&m.migration))
+        )),
+    )
+    .await?;
     let chunks = QName::new(&m.control_schema, "chunks");
     for e in &m.tables {
-        let planned: bool = sqlx::query_scalar(Sql(format!("SELECT EXISTS (SELECT 1 FROM {chunks} WHERE migration = $1 AND green_table = $2)")).assert_safe())
-            .bind(&m.migration)
-            .bind(&e.name)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db)?;
+        let planned: bool = sqlx::query_scalar(
+            Sql(format!(
+                "SELECT EXISTS (SELECT 1 FROM {chunks} WHERE migration = $1 AND green_table = $2)"
+            ))
+            .assert_safe(),
+        )
+        .bind(&m.migration)
+        .bind(&e.name)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
         if planned {
             continue;
         }
-        let gt = cat.table(&QName::new(&m.green, &e.name)).ok_or_else(|| Diagnostic::error("unknown-green-table", format!("green table {} missing", e.name)))?;
+        let gt = cat.table(&QName::new(&m.green, &e.name)).ok_or_else(|| {
+            Diagnostic::error(
+                "unknown-green-table",
+                format!("green table {} missing", e.name),
+            )
+        })?;
         let driving = e.from_clause.driving();
-        let bt = cat.table(&driving.table).ok_or_else(|| Diagnostic::error("unknown-blue-table", driving.table.display()))?;
+        let bt = cat
+            .table(&driving.table)
+            .ok_or_else(|| Diagnostic::error("unknown-blue-table", driving.table.display()))?;
         let sync = sync_key(e, gt).map(|(k, _)| k).unwrap_or_default();
         let key = chunk_key(e, bt, &sync);
         let alias = Ident::new(&driving.alias);
         let (key_sql, key_type, plans) = if key.starts_with("ctid") {
-            let pages: i64 = sqlx::query_scalar(Sql(format!("SELECT (pg_relation_size({}) / current_setting('block_size')::int8)", Literal::new(bt.qname().to_string()))).assert_safe())
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db)?;
+            let pages: i64 = sqlx::query_scalar(
+                Sql(format!(
+                    "SELECT (pg_relation_size({}) / current_setting('block_size')::int8)",
+                    Literal::new(bt.qname().to_string())
+                ))
+                .assert_safe(),
+            )
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
             let rows = bt.reltuples.max(1.0);
             let n = ((rows / chunk_rows as f64).ceil() as i64).max(1);
             let step = (pages / n).max(1);
@@ -204,30 +267,53 @@ async fn plan_chunks(conn: &mut PgConnection, m: &Mapping, cat: &Catalog, chunk_
             let mut lo: Option<i64> = None;
             let mut p = step;
             while p < pages {
-                plans.push(ChunkPlan { lower: lo.map(|l| format!("({l},0)")), upper: Some(format!("({p},0)")), null_keys: false });
+                plans.push(ChunkPlan {
+                    lower: lo.map(|l| format!("({l},0)")),
+                    upper: Some(format!("({p},0)")),
+                    null_keys: false,
+                });
                 lo = Some(p);
                 p += step;
             }
-            plans.push(ChunkPlan { lower: lo.map(|l| format!("({l},0)")), upper: None, null_keys: false });
+            plans.push(ChunkPlan {
+                lower: lo.map(|l| format!("({l},0)")),
+                upper: None,
+                null_keys: false,
+            });
             (format!("{alias}.ctid"), "tid".to_string(), plans)
         } else {
             // Quantiles over the driving table alone when the key reads only it.
-            let aliases: Vec<&str> = e.from_clause.items.iter().map(|i| i.alias.as_str()).collect();
+            let aliases: Vec<&str> = e
+                .from_clause
+                .items
+                .iter()
+                .map(|i| i.alias.as_str())
+                .collect();
             let only_driving = referenced_aliases(&key, &aliases) == [driving.alias.as_str()];
             let source = if only_driving && e.where_.is_none() {
                 format!("{} AS {alias}", bt.qname())
             } else {
                 format!("{}{}", e.from_clause.render(), where_clause(e, &[]))
             };
-            let key_type: Option<String> = sqlx::query_scalar(Sql(format!("SELECT pg_typeof(({key}))::text FROM {source} LIMIT 1")).assert_safe())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db)?;
+            let key_type: Option<String> = sqlx::query_scalar(
+                Sql(format!(
+                    "SELECT pg_typeof(({key}))::text FROM {source} LIMIT 1"
+                ))
+                .assert_safe(),
+            )
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
             let key_type = key_type.unwrap_or_else(|| "text".into());
             let rows = if bt.reltuples >= 0.0 {
                 bt.reltuples
             } else {
-                sqlx::query_scalar::<_, i64>(Sql(format!("SELECT count(*) FROM {}", bt.qname())).assert_safe()).fetch_one(&mut *tx).await.map_err(db)? as f64
+                sqlx::query_scalar::<_, i64>(
+                    Sql(format!("SELECT count(*) FROM {}", bt.qname())).assert_safe(),
+                )
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)? as f64
             };
             let n = ((rows / chunk_rows as f64).ceil() as usize).max(1);
             let mut bounds: Vec<String> = Vec::new();
@@ -248,11 +334,23 @@ async fn plan_chunks(conn: &mut PgConnection, m: &Mapping, cat: &Catalog, chunk_
             let mut plans = Vec::new();
             let mut lo: Option<String> = None;
             for b in bounds {
-                plans.push(ChunkPlan { lower: lo.clone(), upper: Some(b.clone()), null_keys: false });
+                plans.push(ChunkPlan {
+                    lower: lo.clone(),
+                    upper: Some(b.clone()),
+                    null_keys: false,
+                });
                 lo = Some(b);
             }
-            plans.push(ChunkPlan { lower: lo, upper: None, null_keys: false });
-            plans.push(ChunkPlan { lower: None, upper: None, null_keys: true });
+            plans.push(ChunkPlan {
+                lower: lo,
+                upper: None,
+                null_keys: false,
+            });
+            plans.push(ChunkPlan {
+                lower: None,
+                upper: None,
+                null_keys: true,
+            });
             (key, key_type, plans)
         };
         for (i, p) in plans.iter().enumerate() {
@@ -281,7 +379,13 @@ fn opt_lit(v: &Option<String>) -> String {
 }
 
 /// The range condition of a chunk. Bounds are rendered as literals (COPY takes no parameters).
-fn chunk_condition(key_sql: &str, key_type: &str, lower: &Option<String>, upper: &Option<String>, null_keys: bool) -> Vec<String> {
+fn chunk_condition(
+    key_sql: &str,
+    key_type: &str,
+    lower: &Option<String>,
+    upper: &Option<String>,
+    null_keys: bool,
+) -> Vec<String> {
     let ty = crate::sql::TypeName(key_type);
     if null_keys {
         return vec![format!("({key_sql}) IS NULL")];
@@ -314,14 +418,24 @@ pub async fn copy(url: &str, m: &Mapping, o: &Options) -> Result<(), Diagnostic>
     state::check_drift(&mut conn, m).await?;
     let phase = state::phase(&mut conn, m).await?;
     if phase == "live" {
-        eprintln!("bluegreen: migration {} is already copied and live", m.migration);
+        eprintln!(
+            "bluegreen: migration {} is already copied and live",
+            m.migration
+        );
         return Ok(());
     }
     locking::try_runner_lock(&mut conn, &m.migration, false).await?;
     let cat = Arc::new(load_catalog(&mut conn, m).await?);
     if phase == "prepared" {
         state::set_phase(&mut conn, m, "copying").await?;
-        state::event(&mut conn, m, "copy", "started", serde_json::json!({"jobs": o.jobs, "engine": format!("{:?}", o.engine)})).await?;
+        state::event(
+            &mut conn,
+            m,
+            "copy",
+            "started",
+            serde_json::json!({"jobs": o.jobs, "engine": format!("{:?}", o.engine)}),
+        )
+        .await?;
     }
     plan_chunks(&mut conn, m, &cat, o.chunk_rows).await?;
 
@@ -333,7 +447,9 @@ pub async fn copy(url: &str, m: &Mapping, o: &Options) -> Result<(), Diagnostic>
         let cat = cat.clone();
         let o = o.clone();
         let progress = progress.clone();
-        workers.push(tokio::spawn(async move { worker(&url, &m, &cat, &o, &progress).await }));
+        workers.push(tokio::spawn(async move {
+            worker(&url, &m, &cat, &o, &progress).await
+        }));
     }
     let mut first_err = None;
     for w in workers {
@@ -350,11 +466,16 @@ pub async fn copy(url: &str, m: &Mapping, o: &Options) -> Result<(), Diagnostic>
     // Chunks claimed by another process may still be in flight: wait for them.
     let chunks = QName::new(&m.control_schema, "chunks");
     loop {
-        let pending: i64 = sqlx::query_scalar(Sql(format!("SELECT count(*) FROM {chunks} WHERE migration = $1 AND state <> 'done'")).assert_safe())
-            .bind(&m.migration)
-            .fetch_one(&mut conn)
-            .await
-            .map_err(db)?;
+        let pending: i64 = sqlx::query_scalar(
+            Sql(format!(
+                "SELECT count(*) FROM {chunks} WHERE migration = $1 AND state <> 'done'"
+            ))
+            .assert_safe(),
+        )
+        .bind(&m.migration)
+        .fetch_one(&mut conn)
+        .await
+        .map_err(db)?;
         if pending == 0 {
             break;
         }
@@ -362,20 +483,42 @@ pub async fn copy(url: &str, m: &Mapping, o: &Options) -> Result<(), Diagnostic>
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
     let _ = locking::runner_unlock(&mut conn, &m.migration, false).await;
-    locking::runner_lock_wait(&mut conn, &m.migration).await.map_err(db)?;
+    locking::runner_lock_wait(&mut conn, &m.migration)
+        .await
+        .map_err(db)?;
     let r = finish(&mut conn, url, m, o).await;
     let _ = locking::runner_unlock(&mut conn, &m.migration, true).await;
     r
 }
 
 /// Claim, copy and mark chunks until none is pending.
-async fn worker(url: &str, m: &Mapping, cat: &Catalog, o: &Options, progress: &progress::Progress) -> Result<(), Diagnostic> {
+async fn worker(
+    url: &str,
+    m: &Mapping,
+    cat: &Catalog,
+    o: &Options,
+    progress: &progress::Progress,
+) -> Result<(), Diagnostic> {
     let mut conn = pg::connect(url).await?;
-    exec(&mut conn, &Sql(format!("SET search_path = pg_catalog, {}", Ident::new(&m.blue)))).await?;
+    exec(
+        &mut conn,
+        &Sql(format!(
+            "SET search_path = pg_catalog, {}",
+            Ident::new(&m.blue)
+        )),
+    )
+    .await?;
     let mut source = match o.engine {
         Engine::Copy => {
             let mut c = pg::connect(url).await?;
-            exec(&mut c, &Sql(format!("SET search_path = pg_catalog, {}", Ident::new(&m.blue)))).await?;
+            exec(
+                &mut c,
+                &Sql(format!(
+                    "SET search_path = pg_catalog, {}",
+                    Ident::new(&m.blue)
+                )),
+            )
+            .await?;
             Some(c)
         }
         Engine::InsertSelect => None,
@@ -403,16 +546,28 @@ async fn worker(url: &str, m: &Mapping, cat: &Catalog, o: &Options, progress: &p
             &row.get("upper_bound"),
             row.get("null_keys"),
         );
-        let e = m.entry(&table).ok_or_else(|| Diagnostic::error("mapping-changed", format!("chunk ledger names {table}, which the mapping lacks")))?;
-        let gt = cat.table(&QName::new(&m.green, &e.name)).expect("green table in catalog");
-        let shape = Shape { extra_where: cond, ..Shape::default() };
+        let e = m.entry(&table).ok_or_else(|| {
+            Diagnostic::error(
+                "mapping-changed",
+                format!("chunk ledger names {table}, which the mapping lacks"),
+            )
+        })?;
+        let gt = cat
+            .table(&QName::new(&m.green, &e.name))
+            .expect("green table in catalog");
+        let shape = Shape {
+            extra_where: cond,
+            ..Shape::default()
+        };
         let rows: u64 = match source.as_mut() {
             None => sqlx::raw_sql(insert_select(e, gt, &m.control_schema, &shape).assert_safe())
                 .execute(&mut *tx)
                 .await
                 .map_err(|err| chunk_error(&table, chunk_no, err))?
                 .rows_affected(),
-            Some(src) => copy_chunk(src, &mut tx, m, e, gt, &shape).await.map_err(|err| chunk_error(&table, chunk_no, err))?,
+            Some(src) => copy_chunk(src, &mut tx, m, e, gt, &shape)
+                .await
+                .map_err(|err| chunk_error(&table, chunk_no, err))?,
         };
         exec(&mut tx, &Sql(format!(
             "UPDATE {chunks} SET state = 'done', rows_copied = {rows}, done_at = now() WHERE migration = {} AND green_table = {} AND chunk_no = {chunk_no}",
@@ -447,7 +602,12 @@ async fn copy_chunk(
         .iter()
         .filter_map(|c| {
             let gc = gt.column(&c.name)?;
-            Some(format!("({})::{} AS {}", column_sql(e, c, gc, &m.control_schema, false), gc.type_sql, Ident::new(&c.name)))
+            Some(format!(
+                "({})::{} AS {}",
+                column_sql(e, c, gc, &m.control_schema, false),
+                gc.type_sql,
+                Ident::new(&c.name)
+            ))
         })
         .collect();
     let select = format!(
@@ -463,7 +623,9 @@ async fn copy_chunk(
         join(mapped_columns(e, gt).iter().map(|c| Ident::new(*c)), ", ")
     );
     let mut sink = tx.copy_in_raw(&target).await?;
-    let mut stream = src.copy_out_raw(&format!("COPY ({select}) TO STDOUT (FORMAT binary)")).await?;
+    let mut stream = src
+        .copy_out_raw(&format!("COPY ({select}) TO STDOUT (FORMAT binary)"))
+        .await?;
     let mut buf: Vec<u8> = Vec::with_capacity(256 * 1024);
     let mut failed = None;
     while let Some(part) = stream.next().await {
@@ -503,7 +665,12 @@ async fn copy_chunk(
 /// then sync takes over. Foreign keys come back in the live switch (NOT VALID, instant) and are
 /// validated after it: chunks were copied at different instants, so green is consistent only once
 /// the change log is drained.
-async fn finish(conn: &mut PgConnection, url: &str, m: &Mapping, o: &Options) -> Result<(), Diagnostic> {
+async fn finish(
+    conn: &mut PgConnection,
+    url: &str,
+    m: &Mapping,
+    o: &Options,
+) -> Result<(), Diagnostic> {
     let phase = state::phase(conn, m).await?;
     if state::phase_rank(&phase) < state::phase_rank("copied") {
         let deferred = QName::new(&m.control_schema, "deferred");
@@ -512,7 +679,11 @@ async fn finish(conn: &mut PgConnection, url: &str, m: &Mapping, o: &Options) ->
             .fetch_all(&mut *conn)
             .await
             .map_err(db)?;
-        let indexes: Vec<(String, String)> = rows.iter().filter(|r| r.get::<String, _>("kind") == "index").map(|r| (r.get("name"), r.get("definition"))).collect();
+        let indexes: Vec<(String, String)> = rows
+            .iter()
+            .filter(|r| r.get::<String, _>("kind") == "index")
+            .map(|r| (r.get("name"), r.get("definition")))
+            .collect();
         // Index builds in parallel, at most `jobs` at once.
         let results = futures::stream::iter(indexes.into_iter().map(|(name, def)| {
             let url = url.to_string();
@@ -540,14 +711,23 @@ async fn finish(conn: &mut PgConnection, url: &str, m: &Mapping, o: &Options) ->
             if let Some((owner, col)) = &seq.owner
                 && m.entry(&owner.name).and_then(|e| e.column(col)).is_some()
             {
-                exec(conn, &Sql(format!(
-                    "SELECT setval({}, greatest((SELECT max({}) FROM {owner}), 1))",
-                    Literal::new(seq.name.to_string()), Ident::new(col)
-                ))).await?;
+                exec(
+                    conn,
+                    &Sql(format!(
+                        "SELECT setval({}, greatest((SELECT max({}) FROM {owner}), 1))",
+                        Literal::new(seq.name.to_string()),
+                        Ident::new(col)
+                    )),
+                )
+                .await?;
             }
         }
         for e in &m.tables {
-            exec(conn, &Sql(format!("ANALYZE {}", QName::new(&m.green, &e.name)))).await?;
+            exec(
+                conn,
+                &Sql(format!("ANALYZE {}", QName::new(&m.green, &e.name))),
+            )
+            .await?;
         }
         state::set_phase(conn, m, "copied").await?;
         state::event(conn, m, "copy", "copied", serde_json::json!({})).await?;
@@ -557,7 +737,10 @@ async fn finish(conn: &mut PgConnection, url: &str, m: &Mapping, o: &Options) ->
 }
 
 /// Pending green foreign keys, as (name, green table, definition).
-pub async fn pending_foreign_keys(conn: &mut PgConnection, m: &Mapping) -> Result<Vec<(String, QName, String)>, Diagnostic> {
+pub async fn pending_foreign_keys(
+    conn: &mut PgConnection,
+    m: &Mapping,
+) -> Result<Vec<(String, QName, String)>, Diagnostic> {
     let rows = sqlx::query(Sql(format!(
         "SELECT name, green_table, definition FROM {} WHERE migration = $1 AND kind = 'foreign key' AND NOT done ORDER BY name",
         QName::new(&m.control_schema, "deferred")
@@ -568,14 +751,22 @@ pub async fn pending_foreign_keys(conn: &mut PgConnection, m: &Mapping) -> Resul
     .map_err(db)?;
     Ok(rows
         .iter()
-        .map(|r| (r.get("name"), QName::new(&m.green, r.get::<String, _>("green_table")), r.get("definition")))
+        .map(|r| {
+            (
+                r.get("name"),
+                QName::new(&m.green, r.get::<String, _>("green_table")),
+                r.get("definition"),
+            )
+        })
         .collect())
 }
 
 /// The statements adding a pending foreign key unvalidated (instant; enforced for new writes).
 pub fn add_foreign_key_not_valid(name: &str, table: &QName, def: &str) -> Sql {
     let n = Ident::new(name);
-    Sql(format!("ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {n}; ALTER TABLE {table} ADD CONSTRAINT {n} {def} NOT VALID"))
+    Sql(format!(
+        "ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {n}; ALTER TABLE {table} ADD CONSTRAINT {n} {def} NOT VALID"
+    ))
 }
 
 /// VALIDATE every foreign key added NOT VALID at the live switch. Runs while live sync keeps

@@ -42,9 +42,11 @@ impl Progress {
             if let Some(mp) = &multi {
                 let b = mp.add(ProgressBar::new(total));
                 b.set_style(
-                    ProgressStyle::with_template("{prefix:>20} [{bar:30}] {pos}/{len} chunks  {msg}  eta {eta}")
-                        .expect("template")
-                        .progress_chars("=> "),
+                    ProgressStyle::with_template(
+                        "{prefix:>20} [{bar:30}] {pos}/{len} chunks  {msg}  eta {eta}",
+                    )
+                    .expect("template")
+                    .progress_chars("=> "),
                 );
                 b.set_prefix(t.clone());
                 b.set_position(done);
@@ -53,7 +55,12 @@ impl Progress {
             }
             counts.insert(t, (done, total, copied));
         }
-        Ok(Progress { bars, counts: Mutex::new(counts), tty, _multi: multi })
+        Ok(Progress {
+            bars,
+            counts: Mutex::new(counts),
+            tty,
+            _multi: multi,
+        })
     }
 
     pub fn chunk_done(&self, table: &str, rows: u64) {
@@ -68,7 +75,10 @@ impl Progress {
                 b.set_message(format!("{} rows ({:.0} chunks/s)", c.2, rate));
             }
         } else {
-            eprintln!("bluegreen: {table}: chunk {}/{} done, {rows} rows ({} so far)", c.0, c.1, c.2);
+            eprintln!(
+                "bluegreen: {table}: chunk {}/{} done, {rows} rows ({} so far)",
+                c.0, c.1, c.2
+            );
         }
     }
 

@@ -34,9 +34,11 @@ pub async fn run_locked(
     for attempt in 1..=ATTEMPTS {
         let result = async {
             let mut tx = conn.begin().await?;
-            sqlx::raw_sql(Sql(format!("SET LOCAL lock_timeout = '{lock_timeout_ms}ms'")).assert_safe())
-                .execute(&mut *tx)
-                .await?;
+            sqlx::raw_sql(
+                Sql(format!("SET LOCAL lock_timeout = '{lock_timeout_ms}ms'")).assert_safe(),
+            )
+            .execute(&mut *tx)
+            .await?;
             for s in statements {
                 sqlx::raw_sql(s.assert_safe()).execute(&mut *tx).await?;
             }
@@ -46,7 +48,9 @@ pub async fn run_locked(
         match result {
             Ok(()) => return Ok(()),
             Err(e) if is_lock_timeout(&e) && attempt < ATTEMPTS => {
-                let jitter = Duration::from_millis(u64::from(std::process::id() % 97) + (attempt as u64 * 37) % 89);
+                let jitter = Duration::from_millis(
+                    u64::from(std::process::id() % 97) + (attempt as u64 * 37) % 89,
+                );
                 eprintln!(
                     "bluegreen: lock not granted within {lock_timeout_ms} ms (attempt {attempt}/{ATTEMPTS}); retrying in {} ms",
                     (delay + jitter).as_millis()
@@ -73,7 +77,10 @@ pub async fn run_locked(
 }
 
 /// Sessions holding or waiting for locks on `tables`: "pid 123 (idle in transaction for 42 s: UPDATE ...)".
-pub async fn blockers(conn: &mut PgConnection, tables: &[QName]) -> Result<Vec<String>, sqlx::Error> {
+pub async fn blockers(
+    conn: &mut PgConnection,
+    tables: &[QName],
+) -> Result<Vec<String>, sqlx::Error> {
     let names: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
     let rows = sqlx::query(
         "SELECT DISTINCT a.pid, coalesce(a.state, '') AS state,
@@ -110,12 +117,21 @@ fn key(migration: &str) -> Sql {
 
 /// Take the migration's runner lock on this session: exclusive (prepare, finishing steps) or shared
 /// (copy workers, which may run in several processes at once). Fails fast when taken.
-pub async fn try_runner_lock(conn: &mut PgConnection, migration: &str, exclusive: bool) -> Result<(), Diagnostic> {
-    let f = if exclusive { "pg_try_advisory_lock" } else { "pg_try_advisory_lock_shared" };
-    let got: bool = sqlx::query_scalar(Sql(format!("SELECT {f}({})", key(migration))).assert_safe())
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(|e| Diagnostic::error("database-error", e.to_string()))?;
+pub async fn try_runner_lock(
+    conn: &mut PgConnection,
+    migration: &str,
+    exclusive: bool,
+) -> Result<(), Diagnostic> {
+    let f = if exclusive {
+        "pg_try_advisory_lock"
+    } else {
+        "pg_try_advisory_lock_shared"
+    };
+    let got: bool =
+        sqlx::query_scalar(Sql(format!("SELECT {f}({})", key(migration))).assert_safe())
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| Diagnostic::error("database-error", e.to_string()))?;
     if got {
         return Ok(());
     }
@@ -134,8 +150,16 @@ pub async fn runner_lock_wait(conn: &mut PgConnection, migration: &str) -> Resul
         .map(|_| ())
 }
 
-pub async fn runner_unlock(conn: &mut PgConnection, migration: &str, exclusive: bool) -> Result<(), sqlx::Error> {
-    let f = if exclusive { "pg_advisory_unlock" } else { "pg_advisory_unlock_shared" };
+pub async fn runner_unlock(
+    conn: &mut PgConnection,
+    migration: &str,
+    exclusive: bool,
+) -> Result<(), sqlx::Error> {
+    let f = if exclusive {
+        "pg_advisory_unlock"
+    } else {
+        "pg_advisory_unlock_shared"
+    };
     sqlx::raw_sql(Sql(format!("SELECT {f}({})", key(migration))).assert_safe())
         .execute(conn)
         .await

@@ -204,7 +204,10 @@ pub fn invariant_diff(entry: &TableEntry, green: &catalog::Table, control: &str)
     let m = mapping_select_typed(entry, green, control);
     let g = format!(
         "SELECT {} FROM {}",
-        join(mapped_columns(entry, green).iter().map(|c| Ident::new(*c)), ", "),
+        join(
+            mapped_columns(entry, green).iter().map(|c| Ident::new(*c)),
+            ", "
+        ),
         green.qname()
     );
     Sql(format!(

@@ -134,7 +134,10 @@ pub fn all(m: &Mapping, cat: &Catalog, s: &EffectiveSettings) -> Vec<Step> {
     for (n, bt) in blue_read.iter().enumerate() {
         out.push(step(
             "prepare",
-            format!("capture function for {} (logs changed rows until sync goes live)", bt.display()),
+            format!(
+                "capture function for {} (logs changed rows until sync goes live)",
+                bt.display()
+            ),
             crate::plan::sync::capture_trigger_function(m, n).0,
             "none",
         ));
@@ -144,7 +147,10 @@ pub fn all(m: &Mapping, cat: &Catalog, s: &EffectiveSettings) -> Vec<Step> {
             "prepare",
             format!("capture changes on {}", bt.display()),
             sql.join(";\n"),
-            format!("SHARE ROW EXCLUSIVE on {} (blocks writes for the moment it is held; {retry})", bt.display()),
+            format!(
+                "SHARE ROW EXCLUSIVE on {} (blocks writes for the moment it is held; {retry})",
+                bt.display()
+            ),
         ));
     }
 

@@ -20,6 +20,9 @@ use crate::names;
 use crate::plan::query::{Shape, column_sql, group_by_clause, mapped_columns, where_clause};
 use crate::sql::{Expr, Ident, Literal, QName, Sql, join};
 
+/// Above this many keys in one statement, re-derivation locks the whole entry instead of each key.
+pub const MAX_KEY_LOCKS: usize = 32;
+
 /// Settings pinned on every generated function, so expressions evaluate as in `plan` and `copy`
 /// whatever the application session's settings are.
 fn function_settings(m: &Mapping) -> String {
@@ -51,9 +54,15 @@ pub fn upsert_key(e: &TableEntry, gt: &catalog::Table) -> Option<Vec<String>> {
 pub fn sync_entries<'a>(m: &'a Mapping, cat: &'a Catalog) -> Vec<SyncEntry<'a>> {
     let mut out = Vec::new();
     for (index, e) in m.tables.iter().enumerate() {
-        let Some(gt) = cat.table(&QName::new(&m.green, &e.name)) else { continue };
-        let Some((keys, _)) = super::sync_key(e, gt) else { continue };
-        let Some(upsert_key) = upsert_key(e, gt) else { continue };
+        let Some(gt) = cat.table(&QName::new(&m.green, &e.name)) else {
+            continue;
+        };
+        let Some((keys, _)) = super::sync_key(e, gt) else {
+            continue;
+        };
+        let Some(upsert_key) = upsert_key(e, gt) else {
+            continue;
+        };
         let keys = keys
             .into_iter()
             .filter_map(|(c, x)| {
@@ -61,7 +70,13 @@ pub fn sync_entries<'a>(m: &'a Mapping, cat: &'a Catalog) -> Vec<SyncEntry<'a>> 
                 Some((c, x, ty))
             })
             .collect();
-        out.push(SyncEntry { index, entry: e, green: gt, keys, upsert_key });
+        out.push(SyncEntry {
+            index,
+            entry: e,
+            green: gt,
+            keys,
+            upsert_key,
+        });
     }
     order_by_foreign_keys(out, m)
 }
@@ -87,7 +102,13 @@ fn order_by_foreign_keys<'a>(mut entries: Vec<SyncEntry<'a>>, m: &Mapping) -> Ve
 
 impl SyncEntry<'_> {
     fn name(&self, kind: &str, m: &Mapping) -> QName {
-        names::entry_function(&m.control_schema, &m.migration, self.index, kind, &self.entry.name)
+        names::entry_function(
+            &m.control_schema,
+            &m.migration,
+            self.index,
+            kind,
+            &self.entry.name,
+        )
     }
     pub fn up_fn(&self, m: &Mapping) -> QName {
         self.name("up", m)
@@ -97,7 +118,10 @@ impl SyncEntry<'_> {
     }
     fn params(&self) -> String {
         join(
-            self.keys.iter().enumerate().map(|(j, (_, _, ty))| format!("k{j} {ty}[]")),
+            self.keys
+                .iter()
+                .enumerate()
+                .map(|(j, (_, _, ty))| format!("k{j} {ty}[]")),
             ", ",
         )
     }
@@ -109,15 +133,26 @@ impl SyncEntry<'_> {
         )
     }
     fn all_not_null(&self) -> String {
-        join((0..self.keys.len()).map(|j| format!("u.k{j} IS NOT NULL")), " AND ")
+        join(
+            (0..self.keys.len()).map(|j| format!("u.k{j} IS NOT NULL")),
+            " AND ",
+        )
     }
     fn any_null(&self) -> String {
-        join((0..self.keys.len()).map(|j| format!("u.k{j} IS NULL")), " OR ")
+        join(
+            (0..self.keys.len()).map(|j| format!("u.k{j} IS NULL")),
+            " OR ",
+        )
     }
     fn key_tuple(&self) -> String {
         format!(
             "({})",
-            join(self.keys.iter().map(|(_, x, ty)| format!("{}::{ty}", Expr(x))), ", ")
+            join(
+                self.keys
+                    .iter()
+                    .map(|(_, x, ty)| format!("{}::{ty}", Expr(x))),
+                ", "
+            )
         )
     }
     /// `M(blue)` restricted to the keys in the parameter arrays `k0..`: non-NULL keys through an
@@ -134,13 +169,20 @@ impl SyncEntry<'_> {
             "EXISTS (SELECT 1 FROM {u} WHERE ({}) AND {})",
             self.any_null(),
             join(
-                self.keys.iter().enumerate().map(|(j, (_, x, ty))| format!("u.k{j} IS NOT DISTINCT FROM {}::{ty}", Expr(x))),
+                self.keys.iter().enumerate().map(|(j, (_, x, ty))| format!(
+                    "u.k{j} IS NOT DISTINCT FROM {}::{ty}",
+                    Expr(x)
+                )),
                 " AND "
             )
         );
         let has_null = format!("EXISTS (SELECT 1 FROM {u} WHERE {})", self.any_null());
         let one = |extra: Vec<String>| select_m(m, self.entry, self.green, extra);
-        format!("{} UNION ALL {}", one(vec![in_keys]), one(vec![has_null, null_keys]))
+        format!(
+            "{} UNION ALL {}",
+            one(vec![in_keys]),
+            one(vec![has_null, null_keys])
+        )
     }
     fn mapped(&self) -> Vec<&str> {
         mapped_columns(self.entry, self.green)
@@ -149,19 +191,37 @@ impl SyncEntry<'_> {
     /// `CREATE FUNCTION up_E(keys)`: upsert M(blue) for the keys on the mapped columns only.
     pub fn up_function(&self, m: &Mapping) -> Sql {
         let cols = self.mapped();
-        let overriding = cols.iter().any(|c| self.green.column(c).is_some_and(|gc| gc.identity == "a"));
-        let others: Vec<&str> = cols.iter().copied().filter(|c| !self.upsert_key.iter().any(|k| k == c)).collect();
+        let overriding = cols
+            .iter()
+            .any(|c| self.green.column(c).is_some_and(|gc| gc.identity == "a"));
+        let others: Vec<&str> = cols
+            .iter()
+            .copied()
+            .filter(|c| !self.upsert_key.iter().any(|k| k == c))
+            .collect();
         let conflict = if others.is_empty() {
             "DO NOTHING".to_string()
         } else {
             format!(
                 "DO UPDATE SET {} WHERE {}",
-                join(others.iter().map(|c| format!("{0} = EXCLUDED.{0}", Ident::new(*c))), ", "),
+                join(
+                    others
+                        .iter()
+                        .map(|c| format!("{0} = EXCLUDED.{0}", Ident::new(*c))),
+                    ", "
+                ),
                 join(
                     others.iter().map(|c| {
-                        let ty = self.green.column(c).map(|g| g.type_sql.as_str()).unwrap_or("");
+                        let ty = self
+                            .green
+                            .column(c)
+                            .map(|g| g.type_sql.as_str())
+                            .unwrap_or("");
                         if lacks_equality(ty) {
-                            format!("t.{0}::text IS DISTINCT FROM EXCLUDED.{0}::text", Ident::new(*c))
+                            format!(
+                                "t.{0}::text IS DISTINCT FROM EXCLUDED.{0}::text",
+                                Ident::new(*c)
+                            )
                         } else {
                             format!("t.{0} IS DISTINCT FROM EXCLUDED.{0}", Ident::new(*c))
                         }
@@ -177,7 +237,11 @@ impl SyncEntry<'_> {
             settings = function_settings(m),
             t = self.green.qname(),
             cols = join(cols.iter().map(|c| Ident::new(*c)), ", "),
-            ov = if overriding { " OVERRIDING SYSTEM VALUE" } else { "" },
+            ov = if overriding {
+                " OVERRIDING SYSTEM VALUE"
+            } else {
+                ""
+            },
             m = self.restricted_m(m, "k"),
             key = join(self.upsert_key.iter().map(Ident::new), ", "),
         ))
@@ -187,7 +251,12 @@ impl SyncEntry<'_> {
     pub fn del_function(&self, m: &Mapping) -> Sql {
         let green_key = format!(
             "({})",
-            join(self.keys.iter().map(|(c, _, _)| format!("t.{}", Ident::new(c))), ", ")
+            join(
+                self.keys
+                    .iter()
+                    .map(|(c, _, _)| format!("t.{}", Ident::new(c))),
+                ", "
+            )
         );
         let u = self.unnest("k");
         let produced = format!(
@@ -195,7 +264,11 @@ impl SyncEntry<'_> {
             self.restricted_m(m, "k"),
             join(
                 self.upsert_key.iter().map(|c| {
-                    let ty = self.green.column(c).map(|g| g.type_sql.as_str()).unwrap_or("");
+                    let ty = self
+                        .green
+                        .column(c)
+                        .map(|g| g.type_sql.as_str())
+                        .unwrap_or("");
                     format!("m.{0}::{ty} = t.{0}", Ident::new(c))
                 }),
                 " AND "
@@ -211,7 +284,10 @@ impl SyncEntry<'_> {
             nn = self.all_not_null(),
             anynull = self.any_null(),
             r#match = join(
-                self.keys.iter().enumerate().map(|(j, (c, _, _))| format!("u.k{j} IS NOT DISTINCT FROM t.{}", Ident::new(c))),
+                self.keys.iter().enumerate().map(|(j, (c, _, _))| format!(
+                    "u.k{j} IS NOT DISTINCT FROM t.{}",
+                    Ident::new(c)
+                )),
                 " AND "
             ),
         ))
@@ -231,29 +307,53 @@ impl SyncEntry<'_> {
     /// `SELECT DISTINCT <keys> ...` for a change to alias `alias` whose rows are in `changed`.
     fn touched_keys(&self, alias: &str, changed: &str) -> String {
         let sel = join(
-            self.keys.iter().enumerate().map(|(j, (_, x, ty))| format!("{}::{ty} AS k{j}", Expr(x))),
-            ", "
+            self.keys
+                .iter()
+                .enumerate()
+                .map(|(j, (_, x, ty))| format!("{}::{ty} AS k{j}", Expr(x))),
+            ", ",
         );
         let only_this = self.keys.iter().all(|(_, x, _)| {
-            let refs = referenced_aliases(x, &self.entry.from_clause.items.iter().map(|i| i.alias.as_str()).collect::<Vec<_>>());
+            let refs = referenced_aliases(
+                x,
+                &self
+                    .entry
+                    .from_clause
+                    .items
+                    .iter()
+                    .map(|i| i.alias.as_str())
+                    .collect::<Vec<_>>(),
+            );
             !refs.is_empty() && refs.iter().all(|a| *a == alias)
         });
         if only_this {
-            format!("SELECT DISTINCT {sel} FROM {changed} AS {}", Ident::new(alias))
+            format!(
+                "SELECT DISTINCT {sel} FROM {changed} AS {}",
+                Ident::new(alias)
+            )
         } else {
-            format!("SELECT DISTINCT {sel} FROM {}", render_changed(self.entry, alias, changed))
+            format!(
+                "SELECT DISTINCT {sel} FROM {}",
+                render_changed(self.entry, alias, changed)
+            )
         }
     }
 
     /// Every key green holds or M(blue) produces (after a TRUNCATE).
     fn all_keys(&self) -> String {
         let sel = join(
-            self.keys.iter().enumerate().map(|(j, (_, x, ty))| format!("{}::{ty} AS k{j}", Expr(x))),
-            ", "
+            self.keys
+                .iter()
+                .enumerate()
+                .map(|(j, (_, x, ty))| format!("{}::{ty} AS k{j}", Expr(x))),
+            ", ",
         );
         let green_sel = join(
-            self.keys.iter().enumerate().map(|(j, (c, _, _))| format!("t.{} AS k{j}", Ident::new(c))),
-            ", "
+            self.keys
+                .iter()
+                .enumerate()
+                .map(|(j, (c, _, _))| format!("t.{} AS k{j}", Ident::new(c))),
+            ", ",
         );
         format!(
             "SELECT {green_sel} FROM {} AS t UNION SELECT {sel} FROM {}",
@@ -264,15 +364,21 @@ impl SyncEntry<'_> {
 }
 
 fn lacks_equality(ty: &str) -> bool {
-    matches!(ty, "json" | "xml" | "point" | "line" | "lseg" | "box" | "path" | "polygon" | "circle")
-        || ty.ends_with("json[]")
+    matches!(
+        ty,
+        "json" | "xml" | "point" | "line" | "lseg" | "box" | "path" | "polygon" | "circle"
+    ) || ty.ends_with("json[]")
 }
 
 /// `SELECT <mapped columns> FROM ... WHERE (where) AND <extra> GROUP BY ...`.
 fn select_m(m: &Mapping, e: &TableEntry, gt: &catalog::Table, extra: Vec<String>) -> String {
     let cols = e.columns.iter().filter_map(|c| {
         let gc = gt.column(&c.name)?;
-        Some(format!("{} AS {}", column_sql(e, c, gc, &m.control_schema, false), Ident::new(&c.name)))
+        Some(format!(
+            "{} AS {}",
+            column_sql(e, c, gc, &m.control_schema, false),
+            Ident::new(&c.name)
+        ))
     });
     let _ = Shape::default();
     format!(
@@ -314,7 +420,10 @@ pub fn referenced_aliases<'a>(expr: &str, aliases: &[&'a str]) -> Vec<&'a str> {
         if !in_str && (c.is_ascii_alphabetic() || c == b'_' || c == b'"') {
             let start = i;
             let word = if c == b'"' {
-                let end = expr[i + 1..].find('"').map(|e| i + 1 + e).unwrap_or(b.len() - 1);
+                let end = expr[i + 1..]
+                    .find('"')
+                    .map(|e| i + 1 + e)
+                    .unwrap_or(b.len() - 1);
                 i = end + 1;
                 expr[start + 1..end].to_string()
             } else {
@@ -353,8 +462,17 @@ fn changes_relation(m: &Mapping, x: &QName) -> String {
 
 /// Variable declarations and the apply phase (lock, upsert parents first, delete children first,
 /// each entry in its own subtransaction) for blue table `x`. `find` fills the key arrays.
-fn apply_block(m: &Mapping, entries: &[SyncEntry], x: &QName, find: &str) -> (String, String) {
-    let touching: Vec<&SyncEntry> = entries.iter().filter(|e| !e.aliases_of(x).is_empty()).collect();
+fn apply_block(
+    m: &Mapping,
+    entries: &[SyncEntry],
+    x: &QName,
+    find: &str,
+    lock: bool,
+) -> (String, String) {
+    let touching: Vec<&SyncEntry> = entries
+        .iter()
+        .filter(|e| !e.aliases_of(x).is_empty())
+        .collect();
     let mut decl = String::new();
     for e in &touching {
         for (j, (_, _, ty)) in e.keys.iter().enumerate() {
@@ -366,7 +484,12 @@ fn apply_block(m: &Mapping, entries: &[SyncEntry], x: &QName, find: &str) -> (St
     let mut body = String::new();
     body.push_str(find);
     body.push_str("    PERFORM set_config('bluegreen.applying', 'forward', true);\n");
-    let args = |e: &SyncEntry| join((0..e.keys.len()).map(|j| format!("e{}_k{j}", e.index)), ", ");
+    let args = |e: &SyncEntry| {
+        join(
+            (0..e.keys.len()).map(|j| format!("e{}_k{j}", e.index)),
+            ", ",
+        )
+    };
     let unnest_vars = |e: &SyncEntry| {
         format!(
             "unnest({}) AS u({})",
@@ -374,7 +497,12 @@ fn apply_block(m: &Mapping, entries: &[SyncEntry], x: &QName, find: &str) -> (St
             join((0..e.keys.len()).map(|j| format!("k{j}")), ", ")
         )
     };
-    let key_json = |e: &SyncEntry| format!("jsonb_build_array({})", join((0..e.keys.len()).map(|j| format!("u.k{j}")), ", "));
+    let key_json = |e: &SyncEntry| {
+        format!(
+            "jsonb_build_array({})",
+            join((0..e.keys.len()).map(|j| format!("u.k{j}")), ", ")
+        )
+    };
     let record = |e: &SyncEntry| {
         format!(
             "            e{i}_ok := false;\n            INSERT INTO {failures} (migration, green_table, sync_key, error)\n            SELECT DISTINCT {mig}, {t}, {kj}, SQLSTATE || ': ' || SQLERRM FROM {u}\n            ON CONFLICT (migration, green_table, sync_key) DO UPDATE SET error = EXCLUDED.error, failed_at = now();\n",
@@ -385,10 +513,12 @@ fn apply_block(m: &Mapping, entries: &[SyncEntry], x: &QName, find: &str) -> (St
             u = unnest_vars(e)
         )
     };
-    // Lock every touched key first, in one global order (entry order, then key hash).
-    for e in &touching {
+    // Lock every touched key first, in one global order (entry order, then key hash). A statement
+    // touching many keys takes the entry's lock exclusively instead (bounded lock-table use);
+    // per-key lockers hold it shared. Catch-up runs alone under the runner lock and skips this.
+    for e in touching.iter().filter(|_| lock) {
         body.push_str(&format!(
-            "    IF {first} IS NOT NULL THEN\n        PERFORM pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended({p} || ROW({ks})::text, 0) AS h FROM {u} ORDER BY 1) AS s;\n    END IF;\n",
+            "    IF {first} IS NOT NULL THEN\n        IF cardinality({first}) > {MAX_KEY_LOCKS} THEN\n            PERFORM pg_advisory_xact_lock(hashtextextended({p}, 0));\n        ELSE\n            PERFORM pg_advisory_xact_lock_shared(hashtextextended({p}, 0));\n            PERFORM pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended({p} || ROW({ks})::text, 0) AS h FROM {u} ORDER BY 1) AS s;\n        END IF;\n    END IF;\n",
             first = format!("e{}_k0", e.index),
             p = Literal::new(format!("bluegreen:{}:{}:", m.migration, e.entry.name)),
             ks = join((0..e.keys.len()).map(|j| format!("u.k{j}")), ", "),
@@ -436,11 +566,20 @@ fn find_keys(entries: &[SyncEntry], x: &QName, changed: &str, indent: &str) -> S
         if aliases.is_empty() {
             continue;
         }
-        let union = join(aliases.iter().map(|a| e.touched_keys(a, changed)), " UNION ");
+        let union = join(
+            aliases.iter().map(|a| e.touched_keys(a, changed)),
+            " UNION ",
+        );
         s.push_str(&format!(
             "{indent}SELECT {} INTO {} FROM ({union}) AS s;\n",
-            join((0..e.keys.len()).map(|j| format!("array_agg(s.k{j})")), ", "),
-            join((0..e.keys.len()).map(|j| format!("e{}_k{j}", e.index)), ", ")
+            join(
+                (0..e.keys.len()).map(|j| format!("array_agg(s.k{j})")),
+                ", "
+            ),
+            join(
+                (0..e.keys.len()).map(|j| format!("e{}_k{j}", e.index)),
+                ", "
+            )
         ));
     }
     s
@@ -451,8 +590,14 @@ fn find_all_keys(entries: &[SyncEntry], x: &QName, indent: &str) -> String {
     for e in entries.iter().filter(|e| !e.aliases_of(x).is_empty()) {
         s.push_str(&format!(
             "{indent}SELECT {} INTO {} FROM ({}) AS s;\n",
-            join((0..e.keys.len()).map(|j| format!("array_agg(s.k{j})")), ", "),
-            join((0..e.keys.len()).map(|j| format!("e{}_k{j}", e.index)), ", "),
+            join(
+                (0..e.keys.len()).map(|j| format!("array_agg(s.k{j})")),
+                ", "
+            ),
+            join(
+                (0..e.keys.len()).map(|j| format!("e{}_k{j}", e.index)),
+                ", "
+            ),
             e.all_keys()
         ));
     }
@@ -464,11 +609,16 @@ pub fn live_trigger_function(m: &Mapping, entries: &[SyncEntry], x: &QName, n: u
     let find = format!(
         "    IF TG_OP = 'INSERT' THEN\n{}    ELSIF TG_OP = 'UPDATE' THEN\n{}    ELSIF TG_OP = 'DELETE' THEN\n{}    ELSE\n{}    END IF;\n",
         find_keys(entries, x, "new_rows", "        "),
-        find_keys(entries, x, "(SELECT * FROM old_rows UNION ALL SELECT * FROM new_rows)", "        "),
+        find_keys(
+            entries,
+            x,
+            "(SELECT * FROM old_rows UNION ALL SELECT * FROM new_rows)",
+            "        "
+        ),
         find_keys(entries, x, "old_rows", "        "),
         find_all_keys(entries, x, "        "),
     );
-    let (decl, body) = apply_block(m, entries, x, &find);
+    let (decl, body) = apply_block(m, entries, x, &find, true);
     Sql(format!(
         "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn$\nDECLARE\n{decl}BEGIN\n    -- Loop guard: a change the reverse sync is applying is not echoed back.\n    IF current_setting('bluegreen.applying', true) = 'reverse' THEN\n        RETURN NULL;\n    END IF;\n{body}    RETURN NULL;\nEND\n$fn$",
         f = names::sync_function(&m.control_schema, &m.migration, n),
@@ -518,7 +668,7 @@ pub fn catchup_function(m: &Mapping, entries: &[SyncEntry], x: &QName, n: usize)
         mig = Literal::new(&m.migration),
         bt = Literal::new(x.display()),
     );
-    let (decl, body) = apply_block(m, entries, x, &find);
+    let (decl, body) = apply_block(m, entries, x, &find, false);
     Sql(format!(
         "CREATE OR REPLACE FUNCTION {f}(lo bigint, hi bigint) RETURNS void LANGUAGE plpgsql {settings} AS $fn$\nDECLARE\n{decl}BEGIN\n{body}END\n$fn$",
         f = names::catchup_function(&m.control_schema, &m.migration, n),
@@ -531,16 +681,28 @@ pub fn retry_function(m: &Mapping, e: &SyncEntry) -> Sql {
     let failures = QName::new(&m.control_schema, "sync_failures");
     let decl = format!(
         "{}    e{}_ok boolean := true;\n",
-        join(e.keys.iter().enumerate().map(|(j, (_, _, ty))| format!("    e{}_k{j} {ty}[];\n", e.index)), ""),
+        join(
+            e.keys
+                .iter()
+                .enumerate()
+                .map(|(j, (_, _, ty))| format!("    e{}_k{j} {ty}[];\n", e.index)),
+            ""
+        ),
         e.index
     );
     let fill = format!(
         "    SELECT {} INTO {} FROM {failures} AS f WHERE f.migration = {} AND f.green_table = {};\n",
         join(
-            e.keys.iter().enumerate().map(|(j, (_, _, ty))| format!("array_agg((f.sync_key->>{j})::{ty})")),
+            e.keys
+                .iter()
+                .enumerate()
+                .map(|(j, (_, _, ty))| format!("array_agg((f.sync_key->>{j})::{ty})")),
             ", "
         ),
-        join((0..e.keys.len()).map(|j| format!("e{}_k{j}", e.index)), ", "),
+        join(
+            (0..e.keys.len()).map(|j| format!("e{}_k{j}", e.index)),
+            ", "
+        ),
         Literal::new(&m.migration),
         Literal::new(&e.entry.name)
     );
@@ -553,10 +715,16 @@ pub fn retry_function(m: &Mapping, e: &SyncEntry) -> Sql {
         upsert_key: e.upsert_key.clone(),
     }];
     let x = &e.entry.from_clause.driving().table;
-    let (_, body) = apply_block(m, &one, x, &fill);
+    let (_, body) = apply_block(m, &one, x, &fill, true);
     Sql(format!(
         "CREATE OR REPLACE FUNCTION {f}() RETURNS void LANGUAGE plpgsql {settings} AS $fn$\nDECLARE\n{decl}BEGIN\n{body}END\n$fn$",
-        f = names::entry_function(&m.control_schema, &m.migration, e.index, "retry", &e.entry.name),
+        f = names::entry_function(
+            &m.control_schema,
+            &m.migration,
+            e.index,
+            "retry",
+            &e.entry.name
+        ),
         settings = function_settings(m),
     ))
 }
@@ -568,8 +736,14 @@ mod tests {
     #[test]
     fn finds_aliases_outside_strings() {
         let a = ["l", "w", "c"];
-        assert_eq!(referenced_aliases("md5('org:' || w.owner_email)::uuid", &a), ["w"]);
-        assert_eq!(referenced_aliases("coalesce(l.x, 'w.y') || c.\"Name\"", &a), ["l", "c"]);
+        assert_eq!(
+            referenced_aliases("md5('org:' || w.owner_email)::uuid", &a),
+            ["w"]
+        );
+        assert_eq!(
+            referenced_aliases("coalesce(l.x, 'w.y') || c.\"Name\"", &a),
+            ["l", "c"]
+        );
         assert_eq!(referenced_aliases("public.l.x", &a), Vec::<&str>::new());
         assert_eq!(referenced_aliases("min(W.city)", &a), ["w"]);
     }

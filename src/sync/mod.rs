@@ -50,11 +50,17 @@ pub async fn install_functions(conn: &mut PgConnection, m: &Mapping) -> Result<(
 }
 
 async fn backlog(conn: &mut PgConnection, m: &Mapping) -> Result<i64, Diagnostic> {
-    sqlx::query_scalar(Sql(format!("SELECT count(*) FROM {} WHERE migration = $1", QName::new(&m.control_schema, "changes"))).assert_safe())
-        .bind(&m.migration)
-        .fetch_one(conn)
-        .await
-        .map_err(db)
+    sqlx::query_scalar(
+        Sql(format!(
+            "SELECT count(*) FROM {} WHERE migration = $1",
+            QName::new(&m.control_schema, "changes")
+        ))
+        .assert_safe(),
+    )
+    .bind(&m.migration)
+    .fetch_one(conn)
+    .await
+    .map_err(db)
 }
 
 /// Replay the change log in batches until at most `leave` rows remain. Each batch is one
@@ -116,7 +122,11 @@ pub async fn catch_up(conn: &mut PgConnection, m: &Mapping, leave: i64) -> Resul
 /// Catch up, then switch the triggers to live re-derivation in one short transaction that fences
 /// blue writes (SHARE ROW EXCLUSIVE, under lock_timeout with retry) while it drains the last of
 /// the log: after it commits, every write re-derives green inside its own transaction.
-pub async fn go_live(conn: &mut PgConnection, m: &Mapping, lock_timeout_ms: u64) -> Result<(), Diagnostic> {
+pub async fn go_live(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    lock_timeout_ms: u64,
+) -> Result<(), Diagnostic> {
     if state::phase(conn, m).await? == "live" {
         return Ok(());
     }
@@ -160,8 +170,14 @@ pub async fn go_live(conn: &mut PgConnection, m: &Mapping, lock_timeout_ms: u64)
 pub async fn sync(conn: &mut PgConnection, m: &Mapping) -> Result<SyncReport, Diagnostic> {
     let phase = state::phase(conn, m).await?;
     if state::phase_rank(&phase) < state::phase_rank("copied") {
-        return Err(Diagnostic::error("not-copied", format!("migration {} is in phase {phase}: copy has not finished", m.migration))
-            .hint("run `bluegreen copy` first (it catches up and goes live by itself)"));
+        return Err(Diagnostic::error(
+            "not-copied",
+            format!(
+                "migration {} is in phase {phase}: copy has not finished",
+                m.migration
+            ),
+        )
+        .hint("run `bluegreen copy` first (it catches up and goes live by itself)"));
     }
     state::check_mapping(conn, m).await?;
     state::check_drift(conn, m).await?;
@@ -171,20 +187,50 @@ pub async fn sync(conn: &mut PgConnection, m: &Mapping) -> Result<SyncReport, Di
     let failures = QName::new(&m.control_schema, "sync_failures");
     let mut retried = 0;
     for e in sync_entries(m, &cat) {
-        let n: i64 = sqlx::query_scalar(Sql(format!("SELECT count(*) FROM {failures} WHERE migration = $1 AND green_table = $2")).assert_safe())
-            .bind(&m.migration)
-            .bind(&e.entry.name)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(db)?;
+        let n: i64 = sqlx::query_scalar(
+            Sql(format!(
+                "SELECT count(*) FROM {failures} WHERE migration = $1 AND green_table = $2"
+            ))
+            .assert_safe(),
+        )
+        .bind(&m.migration)
+        .bind(&e.entry.name)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
         if n > 0 {
-            exec(conn, &Sql(format!("SELECT {}()", names::entry_function(&m.control_schema, &m.migration, e.index, "retry", &e.entry.name)))).await?;
+            exec(
+                conn,
+                &Sql(format!(
+                    "SELECT {}()",
+                    names::entry_function(
+                        &m.control_schema,
+                        &m.migration,
+                        e.index,
+                        "retry",
+                        &e.entry.name
+                    )
+                )),
+            )
+            .await?;
             retried += n;
         }
     }
     let report = status(conn, m).await?;
-    state::event(conn, m, "sync", "done", serde_json::json!({"replayed": replayed, "retried": retried})).await?;
-    Ok(SyncReport { replayed, retried, failures_left: report.failures.len() as i64, status: report })
+    state::event(
+        conn,
+        m,
+        "sync",
+        "done",
+        serde_json::json!({"replayed": replayed, "retried": retried}),
+    )
+    .await?;
+    Ok(SyncReport {
+        replayed,
+        retried,
+        failures_left: report.failures.len() as i64,
+        status: report,
+    })
 }
 
 #[derive(Debug, Serialize)]
@@ -233,7 +279,14 @@ pub struct Event {
 /// Phase, per-table progress, change-log backlog, sync failures, recent events.
 pub async fn status(conn: &mut PgConnection, m: &Mapping) -> Result<Status, Diagnostic> {
     let phase = state::phase(conn, m).await?;
-    let mut st = Status { migration: m.migration.clone(), phase: phase.clone(), tables: Vec::new(), backlog: 0, failures: Vec::new(), events: Vec::new() };
+    let mut st = Status {
+        migration: m.migration.clone(),
+        phase: phase.clone(),
+        tables: Vec::new(),
+        backlog: 0,
+        failures: Vec::new(),
+        events: Vec::new(),
+    };
     if phase == "new" {
         return Ok(st);
     }
@@ -257,7 +310,13 @@ pub async fn status(conn: &mut PgConnection, m: &Mapping) -> Result<Status, Diag
     }
     for e in &m.tables {
         if !st.tables.iter().any(|t| t.table == e.name) {
-            st.tables.push(TableStatus { table: e.name.clone(), chunks_done: 0, chunks: 0, rows_copied: 0, green_rows_estimate: 0.0 });
+            st.tables.push(TableStatus {
+                table: e.name.clone(),
+                chunks_done: 0,
+                chunks: 0,
+                rows_copied: 0,
+                green_rows_estimate: 0.0,
+            });
         }
     }
     for t in &mut st.tables {
@@ -267,7 +326,8 @@ pub async fn status(conn: &mut PgConnection, m: &Mapping) -> Result<Status, Diag
             .await
             .map_err(db)?;
     }
-    st.tables.sort_by_key(|t| m.tables.iter().position(|e| e.name == t.table));
+    st.tables
+        .sort_by_key(|t| m.tables.iter().position(|e| e.name == t.table));
     st.backlog = backlog(conn, m).await?;
     for r in sqlx::query(Sql(format!(
         "SELECT green_table, sync_key::text AS k, error, failed_at::text AS at FROM {} WHERE migration = $1 ORDER BY failed_at DESC LIMIT 100",
@@ -306,15 +366,24 @@ pub fn render_status(st: &Status) -> String {
     if st.failures.is_empty() {
         o.push_str("sync failures: none\n");
     } else {
-        o.push_str(&format!("sync failures: {} (retry with `bluegreen sync`)\n", st.failures.len()));
+        o.push_str(&format!(
+            "sync failures: {} (retry with `bluegreen sync`)\n",
+            st.failures.len()
+        ));
         for f in st.failures.iter().take(10) {
-            o.push_str(&format!("  {} key {}: {} (at {})\n", f.table, f.sync_key, f.error, f.failed_at));
+            o.push_str(&format!(
+                "  {} key {}: {} (at {})\n",
+                f.table, f.sync_key, f.error, f.failed_at
+            ));
         }
     }
     if !st.events.is_empty() {
         o.push_str("recent events:\n");
         for e in &st.events {
-            o.push_str(&format!("  {} {} {} {}\n", e.at, e.who, e.command, e.outcome));
+            o.push_str(&format!(
+                "  {} {} {} {}\n",
+                e.at, e.who, e.command, e.outcome
+            ));
         }
     }
     o

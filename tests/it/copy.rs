@@ -22,7 +22,11 @@ async fn run(url: &str, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-async fn with_writer<F: std::future::Future<Output = T>, T>(url: &str, seed: u64, f: F) -> (T, u64) {
+async fn with_writer<F: std::future::Future<Output = T>, T>(
+    url: &str,
+    seed: u64,
+    f: F,
+) -> (T, u64) {
     let stop = Arc::new(AtomicBool::new(false));
     let w = tokio::spawn(carbot_writer(url.to_string(), seed, stop.clone()));
     // Let the writer get going before the work starts.
@@ -36,9 +40,20 @@ async fn with_writer<F: std::future::Future<Output = T>, T>(url: &str, seed: u64
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copy_under_concurrent_writes_keeps_the_invariant_then_live_sync_keeps_it() {
     let url = carbot_db("copy_live").await;
-    let (out, writes) = with_writer(&url, 1, run(&url, &["copy", "-m", MAPPING, "--jobs", "4", "--chunk-rows", "300"])).await;
+    let (out, writes) = with_writer(
+        &url,
+        1,
+        run(
+            &url,
+            &["copy", "-m", MAPPING, "--jobs", "4", "--chunk-rows", "300"],
+        ),
+    )
+    .await;
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(writes > 20, "the writer ran only {writes} statements during the copy");
+    assert!(
+        writes > 20,
+        "the writer ran only {writes} statements during the copy"
+    );
     assert_invariant(&url, MAPPING).await;
     // Live: more writes, checked again; then status shows no backlog and no failures.
     let ((), writes) = with_writer(&url, 2, tokio::time::sleep(Duration::from_millis(1500))).await;
@@ -57,13 +72,24 @@ async fn bulk_update_and_truncate_in_live_mode() {
     let out = run(&url, &["copy", "-m", MAPPING]).await;
     assert!(out.status.success(), "{}", stderr(&out));
     let mut c = connect(&url).await;
-    exec(&mut c, "UPDATE public.leads SET status = 'qualified', lead_score = 77 WHERE status <> 'lost'").await;
-    exec(&mut c, "UPDATE public.workshops SET owner_email = 'one@example.org'").await;
+    exec(
+        &mut c,
+        "UPDATE public.leads SET status = 'qualified', lead_score = 77 WHERE status <> 'lost'",
+    )
+    .await;
+    exec(
+        &mut c,
+        "UPDATE public.workshops SET owner_email = 'one@example.org'",
+    )
+    .await;
     assert_invariant(&url, MAPPING).await;
     // TRUNCATE fires no row trigger: the statement trigger re-derives everything it touches.
     exec(&mut c, "TRUNCATE public.chat_messages").await;
     assert_invariant(&url, MAPPING).await;
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM carbot_v2.chat_sessions").fetch_one(&mut c).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM carbot_v2.chat_sessions")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
     assert_eq!(n, 0);
 }
 
@@ -83,14 +109,18 @@ async fn kill_9_halfway_then_copy_again() {
     let mut c = connect(&url).await;
     let start = std::time::Instant::now();
     loop {
-        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM bluegreen.chunks WHERE state = 'done'")
-            .fetch_one(&mut c)
-            .await
-            .unwrap_or(0);
+        let done: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM bluegreen.chunks WHERE state = 'done'")
+                .fetch_one(&mut c)
+                .await
+                .unwrap_or(0);
         if done >= 5 {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "copy made no progress");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "copy made no progress"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     child.kill().unwrap();
@@ -99,7 +129,10 @@ async fn kill_9_halfway_then_copy_again() {
         .fetch_one(&mut c)
         .await
         .unwrap();
-    assert!(pending > 0 && done >= 5, "killed too late to test a resume ({pending} pending)");
+    assert!(
+        pending > 0 && done >= 5,
+        "killed too late to test a resume ({pending} pending)"
+    );
     let out = run(&url, &["copy", "-m", MAPPING, "--jobs", "2"]).await;
     stop.store(true, Ordering::Relaxed);
     w.await.unwrap();
@@ -107,7 +140,10 @@ async fn kill_9_halfway_then_copy_again() {
     assert_invariant(&url, MAPPING).await;
     // No duplicates: every green primary key once (the invariant is a multiset equality; this
     // names the failure more plainly).
-    let dups: i64 = sqlx::query_scalar("SELECT count(*) - count(DISTINCT id) FROM carbot_v2.leads").fetch_one(&mut c).await.unwrap();
+    let dups: i64 = sqlx::query_scalar("SELECT count(*) - count(DISTINCT id) FROM carbot_v2.leads")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
     assert_eq!(dups, 0);
 }
 
@@ -118,8 +154,14 @@ async fn two_copy_processes_share_the_work() {
     assert!(out.status.success(), "{}", stderr(&out));
     let ((a, b), _) = with_writer(&url, 4, async {
         tokio::join!(
-            run(&url, &["copy", "-m", MAPPING, "--jobs", "2", "--chunk-rows", "100"]),
-            run(&url, &["copy", "-m", MAPPING, "--jobs", "2", "--chunk-rows", "100"])
+            run(
+                &url,
+                &["copy", "-m", MAPPING, "--jobs", "2", "--chunk-rows", "100"]
+            ),
+            run(
+                &url,
+                &["copy", "-m", MAPPING, "--jobs", "2", "--chunk-rows", "100"]
+            )
         )
     })
     .await;
@@ -138,7 +180,15 @@ async fn green_contents(name: &str, args: &[&str]) -> Vec<String> {
     assert_invariant(&url, MAPPING).await;
     let mut c = connect(&url).await;
     let mut v = Vec::new();
-    for t in ["organizations", "workshops", "customers", "leads", "customer_vehicles", "chat_sessions", "chat_messages"] {
+    for t in [
+        "organizations",
+        "workshops",
+        "customers",
+        "leads",
+        "customer_vehicles",
+        "chat_sessions",
+        "chat_messages",
+    ] {
         let s: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM carbot_v2.{t} t"
         )))
@@ -153,8 +203,29 @@ async fn green_contents(name: &str, args: &[&str]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_and_engines_give_the_same_green() {
     let reference = green_contents("copy_j1", &["--jobs", "1", "--engine", "insert-select"]).await;
-    assert_eq!(reference, green_contents("copy_j4", &["--jobs", "4", "--chunk-rows", "250", "--engine", "insert-select"]).await);
-    assert_eq!(reference, green_contents("copy_c4", &["--jobs", "4", "--chunk-rows", "250", "--engine", "copy"]).await);
+    assert_eq!(
+        reference,
+        green_contents(
+            "copy_j4",
+            &[
+                "--jobs",
+                "4",
+                "--chunk-rows",
+                "250",
+                "--engine",
+                "insert-select"
+            ]
+        )
+        .await
+    );
+    assert_eq!(
+        reference,
+        green_contents(
+            "copy_c4",
+            &["--jobs", "4", "--chunk-rows", "250", "--engine", "copy"]
+        )
+        .await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,20 +236,38 @@ async fn a_write_green_rejects_still_commits_and_is_reported_then_retried() {
     let mut c = connect(&url).await;
     // green.leads has CHECK (lead_score BETWEEN 0 AND 100); blue has none.
     exec(&mut c, "UPDATE public.leads SET lead_score = 500 WHERE id = (SELECT min(id::text)::uuid FROM public.leads WHERE deleted_at IS NULL AND workshop_id IN (SELECT id FROM public.workshops))").await;
-    let score: i32 = sqlx::query_scalar("SELECT max(lead_score) FROM public.leads").fetch_one(&mut c).await.unwrap();
+    let score: i32 = sqlx::query_scalar("SELECT max(lead_score) FROM public.leads")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
     assert_eq!(score, 500, "the application's write must commit");
     let out = run(&url, &["status", "-m", MAPPING, "--format", "json"]).await;
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let failures = st["failures"].as_array().unwrap();
     assert_eq!(failures.len(), 1, "{st}");
     assert_eq!(failures[0]["table"], "leads");
-    assert!(failures[0]["error"].as_str().unwrap().contains("check"), "{st}");
+    assert!(
+        failures[0]["error"].as_str().unwrap().contains("check"),
+        "{st}"
+    );
     let out = run(&url, &["sync", "-m", MAPPING]).await;
-    assert_eq!(out.status.code(), Some(1), "sync must report the failure it cannot fix");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "sync must report the failure it cannot fix"
+    );
     // Fixed on blue: the next write re-derives the key and clears the failure.
-    exec(&mut c, "UPDATE public.leads SET lead_score = 50 WHERE lead_score = 500").await;
+    exec(
+        &mut c,
+        "UPDATE public.leads SET lead_score = 50 WHERE lead_score = 500",
+    )
+    .await;
     let out = run(&url, &["sync", "-m", MAPPING]).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert_invariant(&url, MAPPING).await;
 
     // A green-only column written on green survives a later re-derivation of its row.
@@ -219,9 +308,18 @@ async fn prepare_behind_a_long_transaction_retries_then_names_it() {
     let writes = app.await.unwrap();
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("error[lock-timeout]") && err.contains("public.workshops"), "{err}");
-    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut holder).await.unwrap();
-    assert!(err.contains(&format!("pid {pid}")), "the blocker is not named: {err}");
+    assert!(
+        err.contains("error[lock-timeout]") && err.contains("public.workshops"),
+        "{err}"
+    );
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut holder)
+        .await
+        .unwrap();
+    assert!(
+        err.contains(&format!("pid {pid}")),
+        "the blocker is not named: {err}"
+    );
     assert!(err.contains("retrying") || err.contains("attempt"), "{err}");
     assert!(writes > 0);
     exec(&mut holder, "ROLLBACK").await;
@@ -237,9 +335,16 @@ async fn ddl_on_blue_is_detected_and_refused() {
     let out = run(&url, &["prepare", "-m", MAPPING]).await;
     assert!(out.status.success(), "{}", stderr(&out));
     let mut c = connect(&url).await;
-    exec(&mut c, "ALTER TABLE public.leads ALTER COLUMN kunde_id TYPE varchar(200)").await;
+    exec(
+        &mut c,
+        "ALTER TABLE public.leads ALTER COLUMN kunde_id TYPE varchar(200)",
+    )
+    .await;
     let out = run(&url, &["copy", "-m", MAPPING]).await;
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("error[ddl-drift]") && err.contains("kunde_id"), "{err}");
+    assert!(
+        err.contains("error[ddl-drift]") && err.contains("kunde_id"),
+        "{err}"
+    );
 }

@@ -118,9 +118,14 @@ pub async fn invariant_violations(url: &str, mapping: &str) -> Vec<(String, i64)
     let cat = bluegreen::copy::load_catalog(&mut c, &m).await.unwrap();
     let mut out = Vec::new();
     for e in &m.tables {
-        let gt = cat.table(&bluegreen::sql::QName::new(&m.green, &e.name)).expect("green table");
+        let gt = cat
+            .table(&bluegreen::sql::QName::new(&m.green, &e.name))
+            .expect("green table");
         let sql = bluegreen::plan::query::invariant_diff(e, gt, &m.control_schema);
-        let n: i64 = sqlx::query_scalar(sql.assert_safe()).fetch_one(&mut c).await.unwrap();
+        let n: i64 = sqlx::query_scalar(sql.assert_safe())
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
         if n != 0 {
             out.push((e.name.clone(), n));
         }
@@ -137,7 +142,11 @@ pub async fn assert_invariant(url: &str, mapping: &str) {
 /// A simulated CarBot application: a second connection writing to every blue table the mapping
 /// reads (inserts, updates including key updates and moves between groups, deletes, bulk
 /// updates), deterministically from `seed`, until `stop` is set. Returns the statements run.
-pub async fn carbot_writer(url: String, seed: u64, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> u64 {
+pub async fn carbot_writer(
+    url: String,
+    seed: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> u64 {
     use std::sync::atomic::Ordering;
     let mut c = connect(&url).await;
     let mut i: u64 = 0;
@@ -145,7 +154,10 @@ pub async fn carbot_writer(url: String, seed: u64, stop: std::sync::Arc<std::syn
         i += 1;
         let k = seed * 1_000_000 + i;
         let sql = carbot_write(k, i);
-        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone())).execute(&mut c).await {
+        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+            .execute(&mut c)
+            .await
+        {
             panic!("application write failed (sync must never fail it): {e}\n{sql}");
         }
     }
@@ -154,9 +166,12 @@ pub async fn carbot_writer(url: String, seed: u64, stop: std::sync::Arc<std::syn
 
 /// The i-th write of the simulated application.
 pub fn carbot_write(k: u64, i: u64) -> String {
-    let some_lead = format!("(SELECT id FROM public.leads ORDER BY md5(id::text || '{k}') LIMIT 1)");
-    let some_workshop = format!("(SELECT id FROM public.workshops ORDER BY md5(id::text || '{k}') LIMIT 1)");
-    let some_customer = format!("(SELECT id FROM public.customers ORDER BY md5(id::text || '{k}') LIMIT 1)");
+    let some_lead =
+        format!("(SELECT id FROM public.leads ORDER BY md5(id::text || '{k}') LIMIT 1)");
+    let some_workshop =
+        format!("(SELECT id FROM public.workshops ORDER BY md5(id::text || '{k}') LIMIT 1)");
+    let some_customer =
+        format!("(SELECT id FROM public.customers ORDER BY md5(id::text || '{k}') LIMIT 1)");
     let statuses = ["new", "contacted", "qualified", "converted", "lost"];
     let status = statuses[(i % 5) as usize];
     match i % 14 {
