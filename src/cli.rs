@@ -109,7 +109,7 @@ pub struct PlanArgs {
 fn parse_duration_ms(s: &str) -> Result<u64, String> {
     crate::mapping::parse_duration(s)
         .map(|d| d.as_millis() as u64)
-        .ok_or_else(|| format!("`{s}` is not a duration: write 500ms, 2s or 1min"))
+        .ok_or_else(|| format!("`{s}` is not a positive duration: write 500ms, 2s or 1min"))
 }
 
 #[derive(Args, Debug)]

@@ -647,10 +647,11 @@ async fn copy_chunk(
         }
     }
     drop(stream);
-    if failed.is_none() && !buf.is_empty() {
-        if let Err(e) = sink.send(buf).await {
-            failed = Some(e);
-        }
+    if failed.is_none()
+        && !buf.is_empty()
+        && let Err(e) = sink.send(buf).await
+    {
+        failed = Some(e);
     }
     match failed {
         Some(e) => {

@@ -123,7 +123,11 @@ fn tokens(src: &str) -> Result<Vec<(usize, Tok)>, String> {
                 i += 1;
             }
             Tok::Other
-        } else if c.is_alphanumeric() || c == '_' || !c.is_ascii() {
+        } else if src[i..]
+            .chars()
+            .next()
+            .is_some_and(|ch| ch.is_alphanumeric() || ch == '_')
+        {
             while i < b.len() {
                 let ch = src[i..].chars().next().unwrap();
                 if ch.is_alphanumeric() || ch == '_' || ch == '$' {
@@ -137,7 +141,8 @@ fn tokens(src: &str) -> Result<Vec<(usize, Tok)>, String> {
                 quoted: false,
             }
         } else {
-            i += 1;
+            // Any other character, ASCII or not, is one token.
+            i += src[i..].chars().next().map_or(1, char::len_utf8);
             match c {
                 '(' => {
                     depth += 1;
@@ -362,6 +367,12 @@ mod tests {
                 Inner public.album a ON [a.id = t.album_id]"#]],
         );
         check("Leads L", expect_test::expect!["public.leads l"]);
+        check(
+            "public.customers c JOIN public.workshops w ON c.workshop_id = w.id — orphans dropped",
+            expect_test::expect![[r#"
+                public.customers c
+                Inner public.workshops w ON [c.workshop_id = w.id — orphans dropped]"#]],
+        );
     }
 
     #[test]

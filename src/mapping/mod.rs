@@ -598,7 +598,8 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         "h" => n * 3_600_000.0,
         _ => return None,
     };
-    (ms.is_finite() && ms >= 0.0).then(|| Duration::from_millis(ms as u64))
+    // 0 would mean "wait forever" to PostgreSQL: never accept it.
+    (ms.is_finite() && ms >= 1.0).then(|| Duration::from_millis(ms as u64))
 }
 
 #[cfg(test)]
@@ -612,5 +613,7 @@ mod tests {
         assert_eq!(parse_duration("1min"), Some(Duration::from_secs(60)));
         assert_eq!(parse_duration("100"), Some(Duration::from_millis(100)));
         assert_eq!(parse_duration("2 parsecs"), None);
+        assert_eq!(parse_duration("0"), None);
+        assert_eq!(parse_duration("0.5ms"), None);
     }
 }

@@ -162,15 +162,45 @@ pub fn plain_column_of<'a>(expr: &'a str, alias: &str) -> Option<&'a str> {
 
 /// `alias.column::type` or `CAST(alias.column AS type)`: a column read through a cast.
 fn cast_of<'a>(expr: &'a str, alias: &str) -> Option<&'a str> {
+    // The whole expression must be the cast: a type name, optionally with a modifier or [].
+    let is_type = |t: &str| {
+        let t = t.trim();
+        let base = t.trim_end_matches("[]");
+        let base = match base.split_once('(') {
+            Some((b, rest)) => {
+                if !rest.ends_with(')')
+                    || !rest[..rest.len() - 1]
+                        .chars()
+                        .all(|c| c.is_ascii_digit() || c == ',' || c == ' ')
+                {
+                    return false;
+                }
+                b
+            }
+            None => base,
+        };
+        !base.is_empty()
+            && base.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == ' ' || c == '.'
+            })
+    };
     let e = expr.trim();
-    if let Some((inner, _ty)) = e.split_once("::") {
-        return plain_column_of(inner, alias);
+    if let Some((inner, ty)) = e.split_once("::") {
+        return if is_type(ty) {
+            plain_column_of(inner, alias)
+        } else {
+            None
+        };
     }
     let lower = e.to_ascii_lowercase();
     if lower.starts_with("cast(") && e.ends_with(')') {
         let inner = &e[5..e.len() - 1];
         let pos = inner.to_ascii_lowercase().find(" as ")?;
-        return plain_column_of(&inner[..pos], alias);
+        return if is_type(&inner[pos + 4..]) {
+            plain_column_of(&inner[..pos], alias)
+        } else {
+            None
+        };
     }
     None
 }
@@ -286,6 +316,13 @@ pub fn static_checks(m: &Mapping, cat: &Catalog) -> Vec<Diagnostic> {
                                 .table(&e.name)
                                 .column(col)
                                 .hint("a sync key column must be mapped, so green rows can be found by it"),
+                        ),
+                        Some(c) if c.value_map.is_some() => out.push(
+                            Diagnostic::error("bad-sync-key", format!("sync key column {col} is mapped through `map`: green holds the mapped values, not `{expr}`"))
+                                .at(Some(c.span.clone()))
+                                .table(&e.name)
+                                .column(col)
+                                .hint("use a column mapped by a plain expression as the sync key"),
                         ),
                         Some(c) if normalize(&c.expr.text) != normalize(expr) => out.push(
                             Diagnostic::error(
@@ -666,7 +703,11 @@ pub fn chunk_key(e: &TableEntry, bt: &catalog::Table, sync: &[(String, String)])
         return first.clone();
     }
     match &bt.primary_key {
-        Some(pk) => format!("{alias}.{}", pk.columns[0]),
+        Some(pk) => format!(
+            "{}.{}",
+            crate::sql::Ident::new(alias),
+            crate::sql::Ident::new(&pk.columns[0])
+        ),
         None => "ctid (physical ranges)".into(),
     }
 }

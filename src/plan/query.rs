@@ -91,14 +91,29 @@ pub fn mapping_select(
     control: &str,
     shape: &Shape,
 ) -> Sql {
-    let cols = entry.columns.iter().filter_map(|c| {
-        let gc = green.column(&c.name)?;
-        Some(format!(
-            "{} AS {}",
-            column_sql(entry, c, gc, control, shape.lenient),
-            Ident::new(&c.name)
-        ))
-    });
+    mapping_select_extra(entry, green, control, shape, &[])
+}
+
+/// [`mapping_select`] with extra select-list items appended (profiling adds raw values).
+pub fn mapping_select_extra(
+    entry: &TableEntry,
+    green: &catalog::Table,
+    control: &str,
+    shape: &Shape,
+    extra: &[String],
+) -> Sql {
+    let cols = entry
+        .columns
+        .iter()
+        .filter_map(|c| {
+            let gc = green.column(&c.name)?;
+            Some(format!(
+                "{} AS {}",
+                column_sql(entry, c, gc, control, shape.lenient),
+                Ident::new(&c.name)
+            ))
+        })
+        .chain(extra.iter().cloned());
     Sql(format!(
         "SELECT {} FROM {}{}{}",
         join(cols, ", "),

@@ -53,7 +53,7 @@ pub fn capture_triggers(m: &Mapping, x: &QName, n: usize) -> Vec<crate::sql::Sql
     .iter()
     .map(|(ev, event, refs)| {
         crate::sql::Sql(format!(
-            "DROP TRIGGER IF EXISTS {t} ON {x}; CREATE TRIGGER {t} AFTER {event} ON {x} {refs}FOR EACH STATEMENT EXECUTE FUNCTION {f}()",
+            "CREATE OR REPLACE TRIGGER {t} AFTER {event} ON {x} {refs}FOR EACH STATEMENT EXECUTE FUNCTION {f}()",
             t = Ident::new(names::sync_trigger(ev))
         ))
     })
@@ -281,18 +281,68 @@ pub fn all(m: &Mapping, cat: &Catalog, s: &EffectiveSettings) -> Vec<Step> {
     // cutover
     let blue_list = join(blue_read.iter(), ", ");
     let db = Ident::new(&cat.server.database);
-    let new_path = format!(
-        "{}, \"$user\", {}",
-        Ident::new(&m.green),
-        Ident::new(&m.blue)
-    );
+    let db_previous = cat
+        .search_path_settings
+        .iter()
+        .find(|s| s.role.is_none() && s.in_this_database)
+        .map(|s| s.search_path.clone());
+    let green_first = |previous: &str| {
+        let rest = requote_search_path(previous);
+        if rest.is_empty() {
+            Ident::new(&m.green).to_string()
+        } else {
+            format!("{}, {rest}", Ident::new(&m.green))
+        }
+    };
+    let mut flip = vec![format!(
+        "ALTER DATABASE {db} SET search_path = {}",
+        green_first(db_previous.as_deref().unwrap_or("\"$user\", public"))
+    )];
+    let mut restore = vec![match &db_previous {
+        Some(p) => format!(
+            "ALTER DATABASE {db} SET search_path = {}",
+            requote_search_path(p)
+        ),
+        None => format!("ALTER DATABASE {db} RESET search_path"),
+    }];
+    // A role's own setting overrides the database's: flip each, keeping its other schemas, and
+    // restore each on rollback (a role-wide setting gets an in-database override, reset after).
+    for sp in cat.search_path_settings.iter().filter(|s| s.role.is_some()) {
+        let r = Ident::new(sp.role.as_deref().unwrap_or_default());
+        flip.push(format!(
+            "ALTER ROLE {r} IN DATABASE {db} SET search_path = {}",
+            green_first(&sp.search_path)
+        ));
+        restore.push(if sp.in_this_database {
+            format!(
+                "ALTER ROLE {r} IN DATABASE {db} SET search_path = {}",
+                requote_search_path(&sp.search_path)
+            )
+        } else {
+            format!("ALTER ROLE {r} IN DATABASE {db} RESET search_path")
+        });
+    }
+    // Generated keys: green sequences continue past every id sync wrote since the copy.
+    let mut seqs = Vec::new();
+    for seq in cat.sequences.iter().filter(|s| s.name.schema == m.green) {
+        if let Some((owner, col)) = &seq.owner
+            && m.entry(&owner.name).and_then(|e| e.column(col)).is_some()
+        {
+            seqs.push(format!(
+                "SELECT setval({}, greatest((SELECT max({}) FROM {owner}), 1))",
+                Literal::new(seq.name.to_string()),
+                Ident::new(col)
+            ));
+        }
+    }
     out.push(step(
         "cutover",
         "fence blue writes (reads go on), finish sync, flip search_path: one short transaction",
         format!(
-            "BEGIN;\n{lt};\nLOCK TABLE {blue_list} IN EXCLUSIVE MODE;\n-- final catch-up of the change log (normally empty in live mode)\n-- reverse triggers installed on the green tables ({});\nALTER DATABASE {db} SET search_path = {new_path};{}\nUPDATE {} SET phase = 'cut_over', previous_search_path = $1, updated_at = now() WHERE migration = {};\nCOMMIT",
+            "BEGIN;\n{lt};\nLOCK TABLE {blue_list} IN EXCLUSIVE MODE;\n-- final catch-up of the change log (normally empty in live mode)\n-- reverse triggers installed on the green tables ({});\n{}{};\nUPDATE {} SET phase = 'cut_over', previous_search_path = $1, updated_at = now() WHERE migration = {};\nCOMMIT",
             green_tables.iter().map(|q| q.display()).collect::<Vec<_>>().join(", "),
-            role_settings(cat, &db, &new_path),
+            seqs.iter().map(|s| format!("{s};\n")).collect::<String>(),
+            flip.join(";\n"),
             QName::new(control, "runs"),
             Literal::new(&m.migration)
         ),
@@ -301,43 +351,18 @@ pub fn all(m: &Mapping, cat: &Catalog, s: &EffectiveSettings) -> Vec<Step> {
 
     // rollback
     let green_list = join(green_tables.iter(), ", ");
-    let previous = cat
-        .search_path_settings
-        .iter()
-        .find(|s| s.role.is_none() && s.in_this_database)
-        .map(|s| {
-            format!(
-                "ALTER DATABASE {db} SET search_path = {}",
-                requote_search_path(&s.search_path)
-            )
-        })
-        .unwrap_or_else(|| format!("ALTER DATABASE {db} RESET search_path"));
     out.push(step(
         "rollback",
         "fence green writes, finish reverse sync, restore the previous search_path",
         format!(
-            "BEGIN;\n{lt};\nLOCK TABLE {green_list} IN EXCLUSIVE MODE;\n-- final reverse catch-up: blue rebuilt from green for invertible tables\n{previous};\nUPDATE {} SET phase = 'rolled_back', updated_at = now() WHERE migration = {};\nCOMMIT",
+            "BEGIN;\n{lt};\nLOCK TABLE {green_list} IN EXCLUSIVE MODE;\n-- final reverse catch-up: blue rebuilt from green for invertible tables\n{};\nUPDATE {} SET phase = 'rolled_back', updated_at = now() WHERE migration = {};\nCOMMIT",
+            restore.join(";\n"),
             QName::new(control, "runs"),
             Literal::new(&m.migration)
         ),
         format!("EXCLUSIVE on {} (writes wait, reads go on; {retry})", green_tables.iter().map(QName::display).collect::<Vec<_>>().join(", ")),
     ));
     out
-}
-
-/// `ALTER ROLE ... IN DATABASE ... SET search_path` for each role whose own setting would
-/// override the database's.
-fn role_settings(cat: &Catalog, db: &Ident, new_path: &str) -> String {
-    cat.search_path_settings
-        .iter()
-        .filter_map(|s| s.role.as_ref())
-        .map(|r| {
-            format!(
-                "\nALTER ROLE {} IN DATABASE {db} SET search_path = {new_path};",
-                Ident::new(r)
-            )
-        })
-        .collect()
 }
 
 /// A stored `search_path` value (`"$user", public`) re-rendered element by element through the

@@ -213,7 +213,7 @@ fn steps_lock_blue_tables_only_briefly_and_under_lock_timeout() {
         .find(|s| s.what == "capture changes on public.customers")
         .unwrap();
     assert!(capture.sql.starts_with("SET lock_timeout = '2000ms'"));
-    assert_eq!(capture.sql.matches("CREATE TRIGGER").count(), 4);
+    assert_eq!(capture.sql.matches("CREATE OR REPLACE TRIGGER").count(), 4);
     assert!(
         capture
             .lock

@@ -64,6 +64,7 @@ struct Probe<'a> {
     conn: &'a mut PgConnection,
     m: &'a Mapping,
     diags: Vec<Diagnostic>,
+    lock_timeout_ms: u64,
 }
 
 /// Run every check in one transaction and roll it back.
@@ -78,6 +79,7 @@ pub async fn run(
         conn: &mut tx,
         m,
         diags: Vec::new(),
+        lock_timeout_ms,
     }
     .run(lock_timeout_ms, profile)
     .await;
@@ -101,6 +103,7 @@ pub fn transaction_control(sql: &str) -> Option<(usize, String)> {
     let mut i = 0;
     let mut stmt_start = true;
     let mut line = 1;
+    let mut atomic = 0usize;
     while i < b.len() {
         let c = b[i];
         if c == b'\n' {
@@ -124,10 +127,15 @@ pub fn transaction_control(sql: &str) -> Option<(usize, String)> {
             continue;
         }
         if c == b'\'' || c == b'"' {
+            // E'...' strings take backslash escapes; standard strings and identifiers do not.
+            let escapes = c == b'\'' && i > 0 && (b[i - 1] == b'E' || b[i - 1] == b'e');
             i += 1;
             while i < b.len() && b[i] != c {
                 if b[i] == b'\n' {
                     line += 1;
+                }
+                if escapes && b[i] == b'\\' {
+                    i += 1;
                 }
                 i += 1;
             }
@@ -162,6 +170,24 @@ pub fn transaction_control(sql: &str) -> Option<(usize, String)> {
                 .map(|e| i + e)
                 .unwrap_or(sql.len());
             let word = sql[i..end].to_ascii_uppercase();
+            // `BEGIN ATOMIC ... END` is a function body (SQL-standard syntax), not a transaction.
+            if word == "BEGIN"
+                && sql[end..]
+                    .trim_start()
+                    .to_ascii_uppercase()
+                    .starts_with("ATOMIC")
+            {
+                atomic += 1;
+                stmt_start = false;
+                i = end;
+                continue;
+            }
+            if word == "END" && atomic > 0 {
+                atomic -= 1;
+                stmt_start = false;
+                i = end;
+                continue;
+            }
             if [
                 "BEGIN",
                 "COMMIT",
@@ -336,6 +362,19 @@ impl Probe<'_> {
         } else {
             self.green_ddl().await?;
             green_ddl_ran = true;
+            let still_open: bool =
+                sqlx::query_scalar("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
+                    .fetch_one(&mut *self.conn)
+                    .await
+                    .map_err(db_diag)?;
+            if !still_open {
+                return Err(Diagnostic::error(
+                    "green-ddl-transaction",
+                    "green_ddl ended bluegreen's transaction (a COMMIT or ROLLBACK in the file): what it created before that point WAS committed",
+                )
+                .at(Some(m.green_ddl_span.clone()))
+                .hint(format!("drop the schemas it created ({} and {}), remove transaction control from the file, and run plan again", m.green, m.control_schema)));
+            }
         }
         let cat = catalog::load(self.conn, &[&m.blue, &m.green])
             .await
@@ -437,9 +476,33 @@ impl Probe<'_> {
                     ),
             );
         }
-        self.exec(&Sql("SET LOCAL search_path = pg_catalog".into()))
-            .await
-            .map_err(db_diag)?;
+        // The file may have changed session settings (pg_dump output sets lock_timeout = 0): pin
+        // them again. And it must not have locked anything outside green and the control schema
+        // (a REFERENCES to a blue table would hold SHARE ROW EXCLUSIVE on it for the whole plan).
+        self.exec(&Sql(format!(
+            "SET LOCAL lock_timeout = '{}ms'; SET LOCAL statement_timeout = 0; SET LOCAL search_path = pg_catalog",
+            self.lock_timeout_ms
+        )))
+        .await
+        .map_err(db_diag)?;
+        let foreign: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT format('%s (%s)', l.relation::regclass, l.mode) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE l.pid = pg_backend_pid() AND l.locktype = 'relation' AND l.mode NOT IN ('AccessShareLock') AND c.relkind IN ('r', 'p')
+               AND n.nspname NOT IN ($1, $2, 'pg_catalog', 'pg_toast') AND n.nspname NOT LIKE 'pg\\_temp%'",
+        )
+        .bind(&m.green)
+        .bind(&m.control_schema)
+        .fetch_all(&mut *self.conn)
+        .await
+        .map_err(db_diag)?;
+        if !foreign.is_empty() {
+            return Err(Diagnostic::error(
+                "green-ddl-locks-blue",
+                format!("green_ddl takes locks on tables outside the green schema: {}", foreign.join(", ")),
+            )
+            .at(Some(m.green_ddl_span.clone()))
+            .hint("green must not reference blue tables (foreign keys to blue block the application's writes while they are created); keep green self-contained"));
+        }
         Ok(())
     }
 
@@ -537,30 +600,56 @@ impl Probe<'_> {
         let mut facts = EntryFacts::default();
         let mut ok = true;
 
-        // from + where
-        let base = Sql(format!(
-            "SELECT 1 FROM {}{}",
-            e.from_clause.render(),
-            query::where_clause(e, &[])
-        ));
-        if let Err(err) = self.compile(&base).await {
-            let (text, span) = match (&e.where_, pg_err(&err).map(|p| p.message().to_string())) {
-                (Some(w), Some(msg)) if msg.contains("WHERE") || msg.contains("boolean") => {
-                    (w.text.clone(), w.span.clone())
-                }
-                _ => (e.from.text.clone(), e.from.span.clone()),
-            };
-            let d = self.expr_error(&err, e, None, &text, &span, usize::MAX, cat);
+        // from alone, then with where: an error is reported where it is.
+        let from_only = Sql(format!("SELECT 1 FROM {}", e.from_clause.render()));
+        if let Err(err) = self.compile(&from_only).await {
+            let d = self.expr_error(&err, e, None, &e.from.text, &e.from.span, usize::MAX, cat);
             self.diags.push(d);
             return Ok(facts);
         }
-        // group_by expressions
+        if let Some(w) = &e.where_ {
+            let prefix = format!("SELECT 1 FROM {} WHERE (", e.from_clause.render());
+            let sql = Sql(format!("{prefix}{})", w.text));
+            if let Err(err) = self.compile(&sql).await {
+                let d =
+                    self.expr_error(&err, e, None, &w.text, &w.span, prefix.chars().count(), cat);
+                self.diags.push(d);
+                return Ok(facts);
+            }
+        }
+        // group_by expressions; when one fails, every column would fail with it: stop here.
         for g in &e.group_by {
             let (sql, off) = query::expr_probe(e, &g.text);
             if let Err(err) = self.compile(&sql).await {
                 let d = self.expr_error(&err, e, None, &g.text, &g.span, off, cat);
                 self.diags.push(d);
                 ok = false;
+            }
+        }
+        if !ok {
+            return Ok(facts);
+        }
+        // The sync key must be computable from a single driving row (it selects rows in WHERE
+        // clauses): no aggregate, whether given or inferred from the green primary key.
+        if let Some((keys, _)) = crate::plan::sync_key(e, gt) {
+            for (col, x) in &keys {
+                let prefix = format!("SELECT 1 FROM {} WHERE (", e.from_clause.render());
+                let sql = Sql(format!("{prefix}{}) IS NOT NULL", x));
+                if let Err(err) = self.compile(&sql).await {
+                    let span = e
+                        .sync_key
+                        .as_ref()
+                        .and_then(|sk| sk.iter().find(|(c, _)| c == col))
+                        .map(|(_, l)| l.span.clone())
+                        .or_else(|| e.column(col).map(|c| c.expr.span.clone()))
+                        .unwrap_or_else(|| e.span.clone());
+                    let mut d =
+                        self.expr_error(&err, e, Some(col), x, &span, prefix.chars().count(), cat);
+                    d.code = "bad-sync-key";
+                    d.hint = Some("a sync key is computed from one driving row (no aggregate): use a group_by expression".into());
+                    self.diags.push(d);
+                    ok = false;
+                }
             }
         }
         // each column: the expression alone, then its assignment to the green column
@@ -804,18 +893,13 @@ impl Probe<'_> {
             .iter()
             .map(|c| Ident::new(*c).to_string())
             .collect();
+        let raw_list: Vec<String> = raw_cols
+            .iter()
+            .map(|(i, c)| format!("{}::text AS bluegreen_raw_{i}", Expr(&c.expr.text)))
+            .collect();
+        insert_cols.extend(raw_cols.iter().map(|(i, _)| format!("bluegreen_raw_{i}")));
         let select = query::mapping_select(e, gt, &m.control_schema, &shape);
-        let mut select_sql = select.0.clone();
-        if !raw_cols.is_empty() {
-            // Append the raw values to the select list (before FROM).
-            let raw_list: Vec<String> = raw_cols
-                .iter()
-                .map(|(_, c)| format!("{}::text", Expr(&c.expr.text)))
-                .collect();
-            let from_pos = select_sql.find(" FROM ").expect("select has FROM");
-            select_sql.insert_str(from_pos, &format!(", {}", raw_list.join(", ")));
-            insert_cols.extend(raw_cols.iter().map(|(i, _)| format!("bluegreen_raw_{i}")));
-        }
+        let select_sql = query::mapping_select_extra(e, gt, &m.control_schema, &shape, &raw_list).0;
         let create = Sql(format!(
             "CREATE TEMP TABLE bluegreen_profile ({}) ON COMMIT DROP;\nINSERT INTO bluegreen_profile ({}) {select_sql}",
             defs.join(", "),

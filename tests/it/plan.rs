@@ -148,6 +148,7 @@ async fn invalid_mappings_fail_with_located_errors() {
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
         .collect();
     files.sort();
     assert!(files.len() >= 15, "fixtures missing");
