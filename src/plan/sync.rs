@@ -296,7 +296,12 @@ impl SyncEntry<'_> {
                         .column(c)
                         .map(|g| g.type_sql.as_str())
                         .unwrap_or("");
-                    format!("m.{0}::{ty} = t.{0}", Ident::new(c))
+                    let nullable = self.green.column(c).is_none_or(|g| !g.not_null);
+                    if nullable {
+                        format!("m.{0}::{ty} IS NOT DISTINCT FROM t.{0}", Ident::new(c))
+                    } else {
+                        format!("m.{0}::{ty} = t.{0}", Ident::new(c))
+                    }
                 }),
                 " AND "
             )

@@ -2,4 +2,5 @@
 
 mod copy;
 mod plan;
+mod shapes;
 mod support;
