@@ -257,7 +257,7 @@ pub async fn chinook_writer(
                 "INSERT INTO public.track (track_id, name, album_id, media_type_id, genre_id, milliseconds, unit_price) VALUES ({}, 'New {k}', {}, 1, {}, {}, 0.99)",
                 100_000 + k,
                 1 + k % 340,
-                if k % 3 == 0 {
+                if k.is_multiple_of(3) {
                     "NULL".to_string()
                 } else {
                     (1 + k % 25).to_string()
