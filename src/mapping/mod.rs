@@ -156,6 +156,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Mapping, Rejected> {
         .map_err(|e| Rejected(vec![yaml_error(path, source, &e)]))?;
     Converter {
         path,
+        source,
         diags: Vec::new(),
     }
     .convert(raw, source)
@@ -273,6 +274,7 @@ fn backticked(msg: &str, prefix: &str) -> Option<String> {
 
 struct Converter<'a> {
     path: &'a Path,
+    source: &'a str,
     diags: Vec<Diagnostic>,
 }
 
@@ -286,6 +288,24 @@ impl Converter<'_> {
             span: self.span(s),
         }
     }
+    /// A plain (unquoted) scalar exactly as written in the file: YAML would read `01067` as the
+    /// number 1067, `1.10` as 1.1 and `yes` as true, which must not change a value-map entry.
+    fn as_written(&self, loc: &serde_saphyr::Location, parsed: String) -> String {
+        let span = loc.span();
+        let (Some(off), Some(len)) = (span.byte_offset(), span.byte_len()) else {
+            return parsed;
+        };
+        let Some(raw) = self.source.get(off as usize..(off + len) as usize) else {
+            return parsed;
+        };
+        let raw = raw.trim();
+        if raw.is_empty() || raw.starts_with(['\'', '"', '|', '>', '&', '*', '!']) {
+            parsed
+        } else {
+            raw.to_string()
+        }
+    }
+
     fn err(&mut self, d: Diagnostic) {
         self.diags.push(d);
     }
@@ -494,9 +514,14 @@ impl Converter<'_> {
                         .value
                         .0
                         .into_iter()
-                        .map(|(bk, gv)| (bk.value.0, gv.value.map(|s| s.0)))
+                        .map(|(bk, gv)| {
+                            let key = self.as_written(&bk.referenced, bk.value.0);
+                            let value = gv.value.map(|v| self.as_written(&gv.referenced, v.0));
+                            (key, value)
+                        })
                         .collect();
-                    let default = default.map(|d| d.value.map(|s| s.0));
+                    let default =
+                        default.map(|d| d.value.map(|v| self.as_written(&d.referenced, v.0)));
                     (self.located(&expr), Some(ValueMap { entries, default }))
                 }
             };
@@ -613,6 +638,22 @@ mod tests {
         assert_eq!(parse_duration("1min"), Some(Duration::from_secs(60)));
         assert_eq!(parse_duration("100"), Some(Duration::from_millis(100)));
         assert_eq!(parse_duration("2 parsecs"), None);
+    }
+
+    #[test]
+    fn value_map_scalars_are_kept_as_written() {
+        let src = "migration: m\ngreen: v2\ngreen_ddl: Cargo.toml\ntables:\n  t:\n    from: a x\n    columns:\n      zip:\n        expr: x.zip\n        map: { 01067: Dresden, 1.10: '1.10', yes: on }\n        default: 007\n";
+        let m = parse(std::path::Path::new("x.yaml"), src).unwrap_or_else(|e| panic!("{e}"));
+        let vm = m.tables[0].columns[0].value_map.clone().unwrap();
+        assert_eq!(
+            vm.entries,
+            vec![
+                ("01067".to_string(), Some("Dresden".to_string())),
+                ("1.10".to_string(), Some("1.10".to_string())),
+                ("yes".to_string(), Some("on".to_string())),
+            ]
+        );
+        assert_eq!(vm.default, Some(Some("007".to_string())));
         assert_eq!(parse_duration("0"), None);
         assert_eq!(parse_duration("0.5ms"), None);
     }

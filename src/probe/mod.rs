@@ -58,6 +58,10 @@ const TIME_OR_IDENTITY: &[&str] = &[
     "pg_backend_pid",
     "txid_current",
     "pg_current_xact_id",
+    "age",
+    "timeofday",
+    "pg_postmaster_start_time",
+    "pg_conf_load_time",
 ];
 
 struct Probe<'a> {
@@ -94,6 +98,14 @@ fn db_diag(e: sqlx::Error) -> Diagnostic {
 
 fn pg_err(e: &sqlx::Error) -> Option<&PgDatabaseError> {
     e.as_database_error()?.try_downcast_ref::<PgDatabaseError>()
+}
+
+/// `'now'`, `'today'`, `'tomorrow'`, `'yesterday'` as a string literal in an expression.
+fn special_datetime_literal(expr: &str) -> Option<&'static str> {
+    let lower = expr.to_ascii_lowercase();
+    ["now", "today", "tomorrow", "yesterday"]
+        .into_iter()
+        .find(|w| lower.contains(&format!("'{w}'")))
 }
 
 /// A statement from `green_ddl` that would end bluegreen's transaction. Quoted strings, dollar
@@ -754,6 +766,13 @@ impl Probe<'_> {
             if sqlvalue {
                 flagged.push("CURRENT_DATE / CURRENT_TIMESTAMP / CURRENT_USER depend on the clock or the session".to_string());
             }
+            // Special date/time input strings are folded into constants when the statement is
+            // parsed, so no function shows in the query tree: look for them in the text.
+            if let Some(word) = special_datetime_literal(&sql_expr) {
+                flagged.push(format!(
+                    "'{word}' is read as the current date or time when the statement is parsed"
+                ));
+            }
             for r in rows {
                 let kind: String = r.try_get("kind")?;
                 let schema: String = r.try_get("schema")?;
@@ -787,6 +806,14 @@ impl Probe<'_> {
                         flagged.push(format!("{schema}.{name}() is VOLATILE"));
                     } else if schema == "pg_catalog" && TIME_OR_IDENTITY.contains(&name.as_str()) {
                         flagged.push(format!("{name}() depends on the clock or the session"));
+                    } else if schema != "pg_catalog" && v == "s" {
+                        self.diags.push(
+                            Diagnostic::warning("stable-function", format!("{schema}.{name}() is STABLE: if it reads tables, sync cannot follow changes to them"))
+                                .at(Some(span.clone()))
+                                .table(&e.name)
+                                .maybe_col(col)
+                                .hint("declare the tables it reads in `from` and inline the logic, or mark the function IMMUTABLE if it reads none"),
+                        );
                     }
                 }
             }
