@@ -46,6 +46,13 @@ pub enum Command {
     Sync(StatusArgs),
     /// Phase, per-table progress, change-log backlog, sync failures, recent events.
     Status(StatusArgs),
+    /// Prove green = M(blue) in one snapshot, locate every difference, run the checks file, and
+    /// write a sign-off report.
+    ///
+    /// Exit 0 when every table matches and every check passes, 1 when anything differs or fails
+    /// (a one-screen summary names each table and the first keys), 2 on error. Values in the
+    /// report are masked unless --show-values.
+    Validate(ValidateArgs),
 }
 
 /// Flags every command that talks to a database shares.
@@ -154,6 +161,30 @@ pub struct StatusArgs {
     #[command(flatten)]
     pub common: Common,
     /// Output format (text or json).
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+#[derive(Args, Debug)]
+pub struct ValidateArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Write report.md, report.json, tables.csv and differences.csv into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<std::path::PathBuf>,
+    /// Parallel workers sharing the snapshot (overrides settings.jobs).
+    #[arg(long)]
+    pub jobs: Option<u32>,
+    /// Rows per compared chunk (overrides settings.chunk_rows).
+    #[arg(long)]
+    pub chunk_rows: Option<u64>,
+    /// Differences listed at most (totals are always complete).
+    #[arg(long, default_value_t = 100)]
+    pub max_diffs: usize,
+    /// Show the differing values (masked by default: reports travel).
+    #[arg(long)]
+    pub show_values: bool,
+    /// Output on stdout: the summary (text) or the whole report (json).
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
 }

@@ -18,3 +18,4 @@ pub mod probe;
 pub mod sql;
 pub mod state;
 pub mod sync;
+pub mod validate;

@@ -27,6 +27,7 @@ fn main() -> ExitCode {
             Command::Copy(a) => cmd::run::copy(a).await,
             Command::Sync(a) => cmd::run::sync(a).await,
             Command::Status(a) => cmd::run::status(a).await,
+            Command::Validate(a) => cmd::run::validate(a).await,
         }
     });
     match result {

@@ -51,6 +51,17 @@ CREATE TABLE IF NOT EXISTS {control}.sync_failures (
     failed_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (migration, green_table, sync_key)
 );
+CREATE TABLE IF NOT EXISTS {control}.validations (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    migration      text NOT NULL,
+    at             timestamptz NOT NULL DEFAULT now(),
+    who            text NOT NULL DEFAULT current_user,
+    passed         boolean NOT NULL,
+    mapping_digest text NOT NULL,
+    report_digest  text NOT NULL,
+    snapshot_lsn   text,
+    summary        jsonb NOT NULL
+);
 CREATE TABLE IF NOT EXISTS {control}.events (
     id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     migration text NOT NULL,
