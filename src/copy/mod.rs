@@ -98,7 +98,7 @@ async fn prepare_locked(
     exec(
         conn,
         &Sql(format!(
-            "INSERT INTO {runs} (migration, mapping_digest, phase, blue_schema, green_schema) VALUES ({}, {}, 'new', {}, {}) ON CONFLICT (migration) DO NOTHING",
+            "INSERT INTO {runs} (migration, mapping_digest, phase, blue_schema, green_schema) VALUES ({}, {}, 'new', {}, {}) ON CONFLICT (migration) DO UPDATE SET mapping_digest = EXCLUDED.mapping_digest",
             Literal::new(&m.migration),
             Literal::new(m.digest()),
             Literal::new(&m.blue),
@@ -168,6 +168,10 @@ async fn prepare_locked(
         tx.commit().await.map_err(db)?;
     }
 
+    // The mapping must fit the catalog before anything touches blue (plan checks much more).
+    let cat = load_catalog(conn, m).await?;
+    static_gate(m, &cat)?;
+
     // Capture: a trigger per event on every blue table read, under lock_timeout with retry.
     for (n, x) in m.blue_tables_read().iter().enumerate() {
         exec(conn, &crate::plan::sync::capture_trigger_function(m, n)).await?;
@@ -195,6 +199,17 @@ async fn prepare_locked(
     .await?;
     state::event(conn, m, "prepare", "done", serde_json::json!({})).await?;
     Ok(())
+}
+
+/// Refuse a mapping that does not fit the catalog (names, keys), before any work.
+fn static_gate(m: &Mapping, cat: &Catalog) -> Result<(), Diagnostic> {
+    match crate::plan::static_checks(m, cat)
+        .into_iter()
+        .find(|d| d.is_error())
+    {
+        Some(d) => Err(d.hint_or("run `bluegreen plan` for every finding")),
+        None => Ok(()),
+    }
 }
 
 /// One planned chunk of one entry.
@@ -426,6 +441,7 @@ pub async fn copy(url: &str, m: &Mapping, o: &Options) -> Result<(), Diagnostic>
     }
     locking::try_runner_lock(&mut conn, &m.migration, false).await?;
     let cat = Arc::new(load_catalog(&mut conn, m).await?);
+    static_gate(m, &cat)?;
     if phase == "prepared" {
         state::set_phase(&mut conn, m, "copying").await?;
         state::event(

@@ -284,9 +284,13 @@ impl Converter<'_> {
     }
     fn located(&self, s: &Spanned<Scalar>) -> Located {
         Located {
-            text: s.value.0.trim().to_string(),
+            text: self.text(s).trim().to_string(),
             span: self.span(s),
         }
+    }
+    /// A scalar's text as written (YAML reads the key `n` as false and `on` as true).
+    fn text(&self, s: &Spanned<Scalar>) -> String {
+        self.as_written(&s.referenced, s.value.0.clone())
     }
     /// A plain (unquoted) scalar exactly as written in the file: YAML would read `01067` as the
     /// number 1067, `1.10` as 1.1 and `yes` as true, which must not change a value-map entry.
@@ -311,7 +315,7 @@ impl Converter<'_> {
     }
 
     fn name(&mut self, s: &Spanned<Scalar>, what: &str) -> String {
-        let v = s.value.0.clone();
+        let v = self.text(s);
         let ok = !v.is_empty()
             && v.len() <= 63
             && v.chars()
@@ -506,7 +510,7 @@ impl Converter<'_> {
                             Diagnostic::error("empty-map", "`map:` is empty")
                                 .at(Some(self.span(&map)))
                                 .table(&name)
-                                .column(&k.value.0)
+                                .column(self.text(&k))
                                 .hint("list `blue value: green value` pairs"),
                         );
                     }
@@ -530,11 +534,11 @@ impl Converter<'_> {
                     Diagnostic::error("empty-expression", "empty expression")
                         .at(Some(expr.span.clone()))
                         .table(&name)
-                        .column(&k.value.0),
+                        .column(self.text(&k)),
                 );
             }
             columns.push(Column {
-                name: k.value.0,
+                name: self.text(&k),
                 span: col_span,
                 expr,
                 value_map,
@@ -552,7 +556,7 @@ impl Converter<'_> {
             sk.value
                 .0
                 .iter()
-                .map(|(k, v)| (k.value.0.clone(), self.located(v)))
+                .map(|(k, v)| (self.text(k), self.located(v)))
                 .collect()
         });
         let reverse = match raw.reverse.map(|r| r.value) {
@@ -561,7 +565,7 @@ impl Converter<'_> {
             Some(RawReverse::Columns(cols)) => Reverse::Columns(
                 cols.0
                     .iter()
-                    .map(|(k, v)| (k.value.0.clone(), self.located(v)))
+                    .map(|(k, v)| (self.text(k), self.located(v)))
                     .collect(),
             ),
         };

@@ -24,7 +24,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use sqlx::{Connection, PgConnection};
+use sqlx::PgConnection;
 
 use crate::diag::Diagnostic;
 use crate::sql::Sql;
@@ -130,27 +130,65 @@ fn compare(op: &str, got: &str, want: &str) -> bool {
     }
 }
 
+/// One value, inside the caller's read-only snapshot transaction (a savepoint keeps a failing
+/// check from aborting the others).
 async fn scalar(conn: &mut PgConnection, sql: &str) -> Result<String, sqlx::Error> {
-    let mut tx = conn.begin().await?;
-    sqlx::raw_sql("SET TRANSACTION READ ONLY")
-        .execute(&mut *tx)
+    sqlx::raw_sql("SAVEPOINT bluegreen_check")
+        .execute(&mut *conn)
         .await?;
-    // The checks file's SQL is the user's own, run as written (read-only).
-    let v: Option<String> = sqlx::query_scalar(
+    // The checks file's SQL is the user's own, run as written.
+    let r: Result<Option<String>, sqlx::Error> = sqlx::query_scalar(
         Sql(format!(
             "SELECT ({})::text",
             sql.trim().trim_end_matches(';')
         ))
         .assert_safe(),
     )
-    .fetch_one(&mut *tx)
-    .await?;
-    tx.rollback().await?;
-    Ok(v.unwrap_or_else(|| "NULL".into()))
+    .fetch_one(&mut *conn)
+    .await;
+    match r {
+        Ok(v) => {
+            sqlx::raw_sql("RELEASE SAVEPOINT bluegreen_check")
+                .execute(&mut *conn)
+                .await?;
+            Ok(v.unwrap_or_else(|| "NULL".into()))
+        }
+        Err(e) => {
+            sqlx::raw_sql("ROLLBACK TO SAVEPOINT bluegreen_check")
+                .execute(&mut *conn)
+                .await?;
+            Err(e)
+        }
+    }
 }
 
+/// Run the checks in one REPEATABLE READ, read-only snapshot: a check comparing green with blue
+/// reads both at the same instant while the application writes.
 pub async fn run_checks(conn: &mut PgConnection, checks: &[Check]) -> Vec<CheckResult> {
     let mut out = Vec::new();
+    if let Err(e) = sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *conn)
+        .await
+    {
+        return checks
+            .iter()
+            .map(|c| CheckResult {
+                name: c.name.clone(),
+                passed: false,
+                value: String::new(),
+                expect: c.expect.clone(),
+                blue_value: None,
+                error: Some(e.to_string()),
+            })
+            .collect();
+    }
+    let out_ref = &mut out;
+    run_checks_in(conn, checks, out_ref).await;
+    let _ = sqlx::raw_sql("COMMIT").execute(&mut *conn).await;
+    out
+}
+
+async fn run_checks_in(conn: &mut PgConnection, checks: &[Check], out: &mut Vec<CheckResult>) {
     for c in checks {
         let mut r = CheckResult {
             name: c.name.clone(),
@@ -201,7 +239,6 @@ pub async fn run_checks(conn: &mut PgConnection, checks: &[Check]) -> Vec<CheckR
         r.passed = compare(op, &r.value, &want);
         out.push(r);
     }
-    out
 }
 
 async fn timings(conn: &mut PgConnection, sql: &str, runs: u32) -> Result<(f64, f64), sqlx::Error> {

@@ -4,3 +4,4 @@ mod copy;
 mod plan;
 mod shapes;
 mod support;
+mod validate;
