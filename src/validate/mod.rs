@@ -488,6 +488,20 @@ pub async fn compare(url: &str, m: &Mapping, o: &Options) -> Result<Outcome, Dia
     let tasks = plan_tasks(&mut main, m, &cat, o.chunk_rows).await?;
     let ntasks = tasks.len();
     let queue = Arc::new(Mutex::new(tasks.into_iter().collect::<VecDeque<_>>()));
+    // Progress: a bar over all chunks on a terminal, a line every tenth of the work otherwise.
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let bar = tty.then(|| {
+        let b = indicatif::ProgressBar::new(ntasks as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "validating [{bar:30}] {pos}/{len} chunks  {msg}  eta {eta}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
+        );
+        b
+    });
+    let done_chunks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let results: Arc<Mutex<Vec<ChunkResult>>> = Arc::new(Mutex::new(Vec::new()));
     let mut workers = Vec::new();
     for _ in 0..o.jobs.max(1) {
@@ -500,6 +514,7 @@ pub async fn compare(url: &str, m: &Mapping, o: &Options) -> Result<Outcome, Dia
             snapshot.clone(),
             o.clone(),
         );
+        let (bar, done_chunks) = (bar.clone(), done_chunks.clone());
         workers.push(tokio::spawn(async move {
             let mut c = crate::pg::connect(&url).await?;
             exec(&mut c, &Sql(format!(
@@ -517,6 +532,15 @@ pub async fn compare(url: &str, m: &Mapping, o: &Options) -> Result<Outcome, Dia
                 let differences = if green != blue { locate(&mut c, &m, e, gt, &t, o.show_values).await.map_err(|err| chunk_err(e, &err))? } else { Vec::new() };
                 let _ = t.chunk;
                 results.lock().expect("results").push(ChunkResult { entry: t.entry, blue, green, differences });
+                let n = done_chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                match &bar {
+                    Some(b) => {
+                        b.set_position(n as u64);
+                        b.set_message(e.name.clone());
+                    }
+                    None if n % ntasks.div_ceil(10) == 0 || n == ntasks => eprintln!("bluegreen: validated {n}/{ntasks} chunks ({})", e.name),
+                    None => {}
+                }
             }
             exec(&mut c, &Sql("COMMIT".into())).await?;
             Ok::<(), Diagnostic>(())
@@ -525,6 +549,9 @@ pub async fn compare(url: &str, m: &Mapping, o: &Options) -> Result<Outcome, Dia
     for w in workers {
         w.await
             .map_err(|e| Diagnostic::error("internal", e.to_string()))??;
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
     }
     exec(&mut main, &Sql("COMMIT".into())).await?;
     let results = Arc::try_unwrap(results)
