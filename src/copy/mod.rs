@@ -67,6 +67,43 @@ pub async fn load_catalog(conn: &mut PgConnection, m: &Mapping) -> Result<Catalo
     Ok(cat)
 }
 
+/// The catalog with the green foreign keys that are still deferred (dropped for the copy) put
+/// back from their recorded definitions, so sync orders its upserts and deletes by them.
+pub async fn load_catalog_for_sync(
+    conn: &mut PgConnection,
+    m: &Mapping,
+) -> Result<Catalog, Diagnostic> {
+    let mut cat = load_catalog(conn, m).await?;
+    for (name, table, def) in pending_foreign_keys(conn, m).await? {
+        let Some(pos) = def.find("REFERENCES ") else {
+            continue;
+        };
+        let rest = &def[pos + "REFERENCES ".len()..];
+        let target = rest[..rest.find('(').unwrap_or(rest.len())]
+            .trim()
+            .replace('"', "");
+        let ref_table = match target.split_once('.') {
+            Some((s, t)) => QName::new(s, t),
+            None => QName::new(&m.green, target),
+        };
+        if let Some(t) = cat
+            .tables
+            .get_mut(&(table.schema.clone(), table.name.clone()))
+            && !t.foreign_keys.iter().any(|f| f.name == name)
+        {
+            t.foreign_keys.push(catalog::ForeignKey {
+                name,
+                columns: Vec::new(),
+                ref_table,
+                ref_columns: Vec::new(),
+                definition: def,
+                validated: false,
+            });
+        }
+    }
+    Ok(cat)
+}
+
 /// `prepare`: idempotent; a no-op once the migration is prepared.
 pub async fn prepare(url: &str, m: &Mapping, lock_timeout_ms: u64) -> Result<(), Diagnostic> {
     let mut conn = pg::connect(url).await?;
@@ -495,6 +532,8 @@ pub async fn copy(url: &str, m: &Mapping, o: &Options) -> Result<(), Diagnostic>
         if pending == 0 {
             break;
         }
+        // Chunks another process had in flight come back to pending if it died: claim them.
+        worker(url, m, &cat, o, &progress).await?;
         eprintln!("bluegreen: waiting for {pending} chunk(s) another process is copying");
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
@@ -575,12 +614,21 @@ async fn worker(
             extra_where: cond,
             ..Shape::default()
         };
-        let rows: u64 = match source.as_mut() {
-            None => sqlx::raw_sql(insert_select(e, gt, &m.control_schema, &shape).assert_safe())
-                .execute(&mut *tx)
-                .await
-                .map_err(|err| chunk_error(&table, chunk_no, err))?
-                .rows_affected(),
+        // A row can move between chunks while the copy runs (a ctid range, a changed key): it is
+        // then copied twice, and the second copy is skipped (the change log re-derives it anyway).
+        let physical = row.get::<String, _>("key_type") == "tid";
+        let rows: u64 = match source.as_mut().filter(|_| !physical) {
+            None => sqlx::raw_sql(
+                Sql(format!(
+                    "{} ON CONFLICT DO NOTHING",
+                    insert_select(e, gt, &m.control_schema, &shape)
+                ))
+                .assert_safe(),
+            )
+            .execute(&mut *tx)
+            .await
+            .map_err(|err| chunk_error(&table, chunk_no, err))?
+            .rows_affected(),
             Some(src) => copy_chunk(src, &mut tx, m, e, gt, &shape)
                 .await
                 .map_err(|err| chunk_error(&table, chunk_no, err))?,

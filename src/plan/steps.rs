@@ -197,7 +197,7 @@ pub fn all(m: &Mapping, cat: &Catalog, s: &EffectiveSettings) -> Vec<Step> {
                 QName::new(control, "chunks"),
                 Literal::new(&m.migration),
                 Literal::new(&e.name),
-                insert_select(e, gt, control, &shape),
+                format!("{} ON CONFLICT DO NOTHING", insert_select(e, gt, control, &shape)),
                 QName::new(control, "chunks"),
                 Literal::new(&m.migration),
                 Literal::new(&e.name),

@@ -27,7 +27,7 @@ pub const MAX_KEY_LOCKS: usize = 32;
 /// whatever the application session's settings are.
 fn function_settings(m: &Mapping) -> String {
     format!(
-        "SET search_path = pg_catalog, {} SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'iso_8601' SET extra_float_digits = 3 SET max_parallel_workers_per_gather = 0",
+        "SECURITY DEFINER SET search_path = pg_catalog, {} SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'iso_8601' SET extra_float_digits = 3 SET max_parallel_workers_per_gather = 0",
         Ident::new(&m.blue)
     )
 }
@@ -231,31 +231,22 @@ impl SyncEntry<'_> {
         let conflict = if others.is_empty() {
             "DO NOTHING".to_string()
         } else {
+            // Compare the rendered rows, not the values: 1.98 and 1.980 are equal numerics but
+            // different green rows to `validate`.
             format!(
-                "DO UPDATE SET {} WHERE {}",
+                "DO UPDATE SET {} WHERE ROW({})::text IS DISTINCT FROM ROW({})::text",
                 join(
                     others
                         .iter()
                         .map(|c| format!("{0} = EXCLUDED.{0}", Ident::new(*c))),
                     ", "
                 ),
+                join(others.iter().map(|c| format!("t.{}", Ident::new(*c))), ", "),
                 join(
-                    others.iter().map(|c| {
-                        let ty = self
-                            .green
-                            .column(c)
-                            .map(|g| g.type_sql.as_str())
-                            .unwrap_or("");
-                        if lacks_equality(ty) {
-                            format!(
-                                "t.{0}::text IS DISTINCT FROM EXCLUDED.{0}::text",
-                                Ident::new(*c)
-                            )
-                        } else {
-                            format!("t.{0} IS DISTINCT FROM EXCLUDED.{0}", Ident::new(*c))
-                        }
-                    }),
-                    " OR "
+                    others
+                        .iter()
+                        .map(|c| format!("EXCLUDED.{}", Ident::new(*c))),
+                    ", "
                 )
             )
         };
@@ -400,13 +391,6 @@ impl SyncEntry<'_> {
     }
 }
 
-fn lacks_equality(ty: &str) -> bool {
-    matches!(
-        ty,
-        "json" | "xml" | "point" | "line" | "lseg" | "box" | "path" | "polygon" | "circle"
-    ) || ty.ends_with("json[]")
-}
-
 /// `SELECT <mapped columns> FROM ... WHERE (where) AND <extra> GROUP BY ...`.
 fn select_m(m: &Mapping, e: &TableEntry, gt: &catalog::Table, extra: Vec<String>) -> String {
     let cols = e.columns.iter().filter_map(|c| {
@@ -484,11 +468,11 @@ pub fn referenced_aliases<'a>(expr: &str, aliases: &[&'a str]) -> Vec<&'a str> {
     out
 }
 
-/// The changed rows of blue table `x`, read from the change log ids `lo..=hi` (catch-up).
+/// The changed rows of blue table `x`, read from the change-log rows `ids` (catch-up).
 fn changes_relation(m: &Mapping, x: &QName) -> String {
     let ch = QName::new(&m.control_schema, "changes");
     let filter = format!(
-        "c.migration = {} AND c.blue_table = {} AND c.id BETWEEN lo AND hi",
+        "c.migration = {} AND c.blue_table = {} AND c.id = ANY (ids)",
         Literal::new(&m.migration),
         Literal::new(x.display())
     );
@@ -612,13 +596,88 @@ fn apply_block(
 }
 
 /// Key-finding statements for blue table `x` whose changed rows are in `changed`.
-fn find_keys(entries: &[SyncEntry], x: &QName, changed: &str, indent: &str) -> String {
+/// The simple equalities `p.a = q.b` among the conjuncts of an entry's ON conditions, as
+/// ((alias, column), (alias, column)). Writes through either side of one of them are serialised
+/// on the joined value (see `join_locks`); other conditions are not followed by locks.
+pub fn join_equalities(e: &TableEntry) -> Vec<((String, String), (String, String))> {
+    let mut out = Vec::new();
+    for item in &e.from_clause.items {
+        let Some((_, on)) = &item.join else { continue };
+        let on = on.trim();
+        let on = on
+            .strip_prefix('(')
+            .and_then(|x| x.strip_suffix(')'))
+            .filter(|x| !x.contains(['(', ')']))
+            .unwrap_or(on);
+        if on.contains(['(', ')']) {
+            continue;
+        }
+        let lower = on.to_ascii_lowercase();
+        let mut parts = Vec::new();
+        let mut rest = 0;
+        for (i, _) in lower.match_indices(" and ") {
+            parts.push(&on[rest..i]);
+            rest = i + 5;
+        }
+        parts.push(&on[rest..]);
+        let col = |t: &str| -> Option<(String, String)> {
+            let (a, c) = t.trim().split_once('.')?;
+            let ok = |w: &str| {
+                !w.is_empty() && w.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+            };
+            (ok(a) && ok(c)).then(|| (a.to_lowercase(), c.to_lowercase()))
+        };
+        for p in parts {
+            if let Some((l, r)) = p.split_once('=')
+                && !l.ends_with(['<', '>', '!'])
+                && let (Some(l), Some(r)) = (col(l), col(r))
+            {
+                out.push((l, r));
+            }
+        }
+    }
+    out
+}
+
+/// Advisory locks on the joined values a change to `x` carries, so that two writers meeting in
+/// one green row through different blue tables (a track's genre changed while the genre is
+/// renamed) are serialised, and the second re-derives after the first commits. Taken before the
+/// touched keys are found, so they are found in a snapshot that sees the first writer's commit.
+fn join_locks(m: &Mapping, e: &SyncEntry, x: &QName, changed: &str, indent: &str) -> String {
+    let mut s = String::new();
+    let aliases = e.aliases_of(x);
+    let entry_lock = Literal::new(format!("bluegreen:{}:{}:", m.migration, e.entry.name));
+    for (k, (l, r)) in join_equalities(e.entry).iter().enumerate() {
+        for (a, c) in [l, r] {
+            if !aliases.contains(&a.as_str()) {
+                continue;
+            }
+            let p = Literal::new(format!("bluegreen:{}:{}:j{k}:", m.migration, e.entry.name));
+            s.push_str(&format!(
+                "{indent}SELECT array_agg(DISTINCT hashtextextended({p} || v.{col}::text, 0)) INTO lock_ids FROM {changed} AS v WHERE v.{col} IS NOT NULL;\n\
+                 {indent}IF cardinality(lock_ids) > {MAX_KEY_LOCKS} THEN\n\
+                 {indent}    PERFORM pg_advisory_xact_lock(hashtextextended({entry_lock}, 0));\n\
+                 {indent}ELSIF lock_ids IS NOT NULL THEN\n\
+                 {indent}    PERFORM pg_advisory_xact_lock_shared(hashtextextended({entry_lock}, 0));\n\
+                 {indent}    PERFORM pg_advisory_xact_lock(h) FROM (SELECT h FROM unnest(lock_ids) AS h ORDER BY 1) AS s;\n\
+                 {indent}END IF;\n",
+                col = Ident::new(c),
+            ));
+        }
+    }
+    s
+}
+
+/// Key-finding statements for blue table `x` whose changed rows are in `changed`, each preceded
+/// by the join-value locks of its entry.
+fn find_keys(m: &Mapping, entries: &[SyncEntry], x: &QName, changed: &str, indent: &str) -> String {
     let mut s = String::new();
     for e in entries {
         let aliases = e.aliases_of(x);
         if aliases.is_empty() {
             continue;
         }
+        s.push_str(&join_locks(m, e, x, changed, indent));
         let union = join(
             aliases.iter().map(|a| e.touched_keys(a, changed)),
             " UNION ",
@@ -638,9 +697,14 @@ fn find_keys(entries: &[SyncEntry], x: &QName, changed: &str, indent: &str) -> S
     s
 }
 
-fn find_all_keys(entries: &[SyncEntry], x: &QName, indent: &str) -> String {
+fn find_all_keys(m: &Mapping, entries: &[SyncEntry], x: &QName, indent: &str) -> String {
     let mut s = String::new();
     for e in entries.iter().filter(|e| !e.aliases_of(x).is_empty()) {
+        // After a TRUNCATE every key may be touched: serialise on the whole entry.
+        s.push_str(&format!(
+            "{indent}PERFORM pg_advisory_xact_lock(hashtextextended({}, 0));\n",
+            Literal::new(format!("bluegreen:{}:{}:", m.migration, e.entry.name))
+        ));
         s.push_str(&format!(
             "{indent}SELECT {} INTO {} FROM ({}) AS s;\n",
             join(
@@ -657,38 +721,12 @@ fn find_all_keys(entries: &[SyncEntry], x: &QName, indent: &str) -> String {
     s
 }
 
-/// The live trigger function for blue table `x`: re-derive inside the writer's transaction.
-pub fn live_trigger_function(m: &Mapping, entries: &[SyncEntry], x: &QName, n: usize) -> Sql {
-    let find = format!(
-        "    IF TG_OP = 'INSERT' THEN\n{}    ELSIF TG_OP = 'UPDATE' THEN\n{}    ELSIF TG_OP = 'DELETE' THEN\n{}    ELSE\n{}    END IF;\n",
-        find_keys(entries, x, "new_rows", "        "),
-        find_keys(
-            entries,
-            x,
-            "(SELECT * FROM old_rows UNION ALL SELECT * FROM new_rows)",
-            "        "
-        ),
-        find_keys(entries, x, "old_rows", "        "),
-        find_all_keys(entries, x, "        "),
-    );
-    let (decl, body) = apply_block(m, entries, x, &find, true);
-    Sql(format!(
-        "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn$\nDECLARE\n{decl}BEGIN\n    -- Loop guard: a change the reverse sync is applying is not echoed back.\n    IF current_setting('bluegreen.applying', true) = 'reverse' THEN\n        RETURN NULL;\n    END IF;\n{body}    RETURN NULL;\nEND\n$fn$",
-        f = names::sync_function(&m.control_schema, &m.migration, n),
-        settings = function_settings(m),
-    ))
-}
-
-/// The capture trigger function for blue table `x` (during copy): log the changed rows.
-pub fn capture_trigger_function(m: &Mapping, n: usize) -> Sql {
+/// The change-log statements of a trigger (capture mode, and the live mode's fallback).
+fn log_changes(m: &Mapping) -> String {
     let changes = QName::new(&m.control_schema, "changes");
-    Sql(format!(
-        "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog AS $fn$
-BEGIN
-    IF current_setting('bluegreen.applying', true) = 'reverse' THEN
-        RETURN NULL;
-    END IF;
-    IF TG_OP = 'INSERT' THEN
+    let mig = Literal::new(&m.migration);
+    format!(
+        "    IF TG_OP = 'INSERT' THEN
         INSERT INTO {changes} (migration, blue_table, op, new_row)
         SELECT {mig}, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'I', to_jsonb(n) FROM new_rows n;
     ELSIF TG_OP = 'UPDATE' THEN
@@ -703,37 +741,75 @@ BEGIN
         INSERT INTO {changes} (migration, blue_table, op)
         VALUES ({mig}, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'T');
     END IF;
-    RETURN NULL;
-END
-$fn$",
+"
+    )
+}
+
+/// The live trigger function for blue table `x`: re-derive inside the writer's transaction.
+///
+/// Whatever cannot be re-derived right here never fails the application's write: a writer
+/// outside READ COMMITTED (its snapshot would not see a concurrent writer's commit after a lock
+/// wait), or any error outside the per-entry blocks (a key that does not fit its green type, a
+/// deadlock between lock waits), sends the changed rows to the change log instead, where `status`
+/// shows them as backlog and `sync` re-derives them.
+pub fn live_trigger_function(m: &Mapping, entries: &[SyncEntry], x: &QName, n: usize) -> Sql {
+    let find = format!(
+        "    IF TG_OP = 'INSERT' THEN\n{}    ELSIF TG_OP = 'UPDATE' THEN\n{}    ELSIF TG_OP = 'DELETE' THEN\n{}    ELSE\n{}    END IF;\n",
+        find_keys(m, entries, x, "new_rows", "        "),
+        find_keys(
+            m,
+            entries,
+            x,
+            "(SELECT * FROM old_rows UNION ALL SELECT * FROM new_rows)",
+            "        "
+        ),
+        find_keys(m, entries, x, "old_rows", "        "),
+        find_all_keys(m, entries, x, "        "),
+    );
+    let (decl, body) = apply_block(m, entries, x, &find, true);
+    Sql(format!(
+        "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn$\nDECLARE\n    lock_ids bigint[];\n{decl}BEGIN\n    -- Loop guard: a change the reverse sync is applying is not echoed back.\n    IF current_setting('bluegreen.applying', true) = 'reverse' THEN\n        RETURN NULL;\n    END IF;\n    IF current_setting('transaction_isolation') <> 'read committed' THEN\n{log}        RETURN NULL;\n    END IF;\n    BEGIN\n{body}    EXCEPTION WHEN OTHERS THEN\n        RAISE WARNING 'bluegreen: sync of this change deferred to the change log (run bluegreen sync): % %', SQLSTATE, SQLERRM;\n{log}    END;\n    RETURN NULL;\nEND\n$fn$",
         f = names::sync_function(&m.control_schema, &m.migration, n),
-        mig = Literal::new(&m.migration)
+        settings = function_settings(m),
+        log = log_changes(m),
     ))
 }
 
-/// `catchup_X(lo, hi)`: re-derive the keys touched by change-log ids lo..=hi of blue table `x`.
+/// The capture trigger function for blue table `x` (during copy): log the changed rows.
+pub fn capture_trigger_function(m: &Mapping, n: usize) -> Sql {
+    Sql(format!(
+        "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$\nBEGIN\n    IF current_setting('bluegreen.applying', true) = 'reverse' THEN\n        RETURN NULL;\n    END IF;\n{log}    RETURN NULL;\nEND\n$fn$",
+        f = names::sync_function(&m.control_schema, &m.migration, n),
+        log = log_changes(m),
+    ))
+}
+
+/// `catchup_X(ids)`: re-derive the keys touched by the change-log rows `ids` of blue table `x`.
+/// Takes the same locks as the live triggers: in live mode it runs beside them.
 pub fn catchup_function(m: &Mapping, entries: &[SyncEntry], x: &QName, n: usize) -> Sql {
     let ch = QName::new(&m.control_schema, "changes");
     let find = format!(
-        "    IF EXISTS (SELECT 1 FROM {ch} AS c WHERE c.migration = {mig} AND c.blue_table = {bt} AND c.id BETWEEN lo AND hi AND c.op = 'T') THEN\n{}    ELSE\n{}    END IF;\n",
-        find_all_keys(entries, x, "        "),
-        find_keys(entries, x, &changes_relation(m, x), "        "),
+        "    IF EXISTS (SELECT 1 FROM {ch} AS c WHERE c.migration = {mig} AND c.blue_table = {bt} AND c.id = ANY (ids) AND c.op = 'T') THEN\n{}    ELSE\n{}    END IF;\n",
+        find_all_keys(m, entries, x, "        "),
+        find_keys(m, entries, x, &changes_relation(m, x), "        "),
         mig = Literal::new(&m.migration),
         bt = Literal::new(x.display()),
     );
-    let (decl, body) = apply_block(m, entries, x, &find, false);
+    let (decl, body) = apply_block(m, entries, x, &find, true);
     Sql(format!(
-        "CREATE OR REPLACE FUNCTION {f}(lo bigint, hi bigint) RETURNS void LANGUAGE plpgsql {settings} AS $fn$\nDECLARE\n{decl}BEGIN\n{body}END\n$fn$",
+        "CREATE OR REPLACE FUNCTION {f}(ids bigint[]) RETURNS void LANGUAGE plpgsql {settings} AS $fn$\nDECLARE\n    lock_ids bigint[];\n{decl}BEGIN\n{body}END\n$fn$",
         f = names::catchup_function(&m.control_schema, &m.migration, n),
         settings = function_settings(m),
     ))
 }
 
-/// `retry_E()`: re-derive every key recorded as failed for entry E.
+/// `retry_E()`: re-derive every key recorded as failed for entry E. The blue rows of those keys
+/// are locked FOR SHARE first, so a writer in flight on them commits before the re-derivation
+/// reads (writers of self-contained entries take no advisory locks).
 pub fn retry_function(m: &Mapping, e: &SyncEntry) -> Sql {
     let failures = QName::new(&m.control_schema, "sync_failures");
     let decl = format!(
-        "{}    e{}_ok boolean := true;\n",
+        "    lock_ids bigint[];\n{}    e{}_ok boolean := true;\n",
         join(
             e.keys
                 .iter()
@@ -743,8 +819,12 @@ pub fn retry_function(m: &Mapping, e: &SyncEntry) -> Sql {
         ),
         e.index
     );
+    let vars = join(
+        (0..e.keys.len()).map(|j| format!("e{}_k{j}", e.index)),
+        ", ",
+    );
     let fill = format!(
-        "    SELECT {} INTO {} FROM {failures} AS f WHERE f.migration = {} AND f.green_table = {};\n",
+        "    SELECT {} INTO {vars} FROM {failures} AS f WHERE f.migration = {} AND f.green_table = {};\n    IF e{i}_k0 IS NOT NULL THEN\n        PERFORM 1 FROM {from} WHERE {tuple} IN (SELECT * FROM unnest({vars})) FOR SHARE OF {driving};\n    END IF;\n",
         join(
             e.keys
                 .iter()
@@ -752,12 +832,12 @@ pub fn retry_function(m: &Mapping, e: &SyncEntry) -> Sql {
                 .map(|(j, (_, _, ty))| format!("array_agg((f.sync_key->>{j})::{ty})")),
             ", "
         ),
-        join(
-            (0..e.keys.len()).map(|j| format!("e{}_k{j}", e.index)),
-            ", "
-        ),
         Literal::new(&m.migration),
-        Literal::new(&e.entry.name)
+        Literal::new(&e.entry.name),
+        i = e.index,
+        from = e.entry.from_clause.render(),
+        tuple = e.key_tuple(),
+        driving = Ident::new(&e.entry.from_clause.driving().alias),
     );
     // Apply for this entry alone, reusing the same block with a one-entry list.
     let one = [SyncEntry {
@@ -800,5 +880,33 @@ mod tests {
         );
         assert_eq!(referenced_aliases("public.l.x", &a), Vec::<&str>::new());
         assert_eq!(referenced_aliases("min(W.city)", &a), ["w"]);
+    }
+
+    #[test]
+    fn finds_join_equalities() {
+        let fc = crate::mapping::from::parse(
+            "public.customers c JOIN public.workshops w ON w.id = c.workshop_id AND w.active LEFT JOIN public.x y ON (y.k = c.k AND y.z >= 3)",
+            "public",
+        )
+        .unwrap();
+        let e = TableEntry {
+            name: "t".into(),
+            span: crate::diag::Span::new(std::path::Path::new("m.yaml"), 1, 1),
+            from: crate::mapping::Located {
+                text: String::new(),
+                span: crate::diag::Span::new(std::path::Path::new("m.yaml"), 1, 1),
+            },
+            from_clause: fc,
+            where_: None,
+            group_by: Vec::new(),
+            sync_key: None,
+            columns: Vec::new(),
+            reverse: crate::mapping::Reverse::Auto,
+        };
+        let got: Vec<String> = join_equalities(&e)
+            .iter()
+            .map(|((a, b), (c, d))| format!("{a}.{b}={c}.{d}"))
+            .collect();
+        assert_eq!(got, ["w.id=c.workshop_id", "y.k=c.k"]);
     }
 }

@@ -6,7 +6,7 @@
 use serde::Serialize;
 use sqlx::{PgConnection, Row};
 
-use crate::copy::load_catalog;
+use crate::copy::load_catalog_for_sync as load_catalog;
 use crate::diag::Diagnostic;
 use crate::mapping::Mapping;
 use crate::names;
@@ -64,8 +64,9 @@ async fn backlog(conn: &mut PgConnection, m: &Mapping) -> Result<i64, Diagnostic
 }
 
 /// Replay the change log in batches until at most `leave` rows remain. Each batch is one
-/// REPEATABLE READ transaction, so the rows it replays are exactly the rows it deletes (a writer
-/// committing meanwhile is replayed by a later batch). Returns the rows replayed.
+/// transaction that fixes its set of change-log ids first, replays exactly those (with the same
+/// locks as the live triggers, so it may run beside them) and deletes exactly those; a writer
+/// committing meanwhile is replayed by a later batch. Returns the rows replayed.
 pub async fn catch_up(conn: &mut PgConnection, m: &Mapping, leave: i64) -> Result<i64, Diagnostic> {
     let changes = QName::new(&m.control_schema, "changes");
     let tables = m.blue_tables_read();
@@ -74,33 +75,52 @@ pub async fn catch_up(conn: &mut PgConnection, m: &Mapping, leave: i64) -> Resul
         if backlog(conn, m).await? <= leave {
             return Ok(replayed);
         }
-        exec(conn, &Sql("BEGIN ISOLATION LEVEL REPEATABLE READ".into())).await?;
+        exec(conn, &Sql("BEGIN".into())).await?;
         let result = async {
-            let lo: Option<i64> = sqlx::query_scalar(Sql(format!("SELECT min(id) FROM {changes} WHERE migration = $1")).assert_safe())
-                .bind(&m.migration)
-                .fetch_one(&mut *conn)
-                .await
-                .map_err(db)?;
-            let Some(lo) = lo else { return Ok(0) };
-            let hi = lo + BATCH - 1;
-            let present: Vec<String> = sqlx::query_scalar(Sql(format!("SELECT DISTINCT blue_table FROM {changes} WHERE migration = $1 AND id BETWEEN $2 AND $3")).assert_safe())
-                .bind(&m.migration)
-                .bind(lo)
-                .bind(hi)
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(db)?;
+            let ids: Vec<i64> = sqlx::query_scalar(
+                Sql(format!(
+                    "SELECT id FROM {changes} WHERE migration = $1 ORDER BY id LIMIT {BATCH}"
+                ))
+                .assert_safe(),
+            )
+            .bind(&m.migration)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db)?;
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            let list = format!(
+                "ARRAY[{}]::bigint[]",
+                ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+            );
+            let present: Vec<String> = sqlx::query_scalar(
+                Sql(format!(
+                    "SELECT DISTINCT blue_table FROM {changes} WHERE id = ANY ({list})"
+                ))
+                .assert_safe(),
+            )
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db)?;
             for (n, x) in tables.iter().enumerate() {
                 if present.contains(&x.display()) {
-                    exec(conn, &Sql(format!("SELECT {}({lo}, {hi})", names::catchup_function(&m.control_schema, &m.migration, n)))).await?;
+                    exec(
+                        conn,
+                        &Sql(format!(
+                            "SELECT {}({list})",
+                            names::catchup_function(&m.control_schema, &m.migration, n)
+                        )),
+                    )
+                    .await?;
                 }
             }
-            let done = sqlx::raw_sql(Sql(format!("DELETE FROM {changes} WHERE migration = {} AND id BETWEEN {lo} AND {hi}", Literal::new(&m.migration))).assert_safe())
-                .execute(&mut *conn)
-                .await
-                .map_err(db)?
-                .rows_affected();
-            Ok::<i64, Diagnostic>(done as i64)
+            exec(
+                conn,
+                &Sql(format!("DELETE FROM {changes} WHERE id = ANY ({list})")),
+            )
+            .await?;
+            Ok::<i64, Diagnostic>(ids.len() as i64)
         }
         .await;
         match result {
@@ -142,8 +162,11 @@ pub async fn go_live(
     ))];
     for (n, x) in blue.iter().enumerate() {
         stmts.push(Sql(format!(
-            "SELECT {}(0, 9223372036854775807)",
-            names::catchup_function(&m.control_schema, &m.migration, n)
+            "SELECT {}(ARRAY(SELECT id FROM {} WHERE migration = {} AND blue_table = {}))",
+            names::catchup_function(&m.control_schema, &m.migration, n),
+            QName::new(&m.control_schema, "changes"),
+            Literal::new(&m.migration),
+            Literal::new(x.display())
         )));
         stmts.push(live_trigger_function(m, &entries, x, n));
     }
