@@ -193,11 +193,11 @@ pub fn all(m: &Mapping, cat: &Catalog, s: &EffectiveSettings) -> Vec<Step> {
             "copy",
             format!("{}: each chunk, claimed from the ledger and marked done in one transaction", e.name),
             format!(
-                "SELECT chunk_no, lower_bound, upper_bound FROM {} WHERE migration = {} AND green_table = {} AND state = 'pending' LIMIT 1 FOR UPDATE SKIP LOCKED;\n{};\nUPDATE {} SET state = 'done', rows_copied = $3, done_at = now() WHERE migration = {} AND green_table = {} AND chunk_no = $4",
+                "SELECT chunk_no, lower_bound, upper_bound FROM {} WHERE migration = {} AND green_table = {} AND state = 'pending' LIMIT 1 FOR UPDATE SKIP LOCKED;\n{} ON CONFLICT DO NOTHING;\nUPDATE {} SET state = 'done', rows_copied = $3, done_at = now() WHERE migration = {} AND green_table = {} AND chunk_no = $4",
                 QName::new(control, "chunks"),
                 Literal::new(&m.migration),
                 Literal::new(&e.name),
-                format!("{} ON CONFLICT DO NOTHING", insert_select(e, gt, control, &shape)),
+                insert_select(e, gt, control, &shape),
                 QName::new(control, "chunks"),
                 Literal::new(&m.migration),
                 Literal::new(&e.name),
