@@ -43,18 +43,9 @@ pub async fn phase(conn: &mut PgConnection, m: &Mapping) -> Result<String, Diagn
     if !exists {
         return Ok("new".into());
     }
-    let p: Option<String> = sqlx::query_scalar(
-        Sql(format!(
-            "SELECT phase FROM {} WHERE migration = $1",
-            QName::new(&m.control_schema, "runs")
-        ))
-        .assert_safe(),
-    )
-    .bind(&m.migration)
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(db)?;
-    Ok(p.unwrap_or_else(|| "new".into()))
+    Ok(runs_field(conn, m, "phase")
+        .await?
+        .unwrap_or_else(|| "new".into()))
 }
 
 pub async fn set_phase(
@@ -96,6 +87,27 @@ pub async fn event(
     .await
 }
 
+/// One text column of this migration's row in `runs` (None when there is no row or it is NULL).
+async fn runs_field(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    column: &str,
+) -> Result<Option<String>, Diagnostic> {
+    let v: Option<Option<String>> = sqlx::query_scalar(
+        Sql(format!(
+            "SELECT {}::text FROM {} WHERE migration = $1",
+            crate::sql::Ident::new(column),
+            QName::new(&m.control_schema, "runs")
+        ))
+        .assert_safe(),
+    )
+    .bind(&m.migration)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(v.flatten())
+}
+
 fn db(e: sqlx::Error) -> Diagnostic {
     Diagnostic::error("database-error", e.to_string())
 }
@@ -117,19 +129,9 @@ pub async fn blue_fingerprint(conn: &mut PgConnection, m: &Mapping) -> Result<St
 
 /// Refuse to go on when a blue table's columns or types changed since `prepare`.
 pub async fn check_drift(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagnostic> {
-    let saved: Option<String> = sqlx::query_scalar(
-        Sql(format!(
-            "SELECT blue_fingerprint FROM {} WHERE migration = $1",
-            QName::new(&m.control_schema, "runs")
-        ))
-        .assert_safe(),
-    )
-    .bind(&m.migration)
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(db)?
-    .flatten();
-    let Some(saved) = saved else { return Ok(()) };
+    let Some(saved) = runs_field(conn, m, "blue_fingerprint").await? else {
+        return Ok(());
+    };
     let now = blue_fingerprint(conn, m).await?;
     if saved == now {
         return Ok(());
@@ -156,17 +158,7 @@ pub async fn check_drift(conn: &mut PgConnection, m: &Mapping) -> Result<(), Dia
 
 /// Refuse a mapping whose text changed since `prepare`.
 pub async fn check_mapping(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagnostic> {
-    let saved: Option<String> = sqlx::query_scalar(
-        Sql(format!(
-            "SELECT mapping_digest FROM {} WHERE migration = $1",
-            QName::new(&m.control_schema, "runs")
-        ))
-        .assert_safe(),
-    )
-    .bind(&m.migration)
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(db)?;
+    let saved = runs_field(conn, m, "mapping_digest").await?;
     match saved {
         Some(d) if d != m.digest() => Err(Diagnostic::error(
             "mapping-changed",

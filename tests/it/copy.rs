@@ -5,21 +5,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::support::{self, assert_invariant, bluegreen, carbot_db, carbot_writer, connect, exec};
+use crate::support::{self, assert_invariant, carbot_db, carbot_writer, connect, exec, run};
 
 const MAPPING: &str = "mappings/carbot.yaml";
 
 fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Run the bluegreen binary off the async runtime.
-async fn run(url: &str, args: &[&str]) -> std::process::Output {
-    let url = url.to_string();
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || bluegreen(&url).args(&args).output().unwrap())
-        .await
-        .unwrap()
 }
 
 async fn with_writer<F: std::future::Future<Output = T>, T>(

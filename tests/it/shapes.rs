@@ -5,17 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::support::{assert_invariant, bluegreen, chinook_db, chinook_writer, connect, exec};
+use crate::support::{assert_invariant, chinook_db, chinook_writer, connect, exec, run};
 
 const MAPPING: &str = "mappings/chinook.yaml";
-
-async fn run(url: &str, args: &[&str]) -> std::process::Output {
-    let url = url.to_string();
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || bluegreen(&url).args(&args).output().unwrap())
-        .await
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chinook_shapes_under_concurrent_writes() {

@@ -77,6 +77,15 @@ pub async fn carbot_db(name: &str) -> String {
     cl.url(name)
 }
 
+/// Run the bluegreen binary off the async runtime and collect its output.
+pub async fn run(url: &str, args: &[&str]) -> std::process::Output {
+    let url = url.to_string();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || bluegreen(&url).args(&args).output().unwrap())
+        .await
+        .unwrap()
+}
+
 /// The bluegreen binary, with the database URL set.
 pub fn bluegreen(url: &str) -> assert_cmd::Command {
     let mut cmd = assert_cmd::Command::cargo_bin("bluegreen").unwrap();
@@ -147,13 +156,22 @@ pub async fn carbot_writer(
     seed: u64,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> u64 {
+    write_until_stopped(url, stop, move |i| carbot_write(seed * 1_000_000 + i, i)).await
+}
+
+/// Run the statements `next(1)`, `next(2)`, ... on one connection until `stop` is set; every one
+/// must succeed (sync must never fail an application write). Returns how many ran.
+pub async fn write_until_stopped(
+    url: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    next: impl Fn(u64) -> String,
+) -> u64 {
     use std::sync::atomic::Ordering;
     let mut c = connect(&url).await;
     let mut i: u64 = 0;
     while !stop.load(Ordering::Relaxed) {
         i += 1;
-        let k = seed * 1_000_000 + i;
-        let sql = carbot_write(k, i);
+        let sql = next(i);
         if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
             .execute(&mut c)
             .await

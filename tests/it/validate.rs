@@ -4,15 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::support::{self, bluegreen, carbot_db, carbot_writer, connect, empty_db, exec};
-
-async fn run(url: &str, args: &[&str]) -> std::process::Output {
-    let url = url.to_string();
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || bluegreen(&url).args(&args).output().unwrap())
-        .await
-        .unwrap()
-}
+use crate::support::{self, carbot_db, carbot_writer, connect, empty_db, exec, run};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
