@@ -1046,10 +1046,18 @@ impl Probe<'_> {
         // UNIQUE (primary key included)
         for key in gt.unique_keys() {
             let cols = join(key.iter().map(Ident::new), ", ");
-            let not_null = join(
-                key.iter().map(|c| format!("{} IS NOT NULL", Ident::new(c))),
-                " AND ",
-            );
+            // UNIQUE NULLS NOT DISTINCT counts NULLs as equal; plain UNIQUE lets them repeat.
+            let nulls_equal = gt.indexes.iter().any(|ix| {
+                ix.unique && ix.nulls_not_distinct && ix.columns.iter().flatten().eq(key.iter())
+            });
+            let not_null = if nulls_equal {
+                "true".to_string()
+            } else {
+                join(
+                    key.iter().map(|c| format!("{} IS NOT NULL", Ident::new(c))),
+                    " AND ",
+                )
+            };
             let q = Sql(format!(
                 "SELECT count(*), coalesce(sum(n), 0)::int8 FROM (SELECT count(*) AS n FROM bluegreen_profile WHERE {not_null} GROUP BY {cols} HAVING count(*) > 1) d"
             ));

@@ -86,7 +86,18 @@ async fn bulk_update_and_truncate_in_live_mode() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_halfway_then_copy_again() {
-    let url = carbot_db("copy_kill").await;
+    interrupted_halfway_then_copy_again("copy_kill", false).await;
+}
+
+/// Ctrl-C: the command stops at once with exit 2, the chunks in flight roll back with their
+/// connections, and the next `copy` resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_halfway_then_copy_again() {
+    interrupted_halfway_then_copy_again("copy_sigint", true).await;
+}
+
+async fn interrupted_halfway_then_copy_again(name: &str, sigint: bool) {
+    let url = carbot_db(name).await;
     let stop = Arc::new(AtomicBool::new(false));
     let w = tokio::spawn(carbot_writer(url.clone(), 3, stop.clone()));
     let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("bluegreen"))
@@ -94,7 +105,7 @@ async fn kill_9_halfway_then_copy_again() {
         .env("DATABASE_URL", &url)
         .args(["copy", "-m", MAPPING, "--jobs", "1", "--chunk-rows", "40"])
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let mut c = connect(&url).await;
@@ -114,8 +125,16 @@ async fn kill_9_halfway_then_copy_again() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    if sigint {
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("error[interrupted]"));
+    } else {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
     let (pending, done): (i64, i64) = sqlx::query_as("SELECT count(*) FILTER (WHERE state <> 'done'), count(*) FILTER (WHERE state = 'done') FROM bluegreen.chunks")
         .fetch_one(&mut c)
         .await
