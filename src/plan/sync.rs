@@ -43,6 +43,10 @@ pub struct SyncEntry<'a> {
     pub upsert_key: Vec<String>,
     /// Some sync-key column of green is nullable, so NULL keys need their own branch.
     pub nullable: bool,
+    /// One blue table, ungrouped, keyed by plain columns that include a unique key of it: each
+    /// green row comes from exactly one blue row, so a change re-derives from the changed rows
+    /// alone (the live fast path: no second read of blue, no key arrays).
+    pub row_local: bool,
 }
 
 /// The green key an upsert conflicts on: the primary key or the first unique key whose columns
@@ -75,6 +79,20 @@ pub fn sync_entries<'a>(m: &'a Mapping, cat: &'a Catalog) -> Vec<SyncEntry<'a>> 
         let nullable = keys
             .iter()
             .any(|(c, _, _)| gt.column(c).is_none_or(|gc| !gc.not_null));
+        let driving = e.from_clause.driving();
+        let key_cols: Option<Vec<String>> = keys
+            .iter()
+            .map(|(_, x, _)| super::plain_column_of(x, &driving.alias).map(str::to_string))
+            .collect();
+        let row_local = e.group_by.is_empty()
+            && e.from_clause.items.len() == 1
+            && key_cols.is_some_and(|cols| {
+                cat.table(&driving.table).is_some_and(|bt| {
+                    bt.unique_keys()
+                        .iter()
+                        .any(|uk| uk.iter().all(|c| cols.contains(c)))
+                })
+            });
         out.push(SyncEntry {
             index,
             entry: e,
@@ -82,6 +100,7 @@ pub fn sync_entries<'a>(m: &'a Mapping, cat: &'a Catalog) -> Vec<SyncEntry<'a>> 
             keys,
             upsert_key,
             nullable,
+            row_local,
         });
     }
     order_by_foreign_keys(out, m)
@@ -218,6 +237,124 @@ impl SyncEntry<'_> {
 
     /// The upsert statement over the key arrays `{prefix}0..` (inlined in trigger functions, so
     /// its plan is cached there).
+    /// `INSERT ... SELECT M FROM <changed rows> ... ON CONFLICT`: the fast path's upsert.
+    fn fast_up_sql(&self, m: &Mapping, changed: &str) -> String {
+        let cols = self.mapped();
+        let overriding = cols
+            .iter()
+            .any(|c| self.green.column(c).is_some_and(|gc| gc.identity == "a"));
+        let alias = &self.entry.from_clause.driving().alias;
+        let select = self.entry.columns.iter().filter_map(|c| {
+            let gc = self.green.column(&c.name)?;
+            Some(format!(
+                "{} AS {}",
+                column_sql(self.entry, c, gc, &m.control_schema, false),
+                Ident::new(&c.name)
+            ))
+        });
+        format!(
+            "INSERT INTO {t} AS bluegreen_g ({cols}){ov} SELECT {sel} FROM {changed} AS {a}{w} ON CONFLICT ({key}) {conflict};",
+            t = self.green.qname(),
+            cols = join(cols.iter().map(|c| Ident::new(*c)), ", "),
+            ov = if overriding {
+                " OVERRIDING SYSTEM VALUE"
+            } else {
+                ""
+            },
+            sel = join(select, ", "),
+            a = Ident::new(alias),
+            w = where_clause(self.entry, &[]),
+            key = join(self.upsert_key.iter().map(Ident::new), ", "),
+            conflict = self.conflict_clause(),
+        )
+    }
+
+    /// The fast path's delete: green rows of the old rows' keys that the new rows (if any) no
+    /// longer produce.
+    fn fast_del_sql(&self, m: &Mapping, old: &str, new: Option<&str>) -> String {
+        let alias = Ident::new(&self.entry.from_clause.driving().alias);
+        let green_key = format!(
+            "({})",
+            join(
+                self.keys
+                    .iter()
+                    .map(|(c, _, _)| format!("bluegreen_g.{}", Ident::new(c))),
+                ", "
+            )
+        );
+        let old_keys = join(
+            self.keys
+                .iter()
+                .map(|(_, x, ty)| format!("{}::{ty}", Expr(x))),
+            ", ",
+        );
+        let produced = match new {
+            None => String::new(),
+            Some(new) => {
+                let eq = join(
+                    self.upsert_key.iter().filter_map(|c| {
+                        let col = self.entry.column(c)?;
+                        let gc = self.green.column(c)?;
+                        Some(format!(
+                            "({})::{} IS NOT DISTINCT FROM bluegreen_g.{}",
+                            column_sql(self.entry, col, gc, &m.control_schema, false),
+                            gc.type_sql,
+                            Ident::new(c)
+                        ))
+                    }),
+                    " AND ",
+                );
+                let w = self
+                    .entry
+                    .where_
+                    .as_ref()
+                    .map(|w| format!(" AND {}", Expr(&w.text)))
+                    .unwrap_or_default();
+                format!(" AND NOT EXISTS (SELECT 1 FROM {new} AS {alias} WHERE {eq}{w})")
+            }
+        };
+        format!(
+            "DELETE FROM {t} AS bluegreen_g WHERE {green_key} IN (SELECT {old_keys} FROM {old} AS {alias}){produced};",
+            t = self.green.qname()
+        )
+    }
+
+    fn conflict_clause(&self) -> String {
+        let cols = self.mapped();
+        let others: Vec<&str> = cols
+            .iter()
+            .copied()
+            .filter(|c| !self.upsert_key.iter().any(|k| k == c))
+            .collect();
+        if others.is_empty() {
+            "DO NOTHING".to_string()
+        } else {
+            // Compare the rendered rows, not the values: 1.98 and 1.980 are equal numerics but
+            // different green rows to `validate`.
+            format!(
+                "DO UPDATE SET {} WHERE ROW({})::text IS DISTINCT FROM ROW({})::text",
+                join(
+                    others
+                        .iter()
+                        .map(|c| format!("{0} = EXCLUDED.{0}", Ident::new(*c))),
+                    ", "
+                ),
+                join(
+                    others
+                        .iter()
+                        .map(|c| format!("bluegreen_g.{}", Ident::new(*c))),
+                    ", "
+                ),
+                join(
+                    others
+                        .iter()
+                        .map(|c| format!("EXCLUDED.{}", Ident::new(*c))),
+                    ", "
+                )
+            )
+        }
+    }
+
     fn up_sql(&self, m: &Mapping, prefix: &str) -> String {
         let cols = self.mapped();
         let overriding = cols
@@ -241,7 +378,12 @@ impl SyncEntry<'_> {
                         .map(|c| format!("{0} = EXCLUDED.{0}", Ident::new(*c))),
                     ", "
                 ),
-                join(others.iter().map(|c| format!("t.{}", Ident::new(*c))), ", "),
+                join(
+                    others
+                        .iter()
+                        .map(|c| format!("bluegreen_g.{}", Ident::new(*c))),
+                    ", "
+                ),
                 join(
                     others
                         .iter()
@@ -251,7 +393,7 @@ impl SyncEntry<'_> {
             )
         };
         format!(
-            "INSERT INTO {t} AS t ({cols}){ov}\n    SELECT * FROM ({m}) AS m\n    ON CONFLICT ({key}) {conflict};",
+            "INSERT INTO {t} AS bluegreen_g ({cols}){ov}\n    SELECT * FROM ({m}) AS m\n    ON CONFLICT ({key}) {conflict};",
             t = self.green.qname(),
             cols = join(cols.iter().map(|c| Ident::new(*c)), ", "),
             ov = if overriding {
@@ -272,7 +414,7 @@ impl SyncEntry<'_> {
             join(
                 self.keys
                     .iter()
-                    .map(|(c, _, _)| format!("t.{}", Ident::new(c))),
+                    .map(|(c, _, _)| format!("bluegreen_g.{}", Ident::new(c))),
                 ", "
             )
         );
@@ -289,24 +431,27 @@ impl SyncEntry<'_> {
                         .unwrap_or("");
                     let nullable = self.green.column(c).is_none_or(|g| !g.not_null);
                     if nullable {
-                        format!("m.{0}::{ty} IS NOT DISTINCT FROM t.{0}", Ident::new(c))
+                        format!(
+                            "m.{0}::{ty} IS NOT DISTINCT FROM bluegreen_g.{0}",
+                            Ident::new(c)
+                        )
                     } else {
-                        format!("m.{0}::{ty} = t.{0}", Ident::new(c))
+                        format!("m.{0}::{ty} = bluegreen_g.{0}", Ident::new(c))
                     }
                 }),
                 " AND "
             )
         );
         format!(
-            "DELETE FROM {t} AS t WHERE {green_key} IN (SELECT {ks} FROM {u} WHERE {nn}) AND {produced};{nulls}",
+            "DELETE FROM {t} AS bluegreen_g WHERE {green_key} IN (SELECT {ks} FROM {u} WHERE {nn}) AND {produced};{nulls}",
             nulls = if self.nullable {
                 format!(
-                    "\n    IF EXISTS (SELECT 1 FROM {u} WHERE {anynull}) THEN\n        DELETE FROM {t} AS t WHERE EXISTS (SELECT 1 FROM {u} WHERE ({anynull}) AND {match}) AND {produced};\n    END IF;",
+                    "\n    IF EXISTS (SELECT 1 FROM {u} WHERE {anynull}) THEN\n        DELETE FROM {t} AS bluegreen_g WHERE EXISTS (SELECT 1 FROM {u} WHERE ({anynull}) AND {match}) AND {produced};\n    END IF;",
                     t = self.green.qname(),
                     anynull = self.any_null(),
                     r#match = join(
                         self.keys.iter().enumerate().map(|(j, (c, _, _))| format!(
-                            "u.k{j} IS NOT DISTINCT FROM t.{}",
+                            "u.k{j} IS NOT DISTINCT FROM bluegreen_g.{}",
                             Ident::new(c)
                         )),
                         " AND "
@@ -380,11 +525,11 @@ impl SyncEntry<'_> {
             self.keys
                 .iter()
                 .enumerate()
-                .map(|(j, (c, _, _))| format!("t.{} AS k{j}", Ident::new(c))),
+                .map(|(j, (c, _, _))| format!("bluegreen_g.{} AS k{j}", Ident::new(c))),
             ", ",
         );
         format!(
-            "SELECT {green_sel} FROM {} AS t UNION SELECT {sel} FROM {}",
+            "SELECT {green_sel} FROM {} AS bluegreen_g UNION SELECT {sel} FROM {}",
             self.green.qname(),
             self.entry.from_clause.render()
         )
@@ -489,6 +634,7 @@ fn apply_block(
     x: &QName,
     find: &str,
     lock: bool,
+    fast: bool,
 ) -> (String, String) {
     let touching: Vec<&SyncEntry> = entries
         .iter()
@@ -524,15 +670,40 @@ fn apply_block(
             join((0..e.keys.len()).map(|j| format!("u.k{j}")), ", ")
         )
     };
-    let record = |e: &SyncEntry| {
+    let is_fast = |e: &SyncEntry| fast && e.row_local && &e.entry.from_clause.driving().table == x;
+    // The fast path finds its keys only when it needs them: to record or clear a failure.
+    let fill = |e: &SyncEntry| {
+        let into = join(
+            (0..e.keys.len()).map(|j| format!("e{}_k{j}", e.index)),
+            ", ",
+        );
+        let aggs = join(
+            (0..e.keys.len()).map(|j| format!("array_agg(s.k{j})")),
+            ", ",
+        );
+        let alias = e.entry.from_clause.driving().alias.as_str();
         format!(
-            "            e{i}_ok := false;\n            INSERT INTO {failures} (migration, green_table, sync_key, error)\n            SELECT DISTINCT {mig}, {t}, {kj}, SQLSTATE || ': ' || SQLERRM FROM {u}\n            ON CONFLICT (migration, green_table, sync_key) DO UPDATE SET error = EXCLUDED.error, failed_at = now();\n",
+            "            IF e{i}_k0 IS NULL THEN\n                IF TG_OP = 'INSERT' THEN\n                    SELECT {aggs} INTO {into} FROM ({}) AS s;\n                ELSIF TG_OP = 'UPDATE' THEN\n                    SELECT {aggs} INTO {into} FROM ({}) AS s;\n                ELSIF TG_OP = 'DELETE' THEN\n                    SELECT {aggs} INTO {into} FROM ({}) AS s;\n                END IF;\n            END IF;\n",
+            e.touched_keys(alias, "new_rows"),
+            e.touched_keys(
+                alias,
+                "(SELECT * FROM old_rows UNION ALL SELECT * FROM new_rows)"
+            ),
+            e.touched_keys(alias, "old_rows"),
             i = e.index,
-            mig = Literal::new(&m.migration),
-            t = Literal::new(&e.entry.name),
-            kj = key_json(e),
-            u = unnest_vars(e)
         )
+    };
+    let record = |e: &SyncEntry| {
+        let prefix = if is_fast(e) { fill(e) } else { String::new() };
+        prefix
+            + &format!(
+                "            e{i}_ok := false;\n            INSERT INTO {failures} (migration, green_table, sync_key, error)\n            SELECT DISTINCT {mig}, {t}, {kj}, SQLSTATE || ': ' || SQLERRM FROM {u}\n            ON CONFLICT (migration, green_table, sync_key) DO UPDATE SET error = EXCLUDED.error, failed_at = now();\n",
+                i = e.index,
+                mig = Literal::new(&m.migration),
+                t = Literal::new(&e.entry.name),
+                kj = key_json(e),
+                u = unnest_vars(e)
+            )
     };
     // Lock every touched key first, in one global order (entry order, then key hash). A statement
     // touching many keys takes the entry's lock exclusively instead (bounded lock-table use);
@@ -554,37 +725,71 @@ fn apply_block(
             u = unnest_vars(e)
         ));
     }
+    let guard = |e: &SyncEntry| {
+        if is_fast(e) {
+            "TRUE".to_string()
+        } else {
+            format!("e{}_k0 IS NOT NULL", e.index)
+        }
+    };
+    let up = |e: &SyncEntry| {
+        let generic = e.up_sql(m, &format!("e{}_k", e.index));
+        if is_fast(e) {
+            format!(
+                "IF TG_OP = 'TRUNCATE' THEN\n                IF e{i}_k0 IS NOT NULL THEN\n                    {generic}\n                END IF;\n            ELSIF TG_OP <> 'DELETE' THEN\n                {fast}\n            END IF;",
+                i = e.index,
+                fast = e.fast_up_sql(m, "new_rows")
+            )
+        } else {
+            generic
+        }
+    };
+    let del = |e: &SyncEntry| {
+        let generic = e.del_sql(m, &format!("e{}_k", e.index));
+        if is_fast(e) {
+            format!(
+                "IF TG_OP = 'TRUNCATE' THEN\n                IF e{i}_k0 IS NOT NULL THEN\n                    {generic}\n                END IF;\n            ELSIF TG_OP = 'UPDATE' THEN\n                {upd}\n            ELSIF TG_OP = 'DELETE' THEN\n                {dele}\n            END IF;",
+                i = e.index,
+                upd = e.fast_del_sql(m, "old_rows", Some("new_rows")),
+                dele = e.fast_del_sql(m, "old_rows", None)
+            )
+        } else {
+            generic
+        }
+    };
     if let [e] = touching.as_slice() {
         // One entry: upsert and delete in a single subtransaction (half the cost per statement).
         body.push_str(&format!(
-            "    IF e{i}_k0 IS NOT NULL THEN\n        BEGIN\n            {up}\n            {del}\n        EXCEPTION WHEN OTHERS THEN\n{rec}        END;\n    END IF;\n",
-            i = e.index,
-            up = e.up_sql(m, &format!("e{}_k", e.index)),
-            del = e.del_sql(m, &format!("e{}_k", e.index)),
+            "    IF {g} THEN\n        BEGIN\n            {up}\n            {del}\n        EXCEPTION WHEN OTHERS THEN\n{rec}        END;\n    END IF;\n",
+            g = guard(e),
+            up = up(e),
+            del = del(e),
             rec = record(e)
         ));
     }
     for e in touching.iter().filter(|_| touching.len() > 1) {
         body.push_str(&format!(
-            "    IF e{i}_k0 IS NOT NULL THEN\n        BEGIN\n            {sql}\n        EXCEPTION WHEN OTHERS THEN\n{rec}        END;\n    END IF;\n",
-            i = e.index,
-            sql = e.up_sql(m, &format!("e{}_k", e.index)),
+            "    IF {g} THEN\n        BEGIN\n            {sql}\n        EXCEPTION WHEN OTHERS THEN\n{rec}        END;\n    END IF;\n",
+            g = guard(e),
+            sql = up(e),
             rec = record(e)
         ));
     }
     for e in touching.iter().rev().filter(|_| touching.len() > 1) {
         body.push_str(&format!(
-            "    IF e{i}_k0 IS NOT NULL THEN\n        BEGIN\n            {sql}\n        EXCEPTION WHEN OTHERS THEN\n{rec}        END;\n    END IF;\n",
-            i = e.index,
-            sql = e.del_sql(m, &format!("e{}_k", e.index)),
+            "    IF {g} THEN\n        BEGIN\n            {sql}\n        EXCEPTION WHEN OTHERS THEN\n{rec}        END;\n    END IF;\n",
+            g = guard(e),
+            sql = del(e),
             rec = record(e)
         ));
     }
     // Keys that re-derived cleanly are no longer failed.
     for e in &touching {
         body.push_str(&format!(
-            "    IF e{i}_ok AND e{i}_k0 IS NOT NULL AND EXISTS (SELECT 1 FROM {failures} WHERE migration = {mig} AND green_table = {t}) THEN\n        DELETE FROM {failures} AS x WHERE x.migration = {mig} AND x.green_table = {t} AND x.sync_key IN (SELECT {kj} FROM {u});\n    END IF;\n",
+            "    IF e{i}_ok AND {g} AND EXISTS (SELECT 1 FROM {failures} WHERE migration = {mig} AND green_table = {t}) THEN\n{fill}        DELETE FROM {failures} AS x WHERE x.migration = {mig} AND x.green_table = {t} AND x.sync_key IN (SELECT {kj} FROM {u});\n    END IF;\n",
             i = e.index,
+            g = guard(e),
+            fill = if is_fast(e) { fill(e) } else { String::new() },
             mig = Literal::new(&m.migration),
             t = Literal::new(&e.entry.name),
             kj = key_json(e),
@@ -670,11 +875,20 @@ fn join_locks(m: &Mapping, e: &SyncEntry, x: &QName, changed: &str, indent: &str
 
 /// Key-finding statements for blue table `x` whose changed rows are in `changed`, each preceded
 /// by the join-value locks of its entry.
-fn find_keys(m: &Mapping, entries: &[SyncEntry], x: &QName, changed: &str, indent: &str) -> String {
+fn find_keys(
+    m: &Mapping,
+    entries: &[SyncEntry],
+    x: &QName,
+    changed: &str,
+    indent: &str,
+    skip_row_local: bool,
+) -> String {
     let mut s = String::new();
     for e in entries {
         let aliases = e.aliases_of(x);
-        if aliases.is_empty() {
+        if aliases.is_empty()
+            || (skip_row_local && e.row_local && &e.entry.from_clause.driving().table == x)
+        {
             continue;
         }
         s.push_str(&join_locks(m, e, x, changed, indent));
@@ -755,20 +969,36 @@ fn log_changes(m: &Mapping) -> String {
 pub fn live_trigger_function(m: &Mapping, entries: &[SyncEntry], x: &QName, n: usize) -> Sql {
     let find = format!(
         "    IF TG_OP = 'INSERT' THEN\n{}    ELSIF TG_OP = 'UPDATE' THEN\n{}    ELSIF TG_OP = 'DELETE' THEN\n{}    ELSE\n{}    END IF;\n",
-        find_keys(m, entries, x, "new_rows", "        "),
+        find_keys(m, entries, x, "new_rows", "        ", true),
         find_keys(
             m,
             entries,
             x,
             "(SELECT * FROM old_rows UNION ALL SELECT * FROM new_rows)",
-            "        "
+            "        ",
+            true
         ),
-        find_keys(m, entries, x, "old_rows", "        "),
+        find_keys(m, entries, x, "old_rows", "        ", true),
         find_all_keys(m, entries, x, "        "),
     );
-    let (decl, body) = apply_block(m, entries, x, &find, true);
+    let (decl, body) = apply_block(m, entries, x, &find, true, true);
+    let wrapped = format!(
+        "    BEGIN\n{body}    EXCEPTION WHEN OTHERS THEN\n        RAISE WARNING 'bluegreen: sync of this change deferred to the change log (run bluegreen sync): % %', SQLSTATE, SQLERRM;\n{}    END;\n",
+        log_changes(m)
+    );
+    // When every entry this table feeds takes the fast path, nothing outside the per-entry
+    // blocks can fail except under TRUNCATE: spare the outer subtransaction on every write.
+    let all_fast = entries
+        .iter()
+        .filter(|e| !e.aliases_of(x).is_empty())
+        .all(|e| e.row_local && &e.entry.from_clause.driving().table == x);
+    let main = if all_fast {
+        format!("    IF TG_OP = 'TRUNCATE' THEN\n{wrapped}    ELSE\n{body}    END IF;\n")
+    } else {
+        wrapped
+    };
     Sql(format!(
-        "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn$\nDECLARE\n    lock_ids bigint[];\n{decl}BEGIN\n    -- Loop guard: a change the reverse sync is applying is not echoed back.\n    IF current_setting('bluegreen.applying', true) = 'reverse' THEN\n        RETURN NULL;\n    END IF;\n    IF current_setting('transaction_isolation') <> 'read committed' THEN\n{log}        RETURN NULL;\n    END IF;\n    BEGIN\n{body}    EXCEPTION WHEN OTHERS THEN\n        RAISE WARNING 'bluegreen: sync of this change deferred to the change log (run bluegreen sync): % %', SQLSTATE, SQLERRM;\n{log}    END;\n    RETURN NULL;\nEND\n$fn$",
+        "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn$\nDECLARE\n    lock_ids bigint[];\n{decl}BEGIN\n    -- Loop guard: a change the reverse sync is applying is not echoed back.\n    IF current_setting('bluegreen.applying', true) = 'reverse' THEN\n        RETURN NULL;\n    END IF;\n    IF current_setting('transaction_isolation') <> 'read committed' THEN\n{log}        RETURN NULL;\n    END IF;\n{main}    RETURN NULL;\nEND\n$fn$",
         f = names::sync_function(&m.control_schema, &m.migration, n),
         settings = function_settings(m),
         log = log_changes(m),
@@ -791,11 +1021,11 @@ pub fn catchup_function(m: &Mapping, entries: &[SyncEntry], x: &QName, n: usize)
     let find = format!(
         "    IF EXISTS (SELECT 1 FROM {ch} AS c WHERE c.migration = {mig} AND c.blue_table = {bt} AND c.id = ANY (ids) AND c.op = 'T') THEN\n{}    ELSE\n{}    END IF;\n",
         find_all_keys(m, entries, x, "        "),
-        find_keys(m, entries, x, &changes_relation(m, x), "        "),
+        find_keys(m, entries, x, &changes_relation(m, x), "        ", false),
         mig = Literal::new(&m.migration),
         bt = Literal::new(x.display()),
     );
-    let (decl, body) = apply_block(m, entries, x, &find, true);
+    let (decl, body) = apply_block(m, entries, x, &find, true, false);
     Sql(format!(
         "CREATE OR REPLACE FUNCTION {f}(ids bigint[]) RETURNS void LANGUAGE plpgsql {settings} AS $fn$\nDECLARE\n    lock_ids bigint[];\n{decl}BEGIN\n{body}END\n$fn$",
         f = names::catchup_function(&m.control_schema, &m.migration, n),
@@ -847,9 +1077,10 @@ pub fn retry_function(m: &Mapping, e: &SyncEntry) -> Sql {
         keys: e.keys.clone(),
         upsert_key: e.upsert_key.clone(),
         nullable: e.nullable,
+        row_local: false,
     }];
     let x = &e.entry.from_clause.driving().table;
-    let (_, body) = apply_block(m, &one, x, &fill, true);
+    let (_, body) = apply_block(m, &one, x, &fill, true, false);
     Sql(format!(
         "CREATE OR REPLACE FUNCTION {f}() RETURNS void LANGUAGE plpgsql {settings} AS $fn$\nDECLARE\n{decl}BEGIN\n{body}END\n$fn$",
         f = names::entry_function(

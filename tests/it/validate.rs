@@ -251,3 +251,38 @@ async fn digests_do_not_depend_on_server_settings() {
     assert_eq!(before, after);
     let _ = support::root();
 }
+
+/// The live fast path (an entry fed by one blue table through its unique key): a write green
+/// rejects commits on blue and is recorded with its key; the next good write clears it; deletes
+/// and key changes reach green.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_local_entries_sync_fails_safe_and_recovers() {
+    let url = types_db("validate_fast").await;
+    let mut c = connect(&url).await;
+    exec(
+        &mut c,
+        "UPDATE public.items SET amount = -5000 WHERE id = 12",
+    )
+    .await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM bluegreen.sync_failures WHERE green_table = 'items' AND sync_key = '[12]'")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "the rejected write must be recorded with its key");
+    exec(&mut c, "UPDATE public.items SET amount = 12 WHERE id = 12").await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM bluegreen.sync_failures")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "a good write to the key clears its failure");
+    exec(&mut c, "UPDATE public.items SET id = id + 1000 WHERE id BETWEEN 20 AND 29; DELETE FROM public.items WHERE id BETWEEN 30 AND 35; INSERT INTO public.items (id, label) VALUES (5000, NULL)").await;
+    exec(&mut c, "UPDATE public.tags SET n = n + 1").await;
+    let out = run(&url, &["validate", "-m", TYPES]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
