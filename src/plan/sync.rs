@@ -360,38 +360,7 @@ impl SyncEntry<'_> {
         let overriding = cols
             .iter()
             .any(|c| self.green.column(c).is_some_and(|gc| gc.identity == "a"));
-        let others: Vec<&str> = cols
-            .iter()
-            .copied()
-            .filter(|c| !self.upsert_key.iter().any(|k| k == c))
-            .collect();
-        let conflict = if others.is_empty() {
-            "DO NOTHING".to_string()
-        } else {
-            // Compare the rendered rows, not the values: 1.98 and 1.980 are equal numerics but
-            // different green rows to `validate`.
-            format!(
-                "DO UPDATE SET {} WHERE ROW({})::text IS DISTINCT FROM ROW({})::text",
-                join(
-                    others
-                        .iter()
-                        .map(|c| format!("{0} = EXCLUDED.{0}", Ident::new(*c))),
-                    ", "
-                ),
-                join(
-                    others
-                        .iter()
-                        .map(|c| format!("bluegreen_g.{}", Ident::new(*c))),
-                    ", "
-                ),
-                join(
-                    others
-                        .iter()
-                        .map(|c| format!("EXCLUDED.{}", Ident::new(*c))),
-                    ", "
-                )
-            )
-        };
+        let conflict = self.conflict_clause();
         format!(
             "INSERT INTO {t} AS bluegreen_g ({cols}){ov}\n    SELECT * FROM ({m}) AS m\n    ON CONFLICT ({key}) {conflict};",
             t = self.green.qname(),
