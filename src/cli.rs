@@ -130,7 +130,8 @@ pub struct PrepareArgs {
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum EngineArg {
-    /// Pick per the benchmark (currently insert-select: the server does all the work).
+    /// Pick per the benchmark: the COPY pipe (its reading and writing backends run on two cores
+    /// even with one job); insert-select for tables chunked by physical ranges.
     Auto,
     /// Server-side INSERT ... SELECT per chunk: no data leaves the server.
     InsertSelect,

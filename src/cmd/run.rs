@@ -52,8 +52,8 @@ pub async fn copy(a: &CopyArgs) -> anyhow::Result<Outcome> {
         chunk_rows: s.chunk_rows,
         lock_timeout_ms: s.lock_timeout_ms,
         engine: match a.engine {
-            EngineArg::Copy => Engine::Copy,
-            EngineArg::Auto | EngineArg::InsertSelect => Engine::InsertSelect,
+            EngineArg::Copy | EngineArg::Auto => Engine::Copy,
+            EngineArg::InsertSelect => Engine::InsertSelect,
         },
     };
     let url = a.common.database_url.clone();
