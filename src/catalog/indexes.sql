@@ -9,6 +9,8 @@ SELECT i.indrelid::int8 AS table_oid,
         WHERE k.ord <= i.indnkeyatts) AS columns,
        i.indpred IS NOT NULL AS is_partial,
        i.indnullsnotdistinct AS nulls_not_distinct,
+       i.indisvalid AS is_valid,
+       i.indimmediate AS is_immediate,
        pg_get_indexdef(i.indexrelid) AS definition,
        EXISTS (SELECT 1 FROM pg_constraint con WHERE con.conindid = i.indexrelid
                                                 AND con.conrelid = i.indrelid) AS backs_constraint,

@@ -103,6 +103,10 @@ pub struct Index {
     pub columns: Vec<Option<String>>,
     pub partial: bool,
     pub nulls_not_distinct: bool,
+    /// False for an index a failed CREATE INDEX CONCURRENTLY left behind.
+    pub valid: bool,
+    /// False for a DEFERRABLE unique constraint: duplicates may exist inside a transaction.
+    pub immediate: bool,
     pub definition: String,
     /// The index belongs to a PRIMARY KEY, UNIQUE or EXCLUDE constraint.
     pub backs_constraint: bool,
@@ -155,6 +159,32 @@ impl Table {
         }
         out
     }
+    /// Keys that hold at every statement's end: unique, valid, not deferrable, not partial, on
+    /// plain NOT NULL columns.
+    pub fn strict_unique_keys(&self) -> Vec<Vec<String>> {
+        self.indexes
+            .iter()
+            .filter(|ix| {
+                ix.unique
+                    && ix.valid
+                    && ix.immediate
+                    && !ix.partial
+                    && ix.columns.iter().all(Option::is_some)
+            })
+            .map(|ix| {
+                ix.columns
+                    .iter()
+                    .flatten()
+                    .cloned()
+                    .collect::<Vec<String>>()
+            })
+            .filter(|cols| {
+                cols.iter()
+                    .all(|c| self.column(c).is_some_and(|col| col.not_null))
+            })
+            .collect()
+    }
+
     /// True when some index's leading columns are exactly `cols` (in any order).
     pub fn has_index_on(&self, cols: &[String]) -> bool {
         self.indexes.iter().any(|ix| {
@@ -295,6 +325,8 @@ pub async fn load(conn: &mut PgConnection, schemas: &[&str]) -> Result<Catalog, 
             columns: get::<Option<Vec<Option<String>>>>(&r, "columns")?.unwrap_or_default(),
             partial: get(&r, "is_partial")?,
             nulls_not_distinct: get(&r, "nulls_not_distinct")?,
+            valid: get(&r, "is_valid")?,
+            immediate: get(&r, "is_immediate")?,
             definition: get(&r, "definition")?,
             backs_constraint: get(&r, "backs_constraint")?,
             bytes: get(&r, "bytes")?,

@@ -84,13 +84,19 @@ pub fn sync_entries<'a>(m: &'a Mapping, cat: &'a Catalog) -> Vec<SyncEntry<'a>> 
             .iter()
             .map(|(_, x, _)| super::plain_column_of(x, &driving.alias).map(str::to_string))
             .collect();
+        // The fast path needs one green row per blue row: a strict blue key (valid, immediate,
+        // NOT NULL) inside the sync key, and key values that reach green unchanged (same type).
         let row_local = e.group_by.is_empty()
             && e.from_clause.items.len() == 1
-            && key_cols.is_some_and(|cols| {
+            && !nullable
+            && key_cols.as_ref().is_some_and(|cols| {
                 cat.table(&driving.table).is_some_and(|bt| {
-                    bt.unique_keys()
+                    bt.strict_unique_keys()
                         .iter()
                         .any(|uk| uk.iter().all(|c| cols.contains(c)))
+                        && keys.iter().zip(cols.iter()).all(|((_, _, gty), bc)| {
+                            bt.column(bc).is_some_and(|b| &b.type_sql == gty)
+                        })
                 })
             });
         out.push(SyncEntry {
@@ -955,17 +961,9 @@ pub fn live_trigger_function(m: &Mapping, entries: &[SyncEntry], x: &QName, n: u
         "    BEGIN\n{body}    EXCEPTION WHEN OTHERS THEN\n        RAISE WARNING 'bluegreen: sync of this change deferred to the change log (run bluegreen sync): % %', SQLSTATE, SQLERRM;\n{}    END;\n",
         log_changes(m)
     );
-    // When every entry this table feeds takes the fast path, nothing outside the per-entry
-    // blocks can fail except under TRUNCATE: spare the outer subtransaction on every write.
-    let all_fast = entries
-        .iter()
-        .filter(|e| !e.aliases_of(x).is_empty())
-        .all(|e| e.row_local && &e.entry.from_clause.driving().table == x);
-    let main = if all_fast {
-        format!("    IF TG_OP = 'TRUNCATE' THEN\n{wrapped}    ELSE\n{body}    END IF;\n")
-    } else {
-        wrapped
-    };
+    // Always inside the outer block: recording or clearing a failure computes keys, and that
+    // can fail too (a key that does not fit its green type); the write must still succeed.
+    let main = wrapped;
     Sql(format!(
         "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn$\nDECLARE\n    lock_ids bigint[];\n{decl}BEGIN\n    -- Loop guard: a change the reverse sync is applying is not echoed back.\n    IF current_setting('bluegreen.applying', true) = 'reverse' THEN\n        RETURN NULL;\n    END IF;\n    IF current_setting('transaction_isolation') <> 'read committed' THEN\n{log}        RETURN NULL;\n    END IF;\n{main}    RETURN NULL;\nEND\n$fn$",
         f = names::sync_function(&m.control_schema, &m.migration, n),

@@ -286,3 +286,66 @@ async fn row_local_entries_sync_fails_safe_and_recovers() {
         text(&out.stderr)
     );
 }
+
+/// Keys the live fast path must not trust: a DEFERRABLE key (duplicates between statements), a
+/// key whose green type is narrower than blue's, a nullable key. The application's writes succeed
+/// and green ends equal to M(blue) (or, for the key that does not fit, the failure is reported).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_the_fast_path_cannot_trust() {
+    let url = empty_db("validate_edge").await;
+    let mut c = connect(&url).await;
+    exec(
+        &mut c,
+        "CREATE TABLE d (id integer, v text, CONSTRAINT d_pk PRIMARY KEY (id) DEFERRABLE INITIALLY DEFERRED);
+         INSERT INTO d VALUES (1, 'a'), (2, 'b');
+         CREATE TABLE o (id bigint PRIMARY KEY, v text);
+         INSERT INTO o VALUES (1, 'x');
+         CREATE TABLE u (id integer PRIMARY KEY, email text UNIQUE, v text, active boolean NOT NULL);
+         INSERT INTO u VALUES (1, 'a@x', 'a', true), (2, NULL, 'b', true), (3, NULL, 'c', true);",
+    )
+    .await;
+    let out = run(&url, &["copy", "-m", "tests/fixtures/edge.yaml"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    exec(
+        &mut c,
+        "BEGIN; UPDATE d SET id = 2 WHERE v = 'a'; UPDATE d SET id = 1 WHERE v = 'b'; COMMIT",
+    )
+    .await;
+    exec(
+        &mut c,
+        "DELETE FROM u WHERE id = 2; UPDATE u SET active = false WHERE id = 3",
+    )
+    .await;
+    // Does not fit green's integer: the write still commits on blue.
+    exec(&mut c, "INSERT INTO o VALUES (3000000000, 'big')").await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM public.o")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+    let st = run(
+        &url,
+        &[
+            "status",
+            "-m",
+            "tests/fixtures/edge.yaml",
+            "--format",
+            "json",
+        ],
+    )
+    .await;
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    let reported = st["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["table"] == "o")
+        || st["backlog"].as_i64().unwrap() > 0;
+    assert!(
+        reported,
+        "the write green cannot take must be reported: {st}"
+    );
+    exec(&mut c, "DELETE FROM o WHERE id = 3000000000").await;
+    let _ = run(&url, &["sync", "-m", "tests/fixtures/edge.yaml"]).await;
+    crate::support::assert_invariant(&url, "tests/fixtures/edge.yaml").await;
+}
