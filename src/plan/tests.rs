@@ -49,6 +49,8 @@ fn table(schema: &str, name: &str, cols: Vec<Column>, pk: &[&str]) -> Table {
                 columns: pk.iter().cloned().map(Some).collect(),
                 partial: false,
                 nulls_not_distinct: false,
+                valid: true,
+                immediate: true,
                 definition: String::new(),
                 backs_constraint: true,
                 bytes: 0,
