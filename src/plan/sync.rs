@@ -441,6 +441,21 @@ impl SyncEntry<'_> {
         )
     }
 
+    /// `SELECT array_agg(s.k0), ... INTO eN_k0, ... FROM (<source>) AS s;`: fill the key arrays.
+    fn collect_keys(&self, source: &str) -> String {
+        format!(
+            "SELECT {} INTO {} FROM ({source}) AS s;",
+            join(
+                (0..self.keys.len()).map(|j| format!("array_agg(s.k{j})")),
+                ", "
+            ),
+            join(
+                (0..self.keys.len()).map(|j| format!("e{}_k{j}", self.index)),
+                ", "
+            )
+        )
+    }
+
     /// Aliases of this entry that read blue table `x`.
     fn aliases_of(&self, x: &QName) -> Vec<&str> {
         self.entry
@@ -648,23 +663,15 @@ fn apply_block(
     let is_fast = |e: &SyncEntry| fast && e.row_local && &e.entry.from_clause.driving().table == x;
     // The fast path finds its keys only when it needs them: to record or clear a failure.
     let fill = |e: &SyncEntry| {
-        let into = join(
-            (0..e.keys.len()).map(|j| format!("e{}_k{j}", e.index)),
-            ", ",
-        );
-        let aggs = join(
-            (0..e.keys.len()).map(|j| format!("array_agg(s.k{j})")),
-            ", ",
-        );
         let alias = e.entry.from_clause.driving().alias.as_str();
         format!(
-            "            IF e{i}_k0 IS NULL THEN\n                IF TG_OP = 'INSERT' THEN\n                    SELECT {aggs} INTO {into} FROM ({}) AS s;\n                ELSIF TG_OP = 'UPDATE' THEN\n                    SELECT {aggs} INTO {into} FROM ({}) AS s;\n                ELSIF TG_OP = 'DELETE' THEN\n                    SELECT {aggs} INTO {into} FROM ({}) AS s;\n                END IF;\n            END IF;\n",
-            e.touched_keys(alias, "new_rows"),
-            e.touched_keys(
+            "            IF e{i}_k0 IS NULL THEN\n                IF TG_OP = 'INSERT' THEN\n                    {}\n                ELSIF TG_OP = 'UPDATE' THEN\n                    {}\n                ELSIF TG_OP = 'DELETE' THEN\n                    {}\n                END IF;\n            END IF;\n",
+            e.collect_keys(&e.touched_keys(alias, "new_rows")),
+            e.collect_keys(&e.touched_keys(
                 alias,
                 "(SELECT * FROM old_rows UNION ALL SELECT * FROM new_rows)"
-            ),
-            e.touched_keys(alias, "old_rows"),
+            )),
+            e.collect_keys(&e.touched_keys(alias, "old_rows")),
             i = e.index,
         )
     };
@@ -871,17 +878,7 @@ fn find_keys(
             aliases.iter().map(|a| e.touched_keys(a, changed)),
             " UNION ",
         );
-        s.push_str(&format!(
-            "{indent}SELECT {} INTO {} FROM ({union}) AS s;\n",
-            join(
-                (0..e.keys.len()).map(|j| format!("array_agg(s.k{j})")),
-                ", "
-            ),
-            join(
-                (0..e.keys.len()).map(|j| format!("e{}_k{j}", e.index)),
-                ", "
-            )
-        ));
+        s.push_str(&format!("{indent}{}\n", e.collect_keys(&union)));
     }
     s
 }
@@ -894,18 +891,7 @@ fn find_all_keys(m: &Mapping, entries: &[SyncEntry], x: &QName, indent: &str) ->
             "{indent}PERFORM pg_advisory_xact_lock(hashtextextended({}, 0));\n",
             Literal::new(format!("bluegreen:{}:{}:", m.migration, e.entry.name))
         ));
-        s.push_str(&format!(
-            "{indent}SELECT {} INTO {} FROM ({}) AS s;\n",
-            join(
-                (0..e.keys.len()).map(|j| format!("array_agg(s.k{j})")),
-                ", "
-            ),
-            join(
-                (0..e.keys.len()).map(|j| format!("e{}_k{j}", e.index)),
-                ", "
-            ),
-            e.all_keys()
-        ));
+        s.push_str(&format!("{indent}{}\n", e.collect_keys(&e.all_keys())));
     }
     s
 }

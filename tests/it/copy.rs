@@ -60,8 +60,7 @@ async fn copy_under_concurrent_writes_keeps_the_invariant_then_live_sync_keeps_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_update_and_truncate_in_live_mode() {
     let url = carbot_db("copy_bulk").await;
-    let out = run(&url, &["copy", "-m", MAPPING]).await;
-    assert!(out.status.success(), "{}", stderr(&out));
+    crate::support::copy_ok(&url, MAPPING).await;
     let mut c = connect(&url).await;
     exec(
         &mut c,
@@ -241,8 +240,7 @@ async fn jobs_and_engines_give_the_same_green() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_green_rejects_still_commits_and_is_reported_then_retried() {
     let url = carbot_db("copy_reject").await;
-    let out = run(&url, &["copy", "-m", MAPPING]).await;
-    assert!(out.status.success(), "{}", stderr(&out));
+    crate::support::copy_ok(&url, MAPPING).await;
     let mut c = connect(&url).await;
     // green.leads has CHECK (lead_score BETWEEN 0 AND 100); blue has none.
     exec(&mut c, "UPDATE public.leads SET lead_score = 500 WHERE id = (SELECT min(id::text)::uuid FROM public.leads WHERE deleted_at IS NULL AND workshop_id IN (SELECT id FROM public.workshops))").await;
@@ -334,8 +332,7 @@ async fn prepare_behind_a_long_transaction_retries_then_names_it() {
     assert!(writes > 0);
     exec(&mut holder, "ROLLBACK").await;
     // Once the transaction is gone, prepare (and copy) go through.
-    let out = run(&url, &["copy", "-m", MAPPING]).await;
-    assert!(out.status.success(), "{}", stderr(&out));
+    crate::support::copy_ok(&url, MAPPING).await;
     assert_invariant(&url, MAPPING).await;
 }
 

@@ -75,12 +75,7 @@ async fn chinook_shapes_under_concurrent_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writers_meeting_through_a_join_are_serialised() {
     let url = chinook_db("shapes_race").await;
-    let out = run(&url, &["copy", "-m", MAPPING]).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::support::copy_ok(&url, MAPPING).await;
     let mut t1 = connect(&url).await;
     exec(
         &mut t1,
@@ -115,12 +110,7 @@ async fn writers_meeting_through_a_join_are_serialised() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_application_role_without_rights_on_green_writes_through_sync() {
     let url = chinook_db("shapes_role").await;
-    let out = run(&url, &["copy", "-m", MAPPING]).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::support::copy_ok(&url, MAPPING).await;
     let mut c = connect(&url).await;
     exec(
         &mut c,
@@ -146,12 +136,7 @@ async fn an_application_role_without_rights_on_green_writes_through_sync() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeatable_read_writers_are_deferred_to_sync() {
     let url = chinook_db("shapes_rr").await;
-    let out = run(&url, &["copy", "-m", MAPPING]).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::support::copy_ok(&url, MAPPING).await;
     let mut c = connect(&url).await;
     exec(&mut c, "BEGIN ISOLATION LEVEL REPEATABLE READ; UPDATE public.track SET genre_id = NULL WHERE track_id = 7; COMMIT").await;
     let st = run(&url, &["status", "-m", MAPPING, "--format", "json"]).await;

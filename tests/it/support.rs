@@ -86,6 +86,16 @@ pub async fn run(url: &str, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `bluegreen copy -m <mapping>`, which must succeed.
+pub async fn copy_ok(url: &str, mapping: &str) {
+    let out = run(url, &["copy", "-m", mapping]).await;
+    assert!(
+        out.status.success(),
+        "copy failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The bluegreen binary, with the database URL set.
 pub fn bluegreen(url: &str) -> assert_cmd::Command {
     let mut cmd = assert_cmd::Command::cargo_bin("bluegreen").unwrap();

@@ -13,8 +13,7 @@ fn text(b: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validate_passes_repeatedly_under_concurrent_writes() {
     let url = carbot_db("validate_live").await;
-    let out = run(&url, &["copy", "-m", "mappings/carbot.yaml"]).await;
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    crate::support::copy_ok(&url, "mappings/carbot.yaml").await;
     let stop = Arc::new(AtomicBool::new(false));
     let w = tokio::spawn(carbot_writer(url.clone(), 7, stop.clone()));
     for _ in 0..3 {
@@ -59,8 +58,7 @@ async fn types_db(name: &str) -> String {
          INSERT INTO tags SELECT g, 'Tag' || g, g FROM generate_series(1, 20) g;",
     )
     .await;
-    let out = run(&url, &["copy", "-m", TYPES]).await;
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    crate::support::copy_ok(&url, TYPES).await;
     url
 }
 
@@ -304,8 +302,7 @@ async fn keys_the_fast_path_cannot_trust() {
          INSERT INTO u VALUES (1, 'a@x', 'a', true), (2, NULL, 'b', true), (3, NULL, 'c', true);",
     )
     .await;
-    let out = run(&url, &["copy", "-m", "tests/fixtures/edge.yaml"]).await;
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    crate::support::copy_ok(&url, "tests/fixtures/edge.yaml").await;
     exec(
         &mut c,
         "BEGIN; UPDATE d SET id = 2 WHERE v = 'a'; UPDATE d SET id = 1 WHERE v = 'b'; COMMIT",
