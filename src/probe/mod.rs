@@ -1075,6 +1075,58 @@ impl Probe<'_> {
                 );
             }
         }
+        // Foreign keys between green tables: every referenced row must be one the parent's entry
+        // produces (else VALIDATE fails at the end of the copy and live sync records failures).
+        for fk in &gt.foreign_keys {
+            if fk.ref_table.schema != m.green || fk.columns.is_empty() {
+                continue;
+            }
+            let Some(parent) = m.entry(&fk.ref_table.name) else {
+                self.diags.push(
+                    Diagnostic::warning("fk-parent-unmapped", format!("foreign key {} references {}, which no entry fills: rows that reference it will fail", fk.name, fk.ref_table.display()))
+                        .at(Some(e.span.clone()))
+                        .table(&e.name)
+                        .hint("map the parent table too, or leave the referencing columns to NULL"),
+                );
+                continue;
+            };
+            let Some(pt) = cat.table(&fk.ref_table) else {
+                continue;
+            };
+            if fk.ref_columns.iter().any(|c| parent.column(c).is_none()) {
+                continue;
+            }
+            let parent_rows = query::mapping_select_typed(parent, pt, &m.control_schema);
+            let not_null = join(
+                fk.columns
+                    .iter()
+                    .map(|c| format!("c.{} IS NOT NULL", Ident::new(c))),
+                " AND ",
+            );
+            let matches = join(
+                fk.columns
+                    .iter()
+                    .zip(&fk.ref_columns)
+                    .map(|(c, r)| format!("p.{} = c.{}", Ident::new(r), Ident::new(c))),
+                " AND ",
+            );
+            let q = Sql(format!(
+                "SELECT count(*) FROM bluegreen_profile AS c WHERE {not_null} AND NOT EXISTS (SELECT 1 FROM ({parent_rows}) AS p WHERE {matches})"
+            ));
+            if let Some(n) = self.count_guarded(&q).await?
+                && n > 0
+            {
+                self.diags.push(
+                    Diagnostic::error(
+                        "fk-violation",
+                        format!("{n} row(s) {scope} reference {} rows that entry `{}` does not produce (foreign key {})", fk.ref_table.display(), parent.name, fk.name),
+                    )
+                    .at(Some(e.span.clone()))
+                    .table(&e.name)
+                    .hint(format!("filter this entry the way `{}` is filtered (e.g. JOIN the parent's driving table in `from`)", parent.name)),
+                );
+            }
+        }
         // Value maps
         for (i, c) in &raw_cols {
             let vm = c.value_map.as_ref().unwrap();
