@@ -17,7 +17,7 @@
 use crate::catalog::{self, Catalog};
 use crate::mapping::{JoinKind, Mapping, TableEntry};
 use crate::names;
-use crate::plan::query::{Shape, column_sql, group_by_clause, mapped_columns, where_clause};
+use crate::plan::query::{column_sql, group_by_clause, mapped_columns, where_clause};
 use crate::sql::{Expr, Ident, Literal, QName, Sql, join};
 
 /// Above this many keys in one statement, re-derivation locks the whole entry instead of each key.
@@ -536,7 +536,6 @@ fn select_m(m: &Mapping, e: &TableEntry, gt: &catalog::Table, extra: Vec<String>
             Ident::new(&c.name)
         ))
     });
-    let _ = Shape::default();
     format!(
         "SELECT {} FROM {}{}{}",
         join(cols, ", "),

@@ -107,7 +107,6 @@ pub struct TableResult {
 
 struct Task {
     entry: usize,
-    chunk: usize,
     green_cond: String,
     blue_cond: String,
 }
@@ -152,8 +151,7 @@ fn green_rows_sql(e: &TableEntry, gt: &catalog::Table, cond: &str) -> String {
     )
 }
 
-fn blue_select(m: &Mapping, e: &TableEntry, gt: &catalog::Table, cond: &str, what: &str) -> String {
-    let _ = what;
+fn blue_select(m: &Mapping, e: &TableEntry, gt: &catalog::Table, cond: &str) -> String {
     let cols = e.columns.iter().filter_map(|c| {
         let gc = gt.column(&c.name)?;
         Some(format!(
@@ -182,7 +180,7 @@ fn blue_rows_sql(m: &Mapping, e: &TableEntry, gt: &catalog::Table, cond: &str) -
     );
     format!(
         "SELECT ROW({cols})::text FROM ({}) AS b",
-        blue_select(m, e, gt, cond, "rows")
+        blue_select(m, e, gt, cond)
     )
 }
 
@@ -228,7 +226,6 @@ async fn plan_tasks(
         let Some((col, x, ty)) = key.filter(|_| usable) else {
             tasks.push(Task {
                 entry: i,
-                chunk: 0,
                 green_cond: "true".into(),
                 blue_cond: "true".into(),
             });
@@ -271,7 +268,6 @@ async fn plan_tasks(
             c.join(" AND ")
         };
         let mut lo: Option<String> = None;
-        let mut k = 0;
         for hi in bounds
             .iter()
             .map(|h| Some(h.clone()))
@@ -279,16 +275,13 @@ async fn plan_tasks(
         {
             tasks.push(Task {
                 entry: i,
-                chunk: k,
                 green_cond: cond(&g, &lo, &hi),
                 blue_cond: cond(&b, &lo, &hi),
             });
-            k += 1;
             lo = hi;
         }
         tasks.push(Task {
             entry: i,
-            chunk: k,
             green_cond: format!("{g} IS NULL"),
             blue_cond: format!("{b} IS NULL"),
         });
@@ -390,7 +383,7 @@ async fn locate(
             "SELECT {}, {} FROM ({}) AS b",
             krow("b"),
             arr("b"),
-            blue_select(m, e, gt, &t.blue_cond, "keys")
+            blue_select(m, e, gt, &t.blue_cond)
         ),
     )
     .await?;
@@ -530,7 +523,6 @@ pub async fn compare(url: &str, m: &Mapping, o: &Options) -> Result<Outcome, Dia
                 let green = stream_digest(&mut c, green_rows_sql(e, gt, &t.green_cond)).await.map_err(|err| chunk_err(e, &err))?;
                 let blue = stream_digest(&mut c, blue_rows_sql(&m, e, gt, &t.blue_cond)).await.map_err(|err| chunk_err(e, &err))?;
                 let differences = if green != blue { locate(&mut c, &m, e, gt, &t, o.show_values).await.map_err(|err| chunk_err(e, &err))? } else { Vec::new() };
-                let _ = t.chunk;
                 results.lock().expect("results").push(ChunkResult { entry: t.entry, blue, green, differences });
                 let n = done_chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 match &bar {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::support::{self, carbot_db, carbot_writer, connect, empty_db, exec, run};
+use crate::support::{carbot_db, carbot_writer, connect, empty_db, exec, run};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -247,7 +247,6 @@ async fn digests_do_not_depend_on_server_settings() {
     .await;
     let after = digests(run(&url, &["validate", "-m", TYPES, "--format", "json"]).await);
     assert_eq!(before, after);
-    let _ = support::root();
 }
 
 /// The live fast path (an entry fed by one blue table through its unique key): a write green
