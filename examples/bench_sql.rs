@@ -2,7 +2,7 @@
 //! comparison `(M(blue) EXCEPT ALL green) + (green EXCEPT ALL M(blue))` in one session, and a
 //! server-side md5 sum of both sides. Usage: `bench_sql MAPPING DATABASE_URL`.
 
-use bluegreen::plan::query::{invariant_diff, mapped_columns, mapping_select_typed};
+use bluegreen::plan::query::{Shape, invariant_diff, mapped_columns, mapping_select_typed};
 use bluegreen::sql::{Ident, QName, join};
 
 #[tokio::main(flavor = "current_thread")]
@@ -29,7 +29,7 @@ async fn main() {
         };
         println!(
             "md5\tSELECT ({}) = ({})",
-            md5(mapping_select_typed(e, gt, &m.control_schema).0),
+            md5(mapping_select_typed(e, gt, &m.control_schema, &Shape::default()).0),
             md5(format!("SELECT {cols} FROM {}", gt.qname()))
         );
     }

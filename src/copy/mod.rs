@@ -20,9 +20,7 @@ use crate::catalog::{self, Catalog};
 use crate::diag::Diagnostic;
 use crate::mapping::Mapping;
 use crate::pg::{self, locking};
-use crate::plan::query::{
-    Shape, column_sql, group_by_clause, insert_select, mapped_columns, where_clause,
-};
+use crate::plan::query::{Shape, chunk_insert, mapped_columns, mapping_select_typed, where_clause};
 use crate::plan::sync::referenced_aliases;
 use crate::plan::{chunk_key, steps, sync_key};
 use crate::sql::{Ident, Literal, QName, Sql, join};
@@ -614,21 +612,14 @@ async fn worker(
             extra_where: cond,
             ..Shape::default()
         };
-        // A row can move between chunks while the copy runs (a ctid range, a changed key): it is
-        // then copied twice, and the second copy is skipped (the change log re-derives it anyway).
+        // Physical (ctid) chunks can see a row twice; only the insert skips duplicates.
         let physical = row.get::<String, _>("key_type") == "tid";
         let rows: u64 = match source.as_mut().filter(|_| !physical) {
-            None => sqlx::raw_sql(
-                Sql(format!(
-                    "{} ON CONFLICT DO NOTHING",
-                    insert_select(e, gt, &m.control_schema, &shape)
-                ))
-                .assert_safe(),
-            )
-            .execute(&mut *tx)
-            .await
-            .map_err(|err| chunk_error(&table, chunk_no, err))?
-            .rows_affected(),
+            None => sqlx::raw_sql(chunk_insert(e, gt, &m.control_schema, &shape).assert_safe())
+                .execute(&mut *tx)
+                .await
+                .map_err(|err| chunk_error(&table, chunk_no, err))?
+                .rows_affected(),
             Some(src) => copy_chunk(src, &mut tx, m, e, gt, &shape)
                 .await
                 .map_err(|err| chunk_error(&table, chunk_no, err))?,
@@ -660,27 +651,8 @@ async fn copy_chunk(
     gt: &catalog::Table,
     shape: &Shape<'_>,
 ) -> Result<u64, sqlx::Error> {
-    // Binary COPY needs the exact green types: cast each column.
-    let cols: Vec<String> = e
-        .columns
-        .iter()
-        .filter_map(|c| {
-            let gc = gt.column(&c.name)?;
-            Some(format!(
-                "({})::{} AS {}",
-                column_sql(e, c, gc, &m.control_schema, false),
-                gc.type_sql,
-                Ident::new(&c.name)
-            ))
-        })
-        .collect();
-    let select = format!(
-        "SELECT {} FROM {}{}{}",
-        join(cols, ", "),
-        e.from_clause.render(),
-        where_clause(e, &shape.extra_where),
-        group_by_clause(e)
-    );
+    // Binary COPY needs the exact green types on both sides.
+    let select = mapping_select_typed(e, gt, &m.control_schema, shape);
     let target = format!(
         "COPY {} ({}) FROM STDIN (FORMAT binary)",
         gt.qname(),
@@ -772,20 +744,8 @@ async fn finish(
             r?;
         }
         let cat = load_catalog(conn, m).await?;
-        for seq in cat.sequences.iter().filter(|s| s.name.schema == m.green) {
-            if let Some((owner, col)) = &seq.owner
-                && m.entry(&owner.name).and_then(|e| e.column(col)).is_some()
-            {
-                exec(
-                    conn,
-                    &Sql(format!(
-                        "SELECT setval({}, greatest((SELECT max({}) FROM {owner}), 1))",
-                        Literal::new(seq.name.to_string()),
-                        Ident::new(col)
-                    )),
-                )
-                .await?;
-            }
+        for (_, sql) in steps::advance_sequences(m, &cat) {
+            exec(conn, &sql).await?;
         }
         for e in &m.tables {
             exec(

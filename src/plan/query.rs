@@ -158,6 +158,21 @@ pub fn insert_select(
     ))
 }
 
+/// The statement that copies one chunk: [`insert_select`], skipping rows already there. A row can
+/// move between chunks while the copy runs (a ctid range, a changed key) and be copied twice; the
+/// change log re-derives it anyway.
+pub fn chunk_insert(
+    entry: &TableEntry,
+    green: &catalog::Table,
+    control: &str,
+    shape: &Shape,
+) -> Sql {
+    Sql(format!(
+        "{} ON CONFLICT DO NOTHING",
+        insert_select(entry, green, control, shape)
+    ))
+}
+
 /// Compile-only probe of one expression: `SELECT (expr) FROM <from> WHERE ... GROUP BY ...`.
 pub fn expr_probe(entry: &TableEntry, expr: &str) -> (Sql, usize) {
     let head = "SELECT ";
@@ -193,13 +208,19 @@ pub fn assign_probe(
     ))
 }
 
-/// `M(blue)` with every column cast to its green type, in entry order (what green must hold).
-pub fn mapping_select_typed(entry: &TableEntry, green: &catalog::Table, control: &str) -> Sql {
+/// `M(blue)` with every column cast to its green type, in entry order (what green must hold, and
+/// what binary COPY and `validate` need: identical types on both sides).
+pub fn mapping_select_typed(
+    entry: &TableEntry,
+    green: &catalog::Table,
+    control: &str,
+    shape: &Shape,
+) -> Sql {
     let cols = entry.columns.iter().filter_map(|c| {
         let gc = green.column(&c.name)?;
         Some(format!(
             "({})::{} AS {}",
-            column_sql(entry, c, gc, control, false),
+            column_sql(entry, c, gc, control, shape.lenient),
             TypeName(&gc.type_sql),
             Ident::new(&c.name)
         ))
@@ -207,8 +228,8 @@ pub fn mapping_select_typed(entry: &TableEntry, green: &catalog::Table, control:
     Sql(format!(
         "SELECT {} FROM {}{}{}",
         join(cols, ", "),
-        entry.from_clause.render(),
-        where_clause(entry, &[]),
+        entry.from_clause.render_with(shape.replace),
+        where_clause(entry, &shape.extra_where),
         group_by_clause(entry)
     ))
 }
@@ -216,7 +237,7 @@ pub fn mapping_select_typed(entry: &TableEntry, green: &catalog::Table, control:
 /// The number of rows by which green.T and M(blue) differ as multisets on the mapped columns
 /// (rows of one missing from the other, both ways): 0 exactly when the invariant holds.
 pub fn invariant_diff(entry: &TableEntry, green: &catalog::Table, control: &str) -> Sql {
-    let m = mapping_select_typed(entry, green, control);
+    let m = mapping_select_typed(entry, green, control, &Shape::default());
     let g = format!(
         "SELECT {} FROM {}",
         join(

@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use super::EffectiveSettings;
-use super::query::{Shape, insert_select};
+use super::query::{Shape, chunk_insert};
 use crate::catalog::Catalog;
 use crate::mapping::Mapping;
 use crate::names;
@@ -58,6 +58,27 @@ pub fn capture_triggers(m: &Mapping, x: &QName, n: usize) -> Vec<crate::sql::Sql
         ))
     })
     .collect()
+}
+
+/// `setval` for every green sequence that owns a mapped column (serial or identity): past the
+/// highest id green holds, so generated ids never collide with copied or synced ones.
+pub fn advance_sequences(m: &Mapping, cat: &Catalog) -> Vec<(QName, crate::sql::Sql)> {
+    cat.sequences
+        .iter()
+        .filter(|s| s.name.schema == m.green)
+        .filter_map(|seq| {
+            let (owner, col) = seq.owner.as_ref()?;
+            m.entry(&owner.name).and_then(|e| e.column(col))?;
+            Some((
+                seq.name.clone(),
+                crate::sql::Sql(format!(
+                    "SELECT setval({}, greatest((SELECT max({}) FROM {owner}), 1))",
+                    Literal::new(seq.name.to_string()),
+                    Ident::new(col)
+                )),
+            ))
+        })
+        .collect()
 }
 
 /// All steps, in the order they run.
@@ -193,11 +214,11 @@ pub fn all(m: &Mapping, cat: &Catalog, s: &EffectiveSettings) -> Vec<Step> {
             "copy",
             format!("{}: each chunk, claimed from the ledger and marked done in one transaction", e.name),
             format!(
-                "SELECT chunk_no, lower_bound, upper_bound FROM {} WHERE migration = {} AND green_table = {} AND state = 'pending' LIMIT 1 FOR UPDATE SKIP LOCKED;\n{} ON CONFLICT DO NOTHING;\nUPDATE {} SET state = 'done', rows_copied = $3, done_at = now() WHERE migration = {} AND green_table = {} AND chunk_no = $4",
+                "SELECT chunk_no, lower_bound, upper_bound FROM {} WHERE migration = {} AND green_table = {} AND state = 'pending' LIMIT 1 FOR UPDATE SKIP LOCKED;\n{};\nUPDATE {} SET state = 'done', rows_copied = $3, done_at = now() WHERE migration = {} AND green_table = {} AND chunk_no = $4",
                 QName::new(control, "chunks"),
                 Literal::new(&m.migration),
                 Literal::new(&e.name),
-                insert_select(e, gt, control, &shape),
+                chunk_insert(e, gt, control, &shape),
                 QName::new(control, "chunks"),
                 Literal::new(&m.migration),
                 Literal::new(&e.name),
@@ -238,26 +259,13 @@ pub fn all(m: &Mapping, cat: &Catalog, s: &EffectiveSettings) -> Vec<Step> {
             ));
         }
     }
-    for seq in cat.sequences.iter().filter(|s| s.name.schema == m.green) {
-        if let Some((owner, col)) = &seq.owner
-            && m.entry(&owner.name).and_then(|e| e.column(col)).is_some()
-        {
-            out.push(step(
-                "copy",
-                format!(
-                    "advance {} past the copied {}.{col}",
-                    seq.name.display(),
-                    owner.name
-                ),
-                format!(
-                    "SELECT setval({}, greatest((SELECT max({}) FROM {}), 1))",
-                    Literal::new(seq.name.to_string()),
-                    Ident::new(col),
-                    owner
-                ),
-                "none (sequence update)",
-            ));
-        }
+    for (seq, sql) in advance_sequences(m, cat) {
+        out.push(step(
+            "copy",
+            format!("advance {} past the copied ids", seq.display()),
+            sql.0,
+            "none (sequence update)",
+        ));
     }
     for q in &green_tables {
         out.push(step(
@@ -323,18 +331,10 @@ pub fn all(m: &Mapping, cat: &Catalog, s: &EffectiveSettings) -> Vec<Step> {
         });
     }
     // Generated keys: green sequences continue past every id sync wrote since the copy.
-    let mut seqs = Vec::new();
-    for seq in cat.sequences.iter().filter(|s| s.name.schema == m.green) {
-        if let Some((owner, col)) = &seq.owner
-            && m.entry(&owner.name).and_then(|e| e.column(col)).is_some()
-        {
-            seqs.push(format!(
-                "SELECT setval({}, greatest((SELECT max({}) FROM {owner}), 1))",
-                Literal::new(seq.name.to_string()),
-                Ident::new(col)
-            ));
-        }
-    }
+    let seqs: Vec<String> = advance_sequences(m, cat)
+        .into_iter()
+        .map(|(_, sql)| sql.0)
+        .collect();
     out.push(step(
         "cutover",
         "fence blue writes (reads go on), finish sync, flip search_path: one short transaction",

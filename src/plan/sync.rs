@@ -1,23 +1,24 @@
 //! The SQL that keeps `green.T = M(blue)`: re-derivation by sync key (DESIGN.md, "How the
 //! invariant is kept", step 3) rendered as plpgsql functions in the control schema.
 //!
-//! Per entry E: `up_E(keys)` upserts `M(blue)` restricted to the keys (mapped columns only, so
-//! green-only columns survive) and `del_E(keys)` deletes the green rows of those keys that `M(blue)`
-//! no longer produces. Per blue table X: a trigger function (`capture` body during copy: log the
-//! changed rows; `live` body afterwards: re-derive inside the writer's transaction) and a
-//! `catchup_X(lo, hi)` that replays a range of the change log. Both find the touched keys with one
-//! rule: the entry's sync-key expressions evaluated over its `from`, with X's alias reading the
-//! changed rows. Upserts run parents first, deletes children first (green foreign keys). Each entry
-//! runs in its own subtransaction: a failure is recorded with its keys, never raised to the
-//! application. Keys are serialised with transaction-level advisory locks, so two writers
-//! re-deriving the same green row cannot interleave with stale snapshots.
+//! Per entry E two statements over arrays of sync keys: an upsert of `M(blue)` restricted to those
+//! keys (mapped columns only, so green-only columns survive) and a delete of the green rows of those
+//! keys that `M(blue)` no longer produces. They are inlined in the per-blue-table functions: the
+//! trigger function (`capture` body during copy: log the changed rows; `live` body afterwards:
+//! re-derive inside the writer's transaction), `catchup_X(ids)` replaying change-log rows, and
+//! `retry_E()` for recorded failures. All find the touched keys with one rule: the entry's sync-key
+//! expressions evaluated over its `from`, with X's alias reading the changed rows. Upserts run
+//! parents first, deletes children first (green foreign keys). Each entry runs in its own
+//! subtransaction: a failure is recorded with its keys, never raised to the application. Writers
+//! are serialised on joined values and keys with transaction-level advisory locks; entries fed by
+//! one table through a strict key take a fast path straight from the transition tables.
 //!
 //! Pure: mapping + catalog in, SQL text out.
 
 use crate::catalog::{self, Catalog};
 use crate::mapping::{JoinKind, Mapping, TableEntry};
 use crate::names;
-use crate::plan::query::{column_sql, group_by_clause, mapped_columns, where_clause};
+use crate::plan::query::{Shape, column_sql, mapped_columns, mapping_select};
 use crate::sql::{Expr, Ident, Literal, QName, Sql, join};
 
 /// Above this many keys in one statement, re-derivation locks the whole entry instead of each key.
@@ -132,30 +133,6 @@ fn order_by_foreign_keys<'a>(mut entries: Vec<SyncEntry<'a>>, m: &Mapping) -> Ve
 }
 
 impl SyncEntry<'_> {
-    fn name(&self, kind: &str, m: &Mapping) -> QName {
-        names::entry_function(
-            &m.control_schema,
-            &m.migration,
-            self.index,
-            kind,
-            &self.entry.name,
-        )
-    }
-    pub fn up_fn(&self, m: &Mapping) -> QName {
-        self.name("up", m)
-    }
-    pub fn del_fn(&self, m: &Mapping) -> QName {
-        self.name("del", m)
-    }
-    fn params(&self) -> String {
-        join(
-            self.keys
-                .iter()
-                .enumerate()
-                .map(|(j, (_, _, ty))| format!("k{j} {ty}[]")),
-            ", ",
-        )
-    }
     fn unnest(&self, prefix: &str) -> String {
         format!(
             "unnest({}) AS u({})",
@@ -208,7 +185,18 @@ impl SyncEntry<'_> {
             )
         );
         let has_null = format!("EXISTS (SELECT 1 FROM {u} WHERE {})", self.any_null());
-        let one = |extra: Vec<String>| select_m(m, self.entry, self.green, extra);
+        let one = |extra_where: Vec<String>| {
+            mapping_select(
+                self.entry,
+                self.green,
+                &m.control_schema,
+                &Shape {
+                    extra_where,
+                    ..Shape::default()
+                },
+            )
+            .0
+        };
         format!(
             "{} UNION ALL {}",
             one(vec![in_keys]),
@@ -219,47 +207,15 @@ impl SyncEntry<'_> {
         mapped_columns(self.entry, self.green)
     }
 
-    /// `CREATE FUNCTION up_E(keys)`: upsert M(blue) for the keys on the mapped columns only.
-    pub fn up_function(&self, m: &Mapping) -> Sql {
-        Sql(format!(
-            "CREATE OR REPLACE FUNCTION {f}({params}) RETURNS void LANGUAGE plpgsql {settings} AS $fn$\nBEGIN\n    {body}\nEND\n$fn$",
-            f = self.up_fn(m),
-            params = self.params(),
-            settings = function_settings(m),
-            body = self.up_sql(m, "k"),
-        ))
-    }
-
-    /// `CREATE FUNCTION del_E(keys)`: delete the green rows of the keys M(blue) no longer produces.
-    pub fn del_function(&self, m: &Mapping) -> Sql {
-        Sql(format!(
-            "CREATE OR REPLACE FUNCTION {f}({params}) RETURNS void LANGUAGE plpgsql {settings} AS $fn$\nBEGIN\n    {body}\nEND\n$fn$",
-            f = self.del_fn(m),
-            params = self.params(),
-            settings = function_settings(m),
-            body = self.del_sql(m, "k"),
-        ))
-    }
-
-    /// The upsert statement over the key arrays `{prefix}0..` (inlined in trigger functions, so
-    /// its plan is cached there).
-    /// `INSERT ... SELECT M FROM <changed rows> ... ON CONFLICT`: the fast path's upsert.
-    fn fast_up_sql(&self, m: &Mapping, changed: &str) -> String {
+    /// `INSERT INTO green (mapped columns) SELECT * FROM (<select>) ON CONFLICT (green key)`,
+    /// updating only the mapped columns, and only rows whose rendering changes.
+    fn upsert(&self, select: &str) -> String {
         let cols = self.mapped();
         let overriding = cols
             .iter()
             .any(|c| self.green.column(c).is_some_and(|gc| gc.identity == "a"));
-        let alias = &self.entry.from_clause.driving().alias;
-        let select = self.entry.columns.iter().filter_map(|c| {
-            let gc = self.green.column(&c.name)?;
-            Some(format!(
-                "{} AS {}",
-                column_sql(self.entry, c, gc, &m.control_schema, false),
-                Ident::new(&c.name)
-            ))
-        });
         format!(
-            "INSERT INTO {t} AS bluegreen_g ({cols}){ov} SELECT {sel} FROM {changed} AS {a}{w} ON CONFLICT ({key}) {conflict};",
+            "INSERT INTO {t} AS bluegreen_g ({cols}){ov}\n    SELECT * FROM ({select}) AS m\n    ON CONFLICT ({key}) {conflict};",
             t = self.green.qname(),
             cols = join(cols.iter().map(|c| Ident::new(*c)), ", "),
             ov = if overriding {
@@ -267,12 +223,19 @@ impl SyncEntry<'_> {
             } else {
                 ""
             },
-            sel = join(select, ", "),
-            a = Ident::new(alias),
-            w = where_clause(self.entry, &[]),
             key = join(self.upsert_key.iter().map(Ident::new), ", "),
             conflict = self.conflict_clause(),
         )
+    }
+
+    /// The fast path's upsert: M(blue) over the changed rows themselves.
+    fn fast_up_sql(&self, m: &Mapping, changed: &str) -> String {
+        let alias = self.entry.from_clause.driving().alias.as_str();
+        let shape = Shape {
+            replace: Some((alias, changed)),
+            ..Shape::default()
+        };
+        self.upsert(mapping_select(self.entry, self.green, &m.control_schema, &shape).as_str())
     }
 
     /// The fast path's delete: green rows of the old rows' keys that the new rows (if any) no
@@ -361,24 +324,10 @@ impl SyncEntry<'_> {
         }
     }
 
+    /// The upsert over the key arrays `{prefix}0..` (inlined in trigger functions, so its plan is
+    /// cached there).
     fn up_sql(&self, m: &Mapping, prefix: &str) -> String {
-        let cols = self.mapped();
-        let overriding = cols
-            .iter()
-            .any(|c| self.green.column(c).is_some_and(|gc| gc.identity == "a"));
-        let conflict = self.conflict_clause();
-        format!(
-            "INSERT INTO {t} AS bluegreen_g ({cols}){ov}\n    SELECT * FROM ({m}) AS m\n    ON CONFLICT ({key}) {conflict};",
-            t = self.green.qname(),
-            cols = join(cols.iter().map(|c| Ident::new(*c)), ", "),
-            ov = if overriding {
-                " OVERRIDING SYSTEM VALUE"
-            } else {
-                ""
-            },
-            m = self.restricted_m(m, prefix),
-            key = join(self.upsert_key.iter().map(Ident::new), ", "),
-        )
+        self.upsert(&self.restricted_m(m, prefix))
     }
 
     /// The delete statements over the key arrays `{prefix}0..`: green rows of those keys that
@@ -524,25 +473,6 @@ impl SyncEntry<'_> {
             self.entry.from_clause.render()
         )
     }
-}
-
-/// `SELECT <mapped columns> FROM ... WHERE (where) AND <extra> GROUP BY ...`.
-fn select_m(m: &Mapping, e: &TableEntry, gt: &catalog::Table, extra: Vec<String>) -> String {
-    let cols = e.columns.iter().filter_map(|c| {
-        let gc = gt.column(&c.name)?;
-        Some(format!(
-            "{} AS {}",
-            column_sql(e, c, gc, &m.control_schema, false),
-            Ident::new(&c.name)
-        ))
-    });
-    format!(
-        "SELECT {} FROM {}{}{}",
-        join(cols, ", "),
-        e.from_clause.render(),
-        where_clause(e, &extra),
-        group_by_clause(e)
-    )
 }
 
 /// The entry's `from` with `alias` reading `changed`, its join made inner: only rows that matched

@@ -1096,7 +1096,8 @@ impl Probe<'_> {
             if fk.ref_columns.iter().any(|c| parent.column(c).is_none()) {
                 continue;
             }
-            let parent_rows = query::mapping_select_typed(parent, pt, &m.control_schema);
+            let parent_rows =
+                query::mapping_select_typed(parent, pt, &m.control_schema, &Shape::default());
             let not_null = join(
                 fk.columns
                     .iter()

@@ -39,8 +39,6 @@ pub async fn install_functions(conn: &mut PgConnection, m: &Mapping) -> Result<(
         }
     }
     for e in &entries {
-        exec(conn, &e.up_function(m)).await?;
-        exec(conn, &e.del_function(m)).await?;
         exec(conn, &retry_function(m, e)).await?;
     }
     for (n, x) in m.blue_tables_read().iter().enumerate() {

@@ -26,7 +26,7 @@ use crate::catalog::{self, Catalog};
 use crate::copy::load_catalog;
 use crate::diag::Diagnostic;
 use crate::mapping::{Mapping, TableEntry};
-use crate::plan::query::{column_sql, group_by_clause, where_clause};
+use crate::plan::query::{Shape, mapping_select_typed};
 use crate::plan::sync::upsert_key;
 use crate::sql::{Expr, Ident, Literal, QName, Sql, TypeName, join};
 use crate::state::exec;
@@ -151,22 +151,18 @@ fn green_rows_sql(e: &TableEntry, gt: &catalog::Table, cond: &str) -> String {
     )
 }
 
-fn blue_select(m: &Mapping, e: &TableEntry, gt: &catalog::Table, cond: &str) -> String {
-    let cols = e.columns.iter().filter_map(|c| {
-        let gc = gt.column(&c.name)?;
-        Some(format!(
-            "({})::{} AS {}",
-            column_sql(e, c, gc, &m.control_schema, true),
-            TypeName(&gc.type_sql),
-            Ident::new(&c.name)
-        ))
-    });
-    format!(
-        "SELECT {} FROM {}{}{}",
-        join(cols, ", "),
-        e.from_clause.render(),
-        where_clause(e, &[cond.to_string()]),
-        group_by_clause(e)
+/// M(blue) in green types restricted to `cond`; a value outside a default-less map becomes NULL
+/// (and so a difference) instead of aborting the whole comparison.
+fn blue_select(m: &Mapping, e: &TableEntry, gt: &catalog::Table, cond: &str) -> Sql {
+    mapping_select_typed(
+        e,
+        gt,
+        &m.control_schema,
+        &Shape {
+            extra_where: vec![cond.to_string()],
+            lenient: true,
+            ..Shape::default()
+        },
     )
 }
 
@@ -231,12 +227,17 @@ async fn plan_tasks(
             });
             continue;
         };
-        let rows: f64 = sqlx::query_scalar(
-            Sql(format!("SELECT count(*)::float8 FROM {}", gt.qname())).assert_safe(),
-        )
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(db)?;
+        // The chunk count needs an estimate only (copy analysed green); count when never analysed.
+        let rows: f64 = if gt.reltuples >= 0.0 {
+            gt.reltuples
+        } else {
+            sqlx::query_scalar(
+                Sql(format!("SELECT count(*)::float8 FROM {}", gt.qname())).assert_safe(),
+            )
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(db)?
+        };
         let n = ((rows / chunk_rows as f64).ceil() as usize).max(1);
         let mut bounds: Vec<String> = Vec::new();
         if n > 1 {

@@ -50,8 +50,7 @@ async fn copy_under_concurrent_writes_keeps_the_invariant_then_live_sync_keeps_i
     let ((), writes) = with_writer(&url, 2, tokio::time::sleep(Duration::from_millis(1500))).await;
     assert!(writes > 20);
     assert_invariant(&url, MAPPING).await;
-    let out = run(&url, &["status", "-m", MAPPING, "--format", "json"]).await;
-    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let st = crate::support::status_json(&url, MAPPING).await;
     assert_eq!(st["phase"], "live");
     assert_eq!(st["backlog"], 0);
     assert_eq!(st["failures"].as_array().unwrap().len(), 0, "{st}");
@@ -249,8 +248,7 @@ async fn a_write_green_rejects_still_commits_and_is_reported_then_retried() {
         .await
         .unwrap();
     assert_eq!(score, 500, "the application's write must commit");
-    let out = run(&url, &["status", "-m", MAPPING, "--format", "json"]).await;
-    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let st = crate::support::status_json(&url, MAPPING).await;
     let failures = st["failures"].as_array().unwrap();
     assert_eq!(failures.len(), 1, "{st}");
     assert_eq!(failures[0]["table"], "leads");

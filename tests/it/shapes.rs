@@ -64,8 +64,7 @@ async fn chinook_shapes_under_concurrent_writes() {
             .unwrap();
     assert!(renamed > 0);
     assert_invariant(&url, MAPPING).await;
-    let st = run(&url, &["status", "-m", MAPPING, "--format", "json"]).await;
-    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    let st = crate::support::status_json(&url, MAPPING).await;
     assert_eq!(st["failures"].as_array().unwrap().len(), 0, "{st}");
 }
 
@@ -139,8 +138,7 @@ async fn repeatable_read_writers_are_deferred_to_sync() {
     crate::support::copy_ok(&url, MAPPING).await;
     let mut c = connect(&url).await;
     exec(&mut c, "BEGIN ISOLATION LEVEL REPEATABLE READ; UPDATE public.track SET genre_id = NULL WHERE track_id = 7; COMMIT").await;
-    let st = run(&url, &["status", "-m", MAPPING, "--format", "json"]).await;
-    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    let st = crate::support::status_json(&url, MAPPING).await;
     assert!(st["backlog"].as_i64().unwrap() > 0, "{st}");
     let out = run(&url, &["sync", "-m", MAPPING]).await;
     assert!(

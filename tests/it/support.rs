@@ -96,6 +96,13 @@ pub async fn copy_ok(url: &str, mapping: &str) {
     );
 }
 
+/// `bluegreen status --format json` as a value.
+pub async fn status_json(url: &str, mapping: &str) -> serde_json::Value {
+    let out = run(url, &["status", "-m", mapping, "--format", "json"]).await;
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status: {e}\n{}", String::from_utf8_lossy(&out.stderr)))
+}
+
 /// The bluegreen binary, with the database URL set.
 pub fn bluegreen(url: &str) -> assert_cmd::Command {
     let mut cmd = assert_cmd::Command::cargo_bin("bluegreen").unwrap();

@@ -319,18 +319,7 @@ async fn keys_the_fast_path_cannot_trust() {
         .await
         .unwrap();
     assert_eq!(n, 2);
-    let st = run(
-        &url,
-        &[
-            "status",
-            "-m",
-            "tests/fixtures/edge.yaml",
-            "--format",
-            "json",
-        ],
-    )
-    .await;
-    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    let st = crate::support::status_json(&url, "tests/fixtures/edge.yaml").await;
     let reported = st["failures"]
         .as_array()
         .unwrap()
