@@ -20,7 +20,10 @@ use crate::catalog::{self, Catalog};
 use crate::diag::Diagnostic;
 use crate::mapping::Mapping;
 use crate::pg::{self, locking};
-use crate::plan::query::{Shape, chunk_insert, mapped_columns, mapping_select_typed, where_clause};
+use crate::plan::query::{
+    Shape, chunk_insert, mapped_columns, mapping_select_typed, set_mapping_search_path,
+    where_clause,
+};
 use crate::plan::sync::referenced_aliases;
 use crate::plan::{chunk_key, steps, sync_key};
 use crate::sql::{Ident, Literal, QName, Sql, join};
@@ -46,22 +49,10 @@ fn db(e: sqlx::Error) -> Diagnostic {
 
 pub async fn load_catalog(conn: &mut PgConnection, m: &Mapping) -> Result<Catalog, Diagnostic> {
     exec(conn, &Sql("SET search_path = pg_catalog".into())).await?;
-    let mut schemas: Vec<String> = vec![m.blue.clone(), m.green.clone()];
-    for q in m.blue_tables_read() {
-        if !schemas.contains(&q.schema) {
-            schemas.push(q.schema.clone());
-        }
-    }
+    let schemas = m.catalog_schemas();
     let refs: Vec<&str> = schemas.iter().map(String::as_str).collect();
     let cat = catalog::load(conn, &refs).await.map_err(db)?;
-    exec(
-        conn,
-        &Sql(format!(
-            "SET search_path = pg_catalog, {}",
-            Ident::new(&m.blue)
-        )),
-    )
-    .await?;
+    exec(conn, &set_mapping_search_path(m, false)).await?;
     Ok(cat)
 }
 
@@ -553,25 +544,11 @@ async fn worker(
     progress: &progress::Progress,
 ) -> Result<(), Diagnostic> {
     let mut conn = pg::connect(url).await?;
-    exec(
-        &mut conn,
-        &Sql(format!(
-            "SET search_path = pg_catalog, {}",
-            Ident::new(&m.blue)
-        )),
-    )
-    .await?;
+    exec(&mut conn, &set_mapping_search_path(m, false)).await?;
     let mut source = match o.engine {
         Engine::Copy => {
             let mut c = pg::connect(url).await?;
-            exec(
-                &mut c,
-                &Sql(format!(
-                    "SET search_path = pg_catalog, {}",
-                    Ident::new(&m.blue)
-                )),
-            )
-            .await?;
+            exec(&mut c, &set_mapping_search_path(m, false)).await?;
             Some(c)
         }
         Engine::InsertSelect => None,

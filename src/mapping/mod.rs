@@ -119,6 +119,18 @@ impl Mapping {
     pub fn digest(&self) -> String {
         blake3::hash(self.source.as_bytes()).to_hex().to_string()
     }
+    /// The schemas whose catalog the commands need: blue, green, and any other schema an entry's
+    /// `from` names.
+    pub fn catalog_schemas(&self) -> Vec<String> {
+        let mut out = vec![self.blue.clone(), self.green.clone()];
+        for q in self.blue_tables_read() {
+            if !out.contains(&q.schema) {
+                out.push(q.schema);
+            }
+        }
+        out
+    }
+
     /// Every blue table any entry reads (driving and joined), in first-use order.
     pub fn blue_tables_read(&self) -> Vec<crate::sql::QName> {
         let mut out: Vec<crate::sql::QName> = Vec::new();

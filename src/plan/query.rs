@@ -46,6 +46,21 @@ pub fn column_sql(
     s
 }
 
+/// The `search_path` mapping SQL is evaluated with everywhere (plan, copy, sync functions,
+/// validate): built-ins first, then the blue schema for unqualified user functions.
+pub fn mapping_search_path(m: &crate::mapping::Mapping) -> String {
+    format!("pg_catalog, {}", Ident::new(&m.blue))
+}
+
+/// `SET [LOCAL] search_path` to [`mapping_search_path`].
+pub fn set_mapping_search_path(m: &crate::mapping::Mapping, local: bool) -> Sql {
+    Sql(format!(
+        "SET {}search_path = {}",
+        if local { "LOCAL " } else { "" },
+        mapping_search_path(m)
+    ))
+}
+
 /// `(where)` and extra conditions joined by AND, or nothing.
 pub fn where_clause(entry: &TableEntry, extra: &[String]) -> String {
     let mut conds: Vec<String> = entry

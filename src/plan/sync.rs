@@ -28,8 +28,8 @@ pub const MAX_KEY_LOCKS: usize = 32;
 /// whatever the application session's settings are.
 fn function_settings(m: &Mapping) -> String {
     format!(
-        "SECURITY DEFINER SET search_path = pg_catalog, {} SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'iso_8601' SET extra_float_digits = 3 SET max_parallel_workers_per_gather = 0",
-        Ident::new(&m.blue)
+        "SECURITY DEFINER SET search_path = {} SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'iso_8601' SET extra_float_digits = 3 SET max_parallel_workers_per_gather = 0",
+        crate::plan::query::mapping_search_path(m)
     )
 }
 

@@ -325,9 +325,8 @@ impl Probe<'_> {
         )))
         .await
         .map_err(db_diag)?;
-        let pre = catalog::load(self.conn, &[&m.blue])
-            .await
-            .map_err(db_diag)?;
+        // Server facts only (the tables come after green_ddl ran).
+        let pre = catalog::load(self.conn, &[]).await.map_err(db_diag)?;
         if !pre.server.schemas.contains(&m.blue) {
             return Err(Diagnostic::error(
                 "unknown-blue-schema",
@@ -388,19 +387,9 @@ impl Probe<'_> {
                 .hint(format!("drop the schemas it created ({} and {}), remove transaction control from the file, and run plan again", m.green, m.control_schema)));
             }
         }
-        let cat = catalog::load(self.conn, &[&m.blue, &m.green])
-            .await
-            .map_err(db_diag)?;
-        // All other tables the mapping names (schemas other than blue), for existence checks.
-        let mut cat = cat;
-        for q in m.blue_tables_read() {
-            if q.schema != m.blue && q.schema != m.green {
-                let extra = catalog::load(self.conn, &[&q.schema])
-                    .await
-                    .map_err(db_diag)?;
-                cat.tables.extend(extra.tables);
-            }
-        }
+        let schemas = m.catalog_schemas();
+        let refs: Vec<&str> = schemas.iter().map(String::as_str).collect();
+        let cat = catalog::load(self.conn, &refs).await.map_err(db_diag)?;
         let statics = static_checks(m, &cat);
         let broken: Vec<String> = statics
             .iter()
@@ -410,12 +399,9 @@ impl Probe<'_> {
         self.diags.extend(statics);
 
         let mut facts = BTreeMap::new();
-        self.exec(&Sql(format!(
-            "SET LOCAL search_path = pg_catalog, {}",
-            Ident::new(&m.blue)
-        )))
-        .await
-        .map_err(db_diag)?;
+        self.exec(&query::set_mapping_search_path(m, true))
+            .await
+            .map_err(db_diag)?;
         for e in &m.tables {
             if broken.contains(&e.name) || e.from_clause.items.is_empty() {
                 continue;

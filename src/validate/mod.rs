@@ -473,10 +473,7 @@ pub async fn compare(url: &str, m: &Mapping, o: &Options) -> Result<Outcome, Dia
     let lsn: String = row.get("lsn");
     exec(
         &mut main,
-        &Sql(format!(
-            "SET LOCAL search_path = pg_catalog, {}",
-            Ident::new(&m.blue)
-        )),
+        &crate::plan::query::set_mapping_search_path(m, true),
     )
     .await?;
     let tasks = plan_tasks(&mut main, m, &cat, o.chunk_rows).await?;
@@ -512,26 +509,45 @@ pub async fn compare(url: &str, m: &Mapping, o: &Options) -> Result<Outcome, Dia
         workers.push(tokio::spawn(async move {
             let mut c = crate::pg::connect(&url).await?;
             exec(&mut c, &Sql(format!(
-                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; SET LOCAL search_path = pg_catalog, {}",
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; {}",
                 Literal::new(&snapshot),
-                Ident::new(&m.blue)
+                crate::plan::query::set_mapping_search_path(&m, true)
             )))
             .await?;
             loop {
-                let Some(t) = queue.lock().expect("queue").pop_front() else { break };
+                let Some(t) = queue.lock().expect("queue").pop_front() else {
+                    break;
+                };
                 let e = &m.tables[t.entry];
                 let gt = cat.table(&QName::new(&m.green, &e.name)).expect("planned");
-                let green = stream_digest(&mut c, green_rows_sql(e, gt, &t.green_cond)).await.map_err(|err| chunk_err(e, &err))?;
-                let blue = stream_digest(&mut c, blue_rows_sql(&m, e, gt, &t.blue_cond)).await.map_err(|err| chunk_err(e, &err))?;
-                let differences = if green != blue { locate(&mut c, &m, e, gt, &t, o.show_values).await.map_err(|err| chunk_err(e, &err))? } else { Vec::new() };
-                results.lock().expect("results").push(ChunkResult { entry: t.entry, blue, green, differences });
+                let green = stream_digest(&mut c, green_rows_sql(e, gt, &t.green_cond))
+                    .await
+                    .map_err(|err| chunk_err(e, &err))?;
+                let blue = stream_digest(&mut c, blue_rows_sql(&m, e, gt, &t.blue_cond))
+                    .await
+                    .map_err(|err| chunk_err(e, &err))?;
+                let differences = if green != blue {
+                    locate(&mut c, &m, e, gt, &t, o.show_values)
+                        .await
+                        .map_err(|err| chunk_err(e, &err))?
+                } else {
+                    Vec::new()
+                };
+                results.lock().expect("results").push(ChunkResult {
+                    entry: t.entry,
+                    blue,
+                    green,
+                    differences,
+                });
                 let n = done_chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 match &bar {
                     Some(b) => {
                         b.set_position(n as u64);
                         b.set_message(e.name.clone());
                     }
-                    None if n % ntasks.div_ceil(10) == 0 || n == ntasks => eprintln!("bluegreen: validated {n}/{ntasks} chunks ({})", e.name),
+                    None if n % ntasks.div_ceil(10) == 0 || n == ntasks => {
+                        eprintln!("bluegreen: validated {n}/{ntasks} chunks ({})", e.name)
+                    }
                     None => {}
                 }
             }
