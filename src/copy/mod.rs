@@ -177,19 +177,11 @@ async fn prepare_locked(
         exec(&mut tx, &Sql("SET LOCAL search_path = pg_catalog".into())).await?;
         let cat = catalog::load(&mut tx, &[&m.green]).await.map_err(db)?;
         let deferred = QName::new(&m.control_schema, "deferred");
-        for gt in cat.tables_in(&m.green) {
-            for ix in gt.indexes.iter().filter(|ix| !ix.backs_constraint) {
-                exec(&mut tx, &Sql(format!(
-                    "INSERT INTO {deferred} (migration, kind, name, green_table, definition) VALUES ({}, 'index', {}, {}, {}) ON CONFLICT DO NOTHING; DROP INDEX {}",
-                    Literal::new(&m.migration), Literal::new(&ix.name), Literal::new(&gt.name), Literal::new(&ix.definition), QName::new(&gt.schema, &ix.name)
-                ))).await?;
-            }
-            for fk in &gt.foreign_keys {
-                exec(&mut tx, &Sql(format!(
-                    "INSERT INTO {deferred} (migration, kind, name, green_table, definition) VALUES ({}, 'foreign key', {}, {}, {}) ON CONFLICT DO NOTHING; ALTER TABLE {} DROP CONSTRAINT {}",
-                    Literal::new(&m.migration), Literal::new(&fk.name), Literal::new(&gt.name), Literal::new(&fk.definition), gt.qname(), Ident::new(&fk.name)
-                ))).await?;
-            }
+        for d in steps::deferrals(m, &cat) {
+            exec(&mut tx, &Sql(format!(
+                "INSERT INTO {deferred} (migration, kind, name, green_table, definition) VALUES ({}, {}, {}, {}, {}) ON CONFLICT DO NOTHING; {}",
+                Literal::new(&m.migration), Literal::new(d.kind), Literal::new(&d.name), Literal::new(&d.table.name), Literal::new(&d.definition), d.drop
+            ))).await?;
         }
         tx.commit().await.map_err(db)?;
     }

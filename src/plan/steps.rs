@@ -60,6 +60,47 @@ pub fn capture_triggers(m: &Mapping, x: &QName, n: usize) -> Vec<crate::sql::Sql
     .collect()
 }
 
+/// A green secondary index or foreign key that `prepare` records and drops, and `copy` restores
+/// after the data (indexes built, foreign keys added NOT VALID at the live switch).
+pub struct Deferral {
+    /// `index` or `foreign key` (the `kind` column of the control schema's `deferred`).
+    pub kind: &'static str,
+    pub name: String,
+    pub table: QName,
+    /// `CREATE INDEX ...` or the constraint definition.
+    pub definition: String,
+    pub drop: crate::sql::Sql,
+}
+
+pub fn deferrals(m: &Mapping, cat: &Catalog) -> Vec<Deferral> {
+    let mut out = Vec::new();
+    for gt in cat.tables_in(&m.green) {
+        for ix in gt.indexes.iter().filter(|ix| !ix.backs_constraint) {
+            out.push(Deferral {
+                kind: "index",
+                name: ix.name.clone(),
+                table: gt.qname(),
+                definition: ix.definition.clone(),
+                drop: crate::sql::Sql(format!("DROP INDEX {}", QName::new(&gt.schema, &ix.name))),
+            });
+        }
+        for fk in &gt.foreign_keys {
+            out.push(Deferral {
+                kind: "foreign key",
+                name: fk.name.clone(),
+                table: gt.qname(),
+                definition: fk.definition.clone(),
+                drop: crate::sql::Sql(format!(
+                    "ALTER TABLE {} DROP CONSTRAINT {}",
+                    gt.qname(),
+                    Ident::new(&fk.name)
+                )),
+            });
+        }
+    }
+    out
+}
+
 /// `setval` for every green sequence that owns a mapped column (serial or identity): past the
 /// highest id green holds, so generated ids never collide with copied or synced ones.
 pub fn advance_sequences(m: &Mapping, cat: &Catalog) -> Vec<(QName, crate::sql::Sql)> {
@@ -124,33 +165,13 @@ pub fn all(m: &Mapping, cat: &Catalog, s: &EffectiveSettings) -> Vec<Step> {
         ),
         "ACCESS EXCLUSIVE on the new green objects only",
     ));
-    for gt in green_tables.iter().filter_map(|q| cat.table(q)) {
-        for ix in gt.indexes.iter().filter(|ix| !ix.backs_constraint) {
-            out.push(step(
-                "prepare",
-                format!("defer index {} until after the copy", ix.name),
-                format!("DROP INDEX {}", QName::new(&gt.schema, &ix.name)),
-                format!(
-                    "ACCESS EXCLUSIVE on {} (empty, unused)",
-                    gt.qname().display()
-                ),
-            ));
-        }
-        for fk in &gt.foreign_keys {
-            out.push(step(
-                "prepare",
-                format!("defer foreign key {} until after the copy", fk.name),
-                format!(
-                    "ALTER TABLE {} DROP CONSTRAINT {}",
-                    gt.qname(),
-                    Ident::new(&fk.name)
-                ),
-                format!(
-                    "ACCESS EXCLUSIVE on {} (empty, unused)",
-                    gt.qname().display()
-                ),
-            ));
-        }
+    for d in deferrals(m, cat) {
+        out.push(step(
+            "prepare",
+            format!("defer {} {} until after the copy", d.kind, d.name),
+            d.drop.0,
+            format!("ACCESS EXCLUSIVE on {} (empty, unused)", d.table.display()),
+        ));
     }
     for (n, bt) in blue_read.iter().enumerate() {
         out.push(step(
