@@ -129,6 +129,11 @@ pub fn mapping_select_extra(
             ))
         })
         .chain(extra.iter().cloned());
+    select_from(entry, cols, shape)
+}
+
+/// `SELECT <cols> FROM <from> WHERE ... GROUP BY ...` shaped by `shape`.
+fn select_from(entry: &TableEntry, cols: impl Iterator<Item = String>, shape: &Shape) -> Sql {
     Sql(format!(
         "SELECT {} FROM {}{}{}",
         join(cols, ", "),
@@ -240,13 +245,7 @@ pub fn mapping_select_typed(
             Ident::new(&c.name)
         ))
     });
-    Sql(format!(
-        "SELECT {} FROM {}{}{}",
-        join(cols, ", "),
-        entry.from_clause.render_with(shape.replace),
-        where_clause(entry, &shape.extra_where),
-        group_by_clause(entry)
-    ))
+    select_from(entry, cols, shape)
 }
 
 /// The number of rows by which green.T and M(blue) differ as multisets on the mapped columns

@@ -238,11 +238,9 @@ impl SyncEntry<'_> {
         self.upsert(mapping_select(self.entry, self.green, &m.control_schema, &shape).as_str())
     }
 
-    /// The fast path's delete: green rows of the old rows' keys that the new rows (if any) no
-    /// longer produce.
-    fn fast_del_sql(&self, m: &Mapping, old: &str, new: Option<&str>) -> String {
-        let alias = Ident::new(&self.entry.from_clause.driving().alias);
-        let green_key = format!(
+    /// `(bluegreen_g.k1, ...)`: the sync-key columns of the green row being deleted.
+    fn green_key_tuple(&self) -> String {
+        format!(
             "({})",
             join(
                 self.keys
@@ -250,7 +248,14 @@ impl SyncEntry<'_> {
                     .map(|(c, _, _)| format!("bluegreen_g.{}", Ident::new(c))),
                 ", "
             )
-        );
+        )
+    }
+
+    /// The fast path's delete: green rows of the old rows' keys that the new rows (if any) no
+    /// longer produce.
+    fn fast_del_sql(&self, m: &Mapping, old: &str, new: Option<&str>) -> String {
+        let alias = Ident::new(&self.entry.from_clause.driving().alias);
+        let green_key = self.green_key_tuple();
         let old_keys = join(
             self.keys
                 .iter()
@@ -333,15 +338,7 @@ impl SyncEntry<'_> {
     /// The delete statements over the key arrays `{prefix}0..`: green rows of those keys that
     /// M(blue) no longer produces.
     fn del_sql(&self, m: &Mapping, prefix: &str) -> String {
-        let green_key = format!(
-            "({})",
-            join(
-                self.keys
-                    .iter()
-                    .map(|(c, _, _)| format!("bluegreen_g.{}", Ident::new(c))),
-                ", "
-            )
-        );
+        let green_key = self.green_key_tuple();
         let u = self.unnest(prefix);
         let produced = format!(
             "NOT EXISTS (SELECT 1 FROM ({}) AS m WHERE {})",
