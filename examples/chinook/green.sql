@@ -1,4 +1,4 @@
--- Green schema for the Chinook sample database (../../../shared/datasets/chinook): shapes that
+-- Green schema for the Chinook sample database (data/chinook.sql, MIT licence): shapes that
 -- migrations meet, used by the scenario tests.
 CREATE TABLE tracks (                -- 1:1 with casts and a LEFT JOIN lookup
     id          integer PRIMARY KEY,

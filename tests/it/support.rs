@@ -125,6 +125,7 @@ pub async fn fingerprint(url: &str) -> Vec<String> {
            JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
          UNION ALL SELECT 'seq ' || schemaname || '.' || sequencename || ' ' || coalesce(last_value, 0) FROM pg_sequences
          UNION ALL SELECT 'setting ' || array_to_string(setconfig, ',') FROM pg_db_role_setting
+           WHERE setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
          ORDER BY 1",
     )
     .fetch_all(&mut c)
@@ -239,10 +240,10 @@ pub fn carbot_write(k: u64, i: u64) -> String {
     }
 }
 
-/// A new database holding the Chinook sample data (shared/datasets/chinook).
+/// A new database holding the Chinook sample data (examples/chinook/data, MIT licence).
 pub async fn chinook_db(name: &str) -> String {
     let url = empty_db(name).await;
-    let path = root().join("../shared/datasets/chinook/chinook.sql");
+    let path = root().join("examples/chinook/data/chinook.sql");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     // The script creates its own database and connects with psql's \c: keep what follows.
     let body = text
