@@ -13,7 +13,7 @@ async fn main() {
     let mut c = bluegreen::pg::connect(&args[2])
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let cat = bluegreen::copy::load_catalog(&mut c, &m)
+    let cat = bluegreen::control::load_catalog(&mut c, &m)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     for e in &m.tables {
@@ -29,7 +29,7 @@ async fn main() {
         };
         println!(
             "md5\tSELECT ({}) = ({})",
-            md5(mapping_select_typed(e, gt, &m.control_schema, &Shape::default()).0),
+            md5(mapping_select_typed(e, gt, &m.control_schema, &Shape::default()).into_string()),
             md5(format!("SELECT {cols} FROM {}", gt.qname()))
         );
     }

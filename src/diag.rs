@@ -47,6 +47,10 @@ pub struct Diagnostic {
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hint: Option<String>,
+    /// The SQLSTATE when the database reported the problem (callers branch on it: a lock
+    /// timeout is retried, a deadlock is retried, a constraint violation is reported).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sqlstate: Option<String>,
 }
 
 impl Diagnostic {
@@ -59,6 +63,7 @@ impl Diagnostic {
             column: None,
             message: message.into(),
             hint: None,
+            sqlstate: None,
         }
     }
     pub fn error(code: &'static str, message: impl Into<String>) -> Self {
@@ -91,6 +96,23 @@ impl Diagnostic {
             self.hint = h;
         }
         self
+    }
+    /// Set a hint only if none is set yet.
+    pub fn hint_or(mut self, h: impl Into<String>) -> Self {
+        if self.hint.is_none() {
+            self.hint = Some(h.into());
+        }
+        self
+    }
+    pub fn maybe_column(self, c: Option<&str>) -> Self {
+        match c {
+            Some(c) => self.column(c),
+            None => self,
+        }
+    }
+    /// The SQLSTATE the database reported, if it did.
+    pub fn sqlstate(&self) -> Option<&str> {
+        self.sqlstate.as_deref()
     }
     pub fn is_error(&self) -> bool {
         self.severity == Severity::Error

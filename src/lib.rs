@@ -7,6 +7,7 @@
 pub mod catalog;
 pub mod cli;
 pub mod cmd;
+pub mod control;
 pub mod copy;
 pub mod diag;
 pub mod mapping;
@@ -15,7 +16,7 @@ pub mod output;
 pub mod pg;
 pub mod plan;
 pub mod probe;
+pub mod session;
 pub mod sql;
-pub mod state;
 pub mod sync;
 pub mod validate;

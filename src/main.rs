@@ -23,11 +23,11 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match &cli.command {
             Command::Plan(a) => cmd::plan::run(a).await,
-            Command::Prepare(a) => cmd::run::prepare(a).await,
-            Command::Copy(a) => cmd::run::copy(a).await,
-            Command::Sync(a) => cmd::run::sync(a).await,
-            Command::Status(a) => cmd::run::status(a).await,
-            Command::Validate(a) => cmd::run::validate(a).await,
+            Command::Prepare(a) => cmd::prepare::run(a).await,
+            Command::Copy(a) => cmd::copy::run(a).await,
+            Command::Sync(a) => cmd::sync::run(a).await,
+            Command::Status(a) => cmd::status::run(a).await,
+            Command::Validate(a) => cmd::validate::run(a).await,
         }
     });
     match result {

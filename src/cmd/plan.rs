@@ -3,28 +3,28 @@
 
 use crate::cli::{Format, PlanArgs, ProfileArg};
 use crate::diag::Rejected;
-use crate::plan::{self, render};
-use crate::probe::{self, ProfileMode};
+use crate::plan::{self, ProfileMode, render};
+use crate::probe;
 
 use super::Outcome;
 
 pub async fn run(args: &PlanArgs) -> anyhow::Result<Outcome> {
     let mapping = crate::mapping::load(&args.common.mapping)?;
-    let opts = plan::Options {
-        jobs: args.jobs,
-        chunk_rows: args.chunk_rows,
-        lock_timeout_ms: args.lock_timeout,
-        profile: format!("{:?}", args.profile).to_lowercase(),
-    };
-    let settings = plan::effective_settings(&mapping, &opts);
-    let mut conn = crate::pg::connect(&args.common.database_url)
-        .await
-        .map_err(|d| Rejected(vec![d]))?;
     let mode = match args.profile {
         ProfileArg::None => ProfileMode::None,
         ProfileArg::Sample => ProfileMode::Sample,
         ProfileArg::Full => ProfileMode::Full,
     };
+    let opts = plan::Options {
+        jobs: args.jobs,
+        chunk_rows: args.chunk_rows,
+        lock_timeout_ms: args.lock_timeout,
+        profile: mode,
+    };
+    let settings = plan::effective_settings(&mapping, &opts);
+    let mut conn = crate::pg::connect(&args.common.database_url)
+        .await
+        .map_err(|d| Rejected(vec![d]))?;
     eprintln!(
         "bluegreen: checking {} against {}",
         mapping.path.display(),

@@ -6,11 +6,10 @@ use std::io::IsTerminal;
 use std::sync::Mutex;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use sqlx::{PgConnection, Row};
+use sqlx::PgConnection;
 
 use crate::diag::Diagnostic;
 use crate::mapping::Mapping;
-use crate::sql::{QName, Sql};
 
 pub struct Progress {
     bars: BTreeMap<String, ProgressBar>,
@@ -22,23 +21,14 @@ pub struct Progress {
 impl Progress {
     /// Per table: chunks done, chunks in all, rows copied so far (from the ledger).
     pub async fn new(conn: &mut PgConnection, m: &Mapping) -> Result<Progress, Diagnostic> {
-        let rows = sqlx::query(Sql(format!(
-            "SELECT green_table, count(*) FILTER (WHERE state = 'done') AS done, count(*) AS total, coalesce(sum(rows_copied), 0)::int8 AS rows FROM {} WHERE migration = $1 GROUP BY 1 ORDER BY 1",
-            QName::new(&m.control_schema, "chunks")
-        )).assert_safe())
-        .bind(&m.migration)
-        .fetch_all(conn)
-        .await
-        .map_err(|e| Diagnostic::error("database-error", e.to_string()))?;
+        let rows = crate::control::chunks::progress(conn, m).await?;
         let tty = std::io::stderr().is_terminal();
         let multi = tty.then(MultiProgress::new);
         let mut bars = BTreeMap::new();
         let mut counts = BTreeMap::new();
         for r in rows {
-            let t: String = r.get("green_table");
-            let done = r.get::<i64, _>("done") as u64;
-            let total = r.get::<i64, _>("total") as u64;
-            let copied = r.get::<i64, _>("rows") as u64;
+            let t = r.green_table;
+            let (done, total, copied) = (r.done as u64, r.total as u64, r.rows as u64);
             if let Some(mp) = &multi {
                 let b = mp.add(ProgressBar::new(total));
                 b.set_style(

@@ -10,44 +10,39 @@ use std::time::Duration;
 
 use sqlx::{Connection, PgConnection, Row};
 
+use super::{db_error, exec};
 use crate::diag::Diagnostic;
-use crate::sql::{Literal, QName, Sql};
+use crate::sql::{Literal, QName, Sql, sql};
 
 /// How often a lock is tried before giving up.
 pub const ATTEMPTS: u32 = 6;
 
-fn is_lock_timeout(e: &sqlx::Error) -> bool {
-    e.as_database_error()
-        .and_then(|d| d.code())
-        .is_some_and(|c| c == "55P03")
-}
-
-/// Run `statements` in one transaction under `lock_timeout`, retrying lock timeouts. `tables` are
-/// the application tables it locks (named in the error when retries run out).
+/// Run `work` in one transaction under `lock_timeout`, retrying when a lock is not granted in time
+/// (SQLSTATE 55P03). `tables` are the application tables it locks (named in the error when the
+/// retries run out).
 pub async fn run_locked(
     conn: &mut PgConnection,
     lock_timeout_ms: u64,
-    statements: &[Sql],
     tables: &[QName],
+    mut work: impl AsyncFnMut(&mut PgConnection) -> Result<(), Diagnostic>,
 ) -> Result<(), Diagnostic> {
     let mut delay = Duration::from_millis(100);
     for attempt in 1..=ATTEMPTS {
         let result = async {
-            let mut tx = conn.begin().await?;
-            sqlx::raw_sql(
-                Sql(format!("SET LOCAL lock_timeout = '{lock_timeout_ms}ms'")).assert_safe(),
+            let mut tx = conn.begin().await.map_err(db_error)?;
+            exec(
+                &mut tx,
+                &sql!("SET LOCAL lock_timeout = '{lock_timeout_ms}ms'"),
             )
-            .execute(&mut *tx)
             .await?;
-            for s in statements {
-                sqlx::raw_sql(s.assert_safe()).execute(&mut *tx).await?;
-            }
-            tx.commit().await
+            work(&mut tx).await?;
+            tx.commit().await.map_err(db_error)
         }
         .await;
+        let lock_timeout = |d: &Diagnostic| d.sqlstate() == Some("55P03");
         match result {
             Ok(()) => return Ok(()),
-            Err(e) if is_lock_timeout(&e) && attempt < ATTEMPTS => {
+            Err(d) if lock_timeout(&d) && attempt < ATTEMPTS => {
                 let jitter = Duration::from_millis(
                     u64::from(std::process::id() % 97) + (attempt as u64 * 37) % 89,
                 );
@@ -58,7 +53,7 @@ pub async fn run_locked(
                 tokio::time::sleep(delay + jitter).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
-            Err(e) if is_lock_timeout(&e) => {
+            Err(d) if lock_timeout(&d) => {
                 let who = blockers(conn, tables).await.unwrap_or_default();
                 return Err(Diagnostic::error(
                     "lock-timeout",
@@ -70,7 +65,7 @@ pub async fn run_locked(
                 )
                 .hint("wait for or end those transactions (pg_terminate_backend(pid)), then re-run; raise --lock-timeout only if writers can afford to wait that long"));
             }
-            Err(e) => return Err(Diagnostic::error("database-error", e.to_string())),
+            Err(d) => return Err(d),
         }
     }
     unreachable!("the last attempt returns")
@@ -109,10 +104,10 @@ pub async fn blockers(
 }
 
 fn key(migration: &str) -> Sql {
-    Sql(format!(
+    sql!(
         "hashtextextended({}, 0)",
         Literal::new(crate::names::advisory_key(migration))
-    ))
+    )
 }
 
 /// Take the migration's runner lock on this session: exclusive (prepare, finishing steps) or shared
@@ -127,11 +122,10 @@ pub async fn try_runner_lock(
     } else {
         "pg_try_advisory_lock_shared"
     };
-    let got: bool =
-        sqlx::query_scalar(Sql(format!("SELECT {f}({})", key(migration))).assert_safe())
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(|e| Diagnostic::error("database-error", e.to_string()))?;
+    let got: bool = sqlx::query_scalar(sql!("SELECT {f}({})", key(migration)).assert_safe())
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db_error)?;
     if got {
         return Ok(());
     }
@@ -144,7 +138,7 @@ pub async fn try_runner_lock(
 
 /// Wait for the exclusive runner lock (finishing steps after a shared phase).
 pub async fn runner_lock_wait(conn: &mut PgConnection, migration: &str) -> Result<(), sqlx::Error> {
-    sqlx::raw_sql(Sql(format!("SELECT pg_advisory_lock({})", key(migration))).assert_safe())
+    sqlx::raw_sql(sql!("SELECT pg_advisory_lock({})", key(migration)).assert_safe())
         .execute(conn)
         .await
         .map(|_| ())
@@ -160,7 +154,7 @@ pub async fn runner_unlock(
     } else {
         "pg_advisory_unlock_shared"
     };
-    sqlx::raw_sql(Sql(format!("SELECT {f}({})", key(migration))).assert_safe())
+    sqlx::raw_sql(sql!("SELECT {f}({})", key(migration)).assert_safe())
         .execute(conn)
         .await
         .map(|_| ())

@@ -1,7 +1,8 @@
-//! Connections: every connection bluegreen opens has the same pinned session settings, so that text
-//! renderings (and later checksums) never depend on a server or role default. Also the throwaway
-//! cluster used by tests and `demo`, and the translation of connection failures into diagnostics
-//! that never echo a password.
+//! Connections: every connection bluegreen opens has the same pinned session settings
+//! (`crate::session`), so that text renderings (and later checksums) never depend on a server or
+//! role default. The one translation of database errors into diagnostics ([`db_error`], keeping
+//! the SQLSTATE) and the one way statements are executed ([`exec`]). Also the throwaway cluster used
+//! by tests and `demo`, and connection failures as diagnostics that never echo a password.
 
 pub mod cluster;
 pub mod locking;
@@ -13,17 +14,53 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection};
 
 use crate::diag::Diagnostic;
+use crate::sql::Sql;
 
-/// Session settings pinned on every connection (sent in the startup packet).
-pub const PINNED: &[(&str, &str)] = &[
-    ("TimeZone", "UTC"),
-    ("DateStyle", "ISO, YMD"),
-    ("IntervalStyle", "iso_8601"),
-    ("extra_float_digits", "3"),
-    ("bytea_output", "hex"),
-    ("client_encoding", "UTF8"),
-    ("standard_conforming_strings", "on"),
-];
+/// A database error as a diagnostic: the server's message (with its detail), its hint, and its
+/// SQLSTATE kept for callers that branch on it. Errors that are not the server's (I/O, protocol)
+/// keep the driver's text.
+pub fn db_error(e: sqlx::Error) -> Diagnostic {
+    use sqlx::postgres::PgDatabaseError;
+    let Some(db) = e.as_database_error() else {
+        return Diagnostic::error("database-error", e.to_string());
+    };
+    let code = db.code().map(|c| c.to_string());
+    let mut message = db.message().to_string();
+    let mut hint = None;
+    if let Some(pg) = db.try_downcast_ref::<PgDatabaseError>() {
+        if let Some(d) = pg.detail() {
+            message.push_str(&format!(" ({d})"));
+        }
+        hint = pg.hint().map(str::to_string);
+    }
+    if let Some(c) = &code {
+        message.push_str(&format!(" [SQLSTATE {c}]"));
+    }
+    let mut d = Diagnostic::error("database-error", message).maybe_hint(hint);
+    d.sqlstate = code;
+    d
+}
+
+/// [`db_error`] naming the statement that failed (its first line).
+pub fn db_error_in(e: sqlx::Error, sql: &Sql) -> Diagnostic {
+    let mut d = db_error(e);
+    let first = sql.as_str().lines().next().unwrap_or("");
+    let cut = first
+        .char_indices()
+        .nth(160)
+        .map_or(first.len(), |(i, _)| i);
+    d.message = format!("{}\nwhile running: {}", d.message, &first[..cut]);
+    d
+}
+
+/// Run one statement (or several separated by `;`) without parameters.
+pub async fn exec(conn: &mut PgConnection, sql: &Sql) -> Result<(), Diagnostic> {
+    sqlx::raw_sql(sql.assert_safe())
+        .execute(conn)
+        .await
+        .map(|_| ())
+        .map_err(|e| db_error_in(e, sql))
+}
 
 /// The URL with any password replaced by `***`, for messages and reports.
 pub fn redact_url(url: &str) -> String {
@@ -57,7 +94,7 @@ pub fn options(url: &str) -> Result<PgConnectOptions, Diagnostic> {
     })?;
     Ok(opts
         .application_name("bluegreen")
-        .options(PINNED.iter().copied())
+        .options(crate::session::PINNED.iter().copied())
         // Statements can carry data; they are never logged by the driver.
         .disable_statement_logging())
 }

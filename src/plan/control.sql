@@ -16,6 +16,7 @@ CREATE TABLE IF NOT EXISTS {control}.deferred (
     green_table text NOT NULL,
     definition  text NOT NULL,
     done        boolean NOT NULL DEFAULT false,
+    ref_table   text,               -- a foreign key's referenced table, quoted and qualified
     PRIMARY KEY (migration, kind, name)
 );
 CREATE TABLE IF NOT EXISTS {control}.chunks (

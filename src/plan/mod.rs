@@ -3,8 +3,13 @@
 //! SQL statement the later steps run with the lock each takes. Pure: no sqlx, no tokio, no I/O, so
 //! all of it is unit-tested without a database.
 
+pub mod checks;
+pub mod chunks;
+pub mod keys;
 pub mod query;
 pub mod render;
+pub mod reverse;
+pub mod settings;
 pub mod steps;
 pub mod sync;
 
@@ -12,19 +17,19 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::catalog::{self, Catalog};
-use crate::diag::{Diagnostic, Severity, did_you_mean};
-use crate::mapping::{Mapping, Reverse, TableEntry};
+use crate::catalog::Catalog;
+use crate::diag::{Diagnostic, Severity};
+use crate::mapping::{Mapping, Reverse};
 use crate::sql::QName;
+
+pub use checks::static_checks;
+pub use keys::{ChunkKey, chunk_key, plain_column_of, sync_key, upsert_key};
+pub use reverse::{ReversePlan, Verdict};
+pub use settings::{EffectiveSettings, Options, ProfileMode, effective_settings};
 
 /// Rows copied per second per job, used only for the runbook's duration estimates (measured on
 /// the 2-core reference machine with deferred indexes; see BENCHMARKS.md).
 pub const ROWS_PER_SECOND_PER_JOB: f64 = 100_000.0;
-
-/// Defaults for settings neither the mapping nor the command line gave.
-pub const DEFAULT_JOBS: u32 = 4;
-pub const DEFAULT_CHUNK_ROWS: u64 = 100_000;
-pub const DEFAULT_LOCK_TIMEOUT_MS: u64 = 2_000;
 
 /// What `probe` learned about one entry from the live database.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -39,7 +44,7 @@ pub struct EntryFacts {
 #[derive(Clone, Debug, Serialize)]
 pub struct Profile {
     /// `sample` or `full`.
-    pub mode: String,
+    pub mode: ProfileMode,
     /// Fraction of the driving table read (1.0 for full).
     pub fraction: f64,
     pub driving_rows_read: i64,
@@ -67,14 +72,6 @@ pub struct Plan {
 }
 
 #[derive(Clone, Debug, Serialize)]
-pub struct EffectiveSettings {
-    pub jobs: u32,
-    pub chunk_rows: u64,
-    pub lock_timeout_ms: u64,
-    pub profile: String,
-}
-
-#[derive(Clone, Debug, Serialize)]
 pub struct Estimates {
     pub total_rows: f64,
     pub total_bytes: f64,
@@ -92,7 +89,7 @@ pub struct TablePlan {
     pub estimated_driving_rows: f64,
     pub estimated_rows: f64,
     pub estimated_bytes: f64,
-    pub chunk_key: String,
+    pub chunk_key: ChunkKey,
     pub chunks: u64,
     pub sync_key: Vec<(String, String)>,
     /// `mapping` or `primary key`.
@@ -101,391 +98,6 @@ pub struct TablePlan {
     pub reverse: ReversePlan,
     pub defaults: Vec<String>,
     pub profile: Option<Profile>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct ReversePlan {
-    /// `invertible`, `lossy` (reverse: none or uncovered columns), `not applicable` (another entry
-    /// carries this driving table's reverse) or `no` (group_by).
-    pub verdict: String,
-    /// Blue column -> expression over the green table.
-    pub columns: Vec<(String, String)>,
-    pub auto: Vec<String>,
-    pub declared: Vec<String>,
-    pub missing: Vec<String>,
-}
-
-/// The sync key of an entry: given in the mapping, or the green primary key when each of its
-/// columns is mapped.
-pub fn sync_key(
-    entry: &TableEntry,
-    green: &catalog::Table,
-) -> Option<(Vec<(String, String)>, &'static str)> {
-    if let Some(sk) = &entry.sync_key {
-        return Some((
-            sk.iter()
-                .map(|(c, e)| (c.clone(), e.text.clone()))
-                .collect(),
-            "mapping",
-        ));
-    }
-    let pk = green.primary_key.as_ref()?;
-    let cols: Option<Vec<(String, String)>> = pk
-        .columns
-        .iter()
-        .map(|c| {
-            entry
-                .column(c)
-                .filter(|col| col.value_map.is_none())
-                .map(|col| (c.clone(), col.expr.text.clone()))
-        })
-        .collect();
-    cols.map(|c| (c, "primary key"))
-}
-
-/// `alias.column` (the column optionally double-quoted) as a plain reference to a column of
-/// `alias`; returns the column name.
-pub fn plain_column_of<'a>(expr: &'a str, alias: &str) -> Option<&'a str> {
-    let (a, c) = expr.trim().split_once('.')?;
-    let plain = |s: &str| {
-        !s.is_empty()
-            && s.chars()
-                .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_')
-    };
-    let c = match c.strip_prefix('"').and_then(|c| c.strip_suffix('"')) {
-        Some(q) if !q.contains('"') && !q.is_empty() => q,
-        _ if plain(c) => c,
-        _ => return None,
-    };
-    (a == alias).then_some(c)
-}
-
-/// `alias.column::type` or `CAST(alias.column AS type)`: a column read through a cast.
-fn cast_of<'a>(expr: &'a str, alias: &str) -> Option<&'a str> {
-    // The whole expression must be the cast: a type name, optionally with a modifier or [].
-    let is_type = |t: &str| {
-        let t = t.trim();
-        let base = t.trim_end_matches("[]");
-        let base = match base.split_once('(') {
-            Some((b, rest)) => {
-                if !rest.ends_with(')')
-                    || !rest[..rest.len() - 1]
-                        .chars()
-                        .all(|c| c.is_ascii_digit() || c == ',' || c == ' ')
-                {
-                    return false;
-                }
-                b
-            }
-            None => base,
-        };
-        !base.is_empty()
-            && base.chars().all(|c| {
-                c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == ' ' || c == '.'
-            })
-    };
-    let e = expr.trim();
-    if let Some((inner, ty)) = e.split_once("::") {
-        return if is_type(ty) {
-            plain_column_of(inner, alias)
-        } else {
-            None
-        };
-    }
-    let lower = e.to_ascii_lowercase();
-    if lower.starts_with("cast(") && e.ends_with(')') {
-        let inner = &e[5..e.len() - 1];
-        let pos = inner.to_ascii_lowercase().find(" as ")?;
-        return if is_type(&inner[pos + 4..]) {
-            plain_column_of(&inner[..pos], alias)
-        } else {
-            None
-        };
-    }
-    None
-}
-
-/// Checks that need the catalog but no query: names exist, keys resolve, reverse targets exist.
-pub fn static_checks(m: &Mapping, cat: &Catalog) -> Vec<Diagnostic> {
-    let mut out = Vec::new();
-    let green_names: Vec<&str> = cat.tables_in(&m.green).map(|t| t.name.as_str()).collect();
-    let blue_names: Vec<String> = cat
-        .tables
-        .values()
-        .filter(|t| t.schema != m.green)
-        .map(|t| t.qname().display())
-        .collect();
-    for e in &m.tables {
-        for item in &e.from_clause.items {
-            if cat.table(&item.table).is_none() {
-                let wanted = item.table.display();
-                out.push(
-                    Diagnostic::error(
-                        "unknown-blue-table",
-                        format!("blue table {wanted} does not exist"),
-                    )
-                    .at(Some(e.from.span.clone()))
-                    .table(&e.name)
-                    .maybe_hint(did_you_mean(&wanted, blue_names.iter().map(String::as_str)))
-                    .hint_or("check the schema and table name in `from`"),
-                );
-            } else if item.table.schema == m.green {
-                out.push(
-                    Diagnostic::error("reads-green", format!("`from` reads green table {}", item.table.display()))
-                        .at(Some(e.from.span.clone()))
-                        .table(&e.name)
-                        .hint("green is computed from blue only: derive values from blue tables (deterministic ids such as md5(key)::uuid)"),
-                );
-            }
-        }
-        let Some(gt) = cat.table(&QName::new(&m.green, &e.name)) else {
-            out.push(
-                Diagnostic::error(
-                    "unknown-green-table",
-                    format!(
-                        "green table {}.{} does not exist after green_ddl ran",
-                        m.green, e.name
-                    ),
-                )
-                .at(Some(e.span.clone()))
-                .table(&e.name)
-                .maybe_hint(did_you_mean(&e.name, green_names.iter().copied()))
-                .hint_or(format!("create it in {}", m.green_ddl.display())),
-            );
-            continue;
-        };
-        for c in &e.columns {
-            match gt.column(&c.name) {
-                None => out.push(
-                    Diagnostic::error(
-                        "unknown-green-column",
-                        format!(
-                            "green table {}.{} has no column {}",
-                            m.green, e.name, c.name
-                        ),
-                    )
-                    .at(Some(c.span.clone()))
-                    .table(&e.name)
-                    .column(&c.name)
-                    .maybe_hint(did_you_mean(&c.name, gt.column_names()))
-                    .hint_or(format!(
-                        "columns: {}",
-                        gt.column_names().collect::<Vec<_>>().join(", ")
-                    )),
-                ),
-                Some(gc) if gc.generated == "s" => out.push(
-                    Diagnostic::error(
-                        "generated-column",
-                        format!("{} is a generated column: PostgreSQL computes it", c.name),
-                    )
-                    .at(Some(c.span.clone()))
-                    .table(&e.name)
-                    .column(&c.name)
-                    .hint("leave it out of `columns`"),
-                ),
-                _ => {}
-            }
-        }
-        for gc in &gt.columns {
-            if gc.not_null && !gc.has_default() && e.column(&gc.name).is_none() {
-                out.push(
-                    Diagnostic::error(
-                        "unmapped-not-null",
-                        format!("green column {} is NOT NULL without a default and not mapped: every insert would fail", gc.name),
-                    )
-                    .at(Some(e.span.clone()))
-                    .table(&e.name)
-                    .column(&gc.name)
-                    .hint("map it in `columns`, or give it a DEFAULT in the green DDL"),
-                );
-            }
-        }
-        match sync_key(e, gt) {
-            None => out.push(
-                Diagnostic::error("no-sync-key", "no sync key: the green table has no primary key whose columns are all mapped (plainly, not through `map`)")
-                    .at(Some(e.span.clone()))
-                    .table(&e.name)
-                    .hint("add `sync_key: { <green column>: <expression> }` naming what identifies the rows derived from one driving row or group"),
-            ),
-            Some((keys, _)) => {
-                for (col, expr) in &keys {
-                    match e.column(col) {
-                        None => out.push(
-                            Diagnostic::error("bad-sync-key", format!("sync key column {col} is not in `columns`"))
-                                .at(Some(e.span.clone()))
-                                .table(&e.name)
-                                .column(col)
-                                .hint("a sync key column must be mapped, so green rows can be found by it"),
-                        ),
-                        Some(c) if c.value_map.is_some() => out.push(
-                            Diagnostic::error("bad-sync-key", format!("sync key column {col} is mapped through `map`: green holds the mapped values, not `{expr}`"))
-                                .at(Some(c.span.clone()))
-                                .table(&e.name)
-                                .column(col)
-                                .hint("use a column mapped by a plain expression as the sync key"),
-                        ),
-                        Some(c) if normalize(&c.expr.text) != normalize(expr) => out.push(
-                            Diagnostic::error(
-                                "bad-sync-key",
-                                format!("sync key {col}: `{expr}` differs from the column's expression `{}`", c.expr.text),
-                            )
-                            .at(Some(c.span.clone()))
-                            .table(&e.name)
-                            .column(col)
-                            .hint("the sync key must be the value the column is mapped to; write the same expression"),
-                        ),
-                        _ => {}
-                    }
-                }
-            }
-        }
-        if let Reverse::Columns(cols) = &e.reverse
-            && let Some(bt) = e
-                .from_clause
-                .items
-                .first()
-                .and_then(|i| cat.table(&i.table))
-        {
-            for (bc, expr) in cols {
-                if bt.column(bc).is_none() {
-                    out.push(
-                        Diagnostic::error(
-                            "unknown-blue-column",
-                            format!(
-                                "reverse: blue table {} has no column {bc}",
-                                bt.qname().display()
-                            ),
-                        )
-                        .at(Some(expr.span.clone()))
-                        .table(&e.name)
-                        .column(bc)
-                        .maybe_hint(did_you_mean(bc, bt.column_names())),
-                    );
-                }
-            }
-            if !e.group_by.is_empty() {
-                out.push(
-                    Diagnostic::error(
-                        "reverse-group-by",
-                        "an entry with group_by merges rows and cannot carry a reverse",
-                    )
-                    .at(Some(e.span.clone()))
-                    .table(&e.name)
-                    .hint("write `reverse: none`"),
-                );
-            }
-        }
-    }
-    out
-}
-
-fn normalize(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-impl Diagnostic {
-    /// Set a hint only if none is set yet.
-    pub fn hint_or(mut self, h: impl Into<String>) -> Self {
-        if self.hint.is_none() {
-            self.hint = Some(h.into());
-        }
-        self
-    }
-}
-
-/// How each entry's driving table is reversed (green -> blue), and which entry owns it.
-fn reverse_plan(m: &Mapping, e: &TableEntry, cat: &Catalog) -> ReversePlan {
-    let mut rp = ReversePlan {
-        verdict: String::new(),
-        columns: Vec::new(),
-        auto: Vec::new(),
-        declared: Vec::new(),
-        missing: Vec::new(),
-    };
-    let driving = e.from_clause.driving();
-    if matches!(e.reverse, Reverse::None) {
-        rp.verdict = "lossy".into();
-        return rp;
-    }
-    if !e.group_by.is_empty() {
-        rp.verdict = "no".into();
-        return rp;
-    }
-    // Another entry on the same driving table that declares its reverse owns it.
-    if matches!(e.reverse, Reverse::Auto)
-        && m.tables.iter().any(|o| {
-            o.name != e.name
-                && matches!(o.reverse, Reverse::Columns(_))
-                && o.from_clause.items.first().map(|i| &i.table) == Some(&driving.table)
-        })
-    {
-        rp.verdict = "not applicable".into();
-        return rp;
-    }
-    let Some(bt) = cat.table(&driving.table) else {
-        rp.verdict = "no".into();
-        return rp;
-    };
-    let declared: BTreeMap<&str, &str> = match &e.reverse {
-        Reverse::Columns(cols) => cols
-            .iter()
-            .map(|(c, x)| (c.as_str(), x.text.as_str()))
-            .collect(),
-        _ => BTreeMap::new(),
-    };
-    for bc in &bt.columns {
-        if let Some(x) = declared.get(bc.name.as_str()) {
-            rp.columns.push((bc.name.clone(), x.to_string()));
-            rp.declared.push(bc.name.clone());
-            continue;
-        }
-        let auto = e.columns.iter().find(|c| {
-            c.value_map.is_none()
-                && (plain_column_of(&c.expr.text, &driving.alias) == Some(bc.name.as_str())
-                    || cast_of(&c.expr.text, &driving.alias) == Some(bc.name.as_str()))
-        });
-        match auto {
-            Some(c) => {
-                rp.columns.push((
-                    bc.name.clone(),
-                    format!("{}::{}", crate::sql::Ident::new(&c.name), bc.type_sql),
-                ));
-                rp.auto.push(bc.name.clone());
-            }
-            None => rp.missing.push(bc.name.clone()),
-        }
-    }
-    rp.verdict = if rp.missing.is_empty() {
-        "invertible"
-    } else {
-        "lossy"
-    }
-    .into();
-    rp
-}
-
-/// Options of `plan` that are not in the mapping.
-#[derive(Clone, Debug)]
-pub struct Options {
-    pub jobs: Option<u32>,
-    pub chunk_rows: Option<u64>,
-    pub lock_timeout_ms: Option<u64>,
-    pub profile: String,
-}
-
-pub fn effective_settings(m: &Mapping, o: &Options) -> EffectiveSettings {
-    EffectiveSettings {
-        jobs: o.jobs.or(m.settings.jobs).unwrap_or(DEFAULT_JOBS),
-        chunk_rows: o
-            .chunk_rows
-            .or(m.settings.chunk_rows)
-            .unwrap_or(DEFAULT_CHUNK_ROWS),
-        lock_timeout_ms: o
-            .lock_timeout_ms
-            .or(m.settings.lock_timeout.map(|d| d.as_millis() as u64))
-            .unwrap_or(DEFAULT_LOCK_TIMEOUT_MS),
-        profile: o.profile.clone(),
-    }
 }
 
 /// Assemble the plan. `diagnostics` are those found so far (mapping, static checks, probe).
@@ -514,7 +126,7 @@ pub fn build(
         // lead some index; otherwise each write would scan the driving table.
         let plain: Option<Vec<String>> = key_exprs
             .iter()
-            .map(|x| plain_column_of(x, &driving.alias).map(str::to_string))
+            .map(|x| plain_column_of(x, &driving.alias))
             .collect();
         let sync_key_indexed = plain.as_ref().is_some_and(|cols| bt.has_index_on(cols));
         if !sync.is_empty() && !sync_key_indexed {
@@ -580,8 +192,8 @@ pub fn build(
         } else {
             "1:1"
         };
-        let reverse = reverse_plan(m, e, cat);
-        if reverse.verdict == "lossy" && !matches!(e.reverse, Reverse::None) {
+        let reverse = reverse::reverse_plan(m, e, cat);
+        if reverse.verdict == Verdict::Lossy && !matches!(e.reverse, Reverse::None) {
             diagnostics.push(
                 Diagnostic::warning(
                     "not-invertible",
@@ -596,7 +208,7 @@ pub fn build(
                 .hint("add them under `reverse:` as expressions over the green table, or write `reverse: none` to accept a lossy rollback"),
             );
         }
-        if reverse.verdict == "invertible" || reverse.verdict == "lossy" {
+        if matches!(reverse.verdict, Verdict::Invertible | Verdict::Lossy) {
             for bc in &bt.columns {
                 if bc.not_null
                     && !bc.has_default()
@@ -690,26 +302,6 @@ pub fn build(
 /// server has at least 2.
 fn cpu_bound_jobs() -> u32 {
     2
-}
-
-/// What copy ranges over: the first sync-key expression when it is a plain driving column or the
-/// entry groups (groups must never be split across chunks); else the driving primary key; else
-/// physical ranges.
-pub fn chunk_key(e: &TableEntry, bt: &catalog::Table, sync: &[(String, String)]) -> String {
-    let alias = &e.from_clause.driving().alias;
-    if let Some((_, first)) = sync.first()
-        && (!e.group_by.is_empty() || plain_column_of(first, alias).is_some())
-    {
-        return first.clone();
-    }
-    match &bt.primary_key {
-        Some(pk) => format!(
-            "{}.{}",
-            crate::sql::Ident::new(alias),
-            crate::sql::Ident::new(&pk.columns[0])
-        ),
-        None => "ctid (physical ranges)".into(),
-    }
 }
 
 impl Plan {

@@ -4,7 +4,7 @@
 
 use crate::catalog;
 use crate::mapping::{Column, TableEntry};
-use crate::sql::{Expr, Ident, Literal, QName, Sql, TypeName, join};
+use crate::sql::{Expr, Ident, Literal, QName, Sql, TypeName, join, sql};
 
 /// The SQL for one mapped column, before assignment to the green column. `lenient` (profiling
 /// only) turns a value outside a default-less map into NULL instead of an error, so that all such
@@ -54,11 +54,11 @@ pub fn mapping_search_path(m: &crate::mapping::Mapping) -> String {
 
 /// `SET [LOCAL] search_path` to [`mapping_search_path`].
 pub fn set_mapping_search_path(m: &crate::mapping::Mapping, local: bool) -> Sql {
-    Sql(format!(
+    sql!(
         "SET {}search_path = {}",
         if local { "LOCAL " } else { "" },
         mapping_search_path(m)
-    ))
+    )
 }
 
 /// `(where)` and extra conditions joined by AND, or nothing.
@@ -134,13 +134,13 @@ pub fn mapping_select_extra(
 
 /// `SELECT <cols> FROM <from> WHERE ... GROUP BY ...` shaped by `shape`.
 fn select_from(entry: &TableEntry, cols: impl Iterator<Item = String>, shape: &Shape) -> Sql {
-    Sql(format!(
+    sql!(
         "SELECT {} FROM {}{}{}",
         join(cols, ", "),
         entry.from_clause.render_with(shape.replace),
         where_clause(entry, &shape.extra_where),
         group_by_clause(entry)
-    ))
+    )
 }
 
 /// The mapped green column names, in entry order (only those that exist in green).
@@ -165,7 +165,7 @@ pub fn insert_select(
     let overriding = cols
         .iter()
         .any(|c| green.column(c).is_some_and(|gc| gc.identity == "a"));
-    Sql(format!(
+    sql!(
         "INSERT INTO {} ({}){} {}",
         green.qname(),
         join(cols.iter().map(|c| Ident::new(*c)), ", "),
@@ -175,7 +175,7 @@ pub fn insert_select(
             ""
         },
         mapping_select(entry, green, control, shape)
-    ))
+    )
 }
 
 /// The statement that copies one chunk: [`insert_select`], skipping rows already there. A row can
@@ -187,10 +187,10 @@ pub fn chunk_insert(
     control: &str,
     shape: &Shape,
 ) -> Sql {
-    Sql(format!(
+    sql!(
         "{} ON CONFLICT DO NOTHING",
         insert_select(entry, green, control, shape)
-    ))
+    )
 }
 
 /// Compile-only probe of one expression: `SELECT (expr) FROM <from> WHERE ... GROUP BY ...`.
@@ -198,12 +198,12 @@ pub fn expr_probe(entry: &TableEntry, expr: &str) -> (Sql, usize) {
     let head = "SELECT ";
     let body = Expr(expr).to_string();
     (
-        Sql(format!(
+        sql!(
             "{head}{body} FROM {}{}{}",
             entry.from_clause.render(),
             where_clause(entry, &[]),
             group_by_clause(entry)
-        )),
+        ),
         // Offset (in characters) of the expression text inside the statement: after "(".
         head.chars().count() + 1,
     )
@@ -217,7 +217,7 @@ pub fn assign_probe(
     gc: &catalog::Column,
     control: &str,
 ) -> Sql {
-    Sql(format!(
+    sql!(
         "INSERT INTO {} ({}) SELECT {} FROM {}{}{}",
         green.qname(),
         Ident::new(&col.name),
@@ -225,7 +225,7 @@ pub fn assign_probe(
         entry.from_clause.render(),
         where_clause(entry, &[]),
         group_by_clause(entry)
-    ))
+    )
 }
 
 /// `M(blue)` with every column cast to its green type, in entry order (what green must hold, and
@@ -260,7 +260,7 @@ pub fn invariant_diff(entry: &TableEntry, green: &catalog::Table, control: &str)
         ),
         green.qname()
     );
-    Sql(format!(
+    sql!(
         "SELECT (SELECT count(*) FROM ((SELECT t::text FROM ({m}) t) EXCEPT ALL (SELECT t::text FROM ({g}) t)) a) + (SELECT count(*) FROM ((SELECT t::text FROM ({g}) t) EXCEPT ALL (SELECT t::text FROM ({m}) t)) b)"
-    ))
+    )
 }

@@ -129,7 +129,7 @@ pub fn text(plan: &Plan) -> String {
             human_bytes(tp.estimated_bytes),
             tp.chunks.to_string(),
             key,
-            tp.reverse.verdict.clone(),
+            tp.reverse.verdict.to_string(),
         ]);
     }
     let _ = writeln!(o, "{t}");
@@ -167,7 +167,7 @@ pub fn text(plan: &Plan) -> String {
                 p.avg_row_bytes
             ));
         }
-        lines.push(format!("chunked on {}", tp.chunk_key));
+        lines.push(format!("chunked on {}", tp.chunk_key.describe()));
         let _ = writeln!(o, "{}:", tp.name);
         for l in lines {
             let _ = writeln!(o, "  {l}");
@@ -293,7 +293,7 @@ pub fn markdown(plan: &Plan) -> String {
     let lossy: Vec<&str> = plan
         .tables
         .iter()
-        .filter(|t| t.reverse.verdict == "lossy")
+        .filter(|t| t.reverse.verdict == crate::plan::Verdict::Lossy)
         .map(|t| t.name.as_str())
         .collect();
     let _ = writeln!(o, "\n## Pre-checks (before the window)\n");

@@ -4,11 +4,12 @@
 use serde::Serialize;
 
 use super::EffectiveSettings;
+use super::keys::{ChunkKey, chunk_key, sync_key};
 use super::query::{Shape, chunk_insert};
 use crate::catalog::Catalog;
 use crate::mapping::Mapping;
 use crate::names;
-use crate::sql::{Ident, Literal, QName, join};
+use crate::sql::{Ident, Literal, QName, Sql, join, sql};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Step {
@@ -42,7 +43,7 @@ pub fn control_ddl(control: &str) -> String {
 
 /// The capture triggers on blue table `x` (the `n`th table the mapping reads): one statement-level
 /// trigger per event with its transition tables, and one for TRUNCATE, which row triggers never see.
-pub fn capture_triggers(m: &Mapping, x: &QName, n: usize) -> Vec<crate::sql::Sql> {
+pub fn capture_triggers(m: &Mapping, x: &QName, n: usize) -> Vec<Sql> {
     let f = names::sync_function(&m.control_schema, &m.migration, n);
     [
         ("ins", "INSERT", "REFERENCING NEW TABLE AS new_rows "),
@@ -52,24 +53,47 @@ pub fn capture_triggers(m: &Mapping, x: &QName, n: usize) -> Vec<crate::sql::Sql
     ]
     .iter()
     .map(|(ev, event, refs)| {
-        crate::sql::Sql(format!(
+        sql!(
             "CREATE OR REPLACE TRIGGER {t} AFTER {event} ON {x} {refs}FOR EACH STATEMENT EXECUTE FUNCTION {f}()",
             t = Ident::new(names::sync_trigger(ev))
-        ))
+        )
     })
     .collect()
+}
+
+/// What a deferral holds back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeferralKind {
+    Index,
+    ForeignKey,
+}
+
+impl DeferralKind {
+    /// As stored in the `kind` column of the control schema's `deferred`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeferralKind::Index => "index",
+            DeferralKind::ForeignKey => "foreign key",
+        }
+    }
+    pub fn parse(s: &str) -> Option<DeferralKind> {
+        [DeferralKind::Index, DeferralKind::ForeignKey]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
 }
 
 /// A green secondary index or foreign key that `prepare` records and drops, and `copy` restores
 /// after the data (indexes built, foreign keys added NOT VALID at the live switch).
 pub struct Deferral {
-    /// `index` or `foreign key` (the `kind` column of the control schema's `deferred`).
-    pub kind: &'static str,
+    pub kind: DeferralKind,
     pub name: String,
     pub table: QName,
     /// `CREATE INDEX ...` or the constraint definition.
     pub definition: String,
-    pub drop: crate::sql::Sql,
+    /// The table a foreign key references.
+    pub ref_table: Option<QName>,
+    pub drop: Sql,
 }
 
 pub fn deferrals(m: &Mapping, cat: &Catalog) -> Vec<Deferral> {
@@ -77,33 +101,43 @@ pub fn deferrals(m: &Mapping, cat: &Catalog) -> Vec<Deferral> {
     for gt in cat.tables_in(&m.green) {
         for ix in gt.indexes.iter().filter(|ix| !ix.backs_constraint) {
             out.push(Deferral {
-                kind: "index",
+                kind: DeferralKind::Index,
                 name: ix.name.clone(),
                 table: gt.qname(),
                 definition: ix.definition.clone(),
-                drop: crate::sql::Sql(format!("DROP INDEX {}", QName::new(&gt.schema, &ix.name))),
+                ref_table: None,
+                drop: sql!("DROP INDEX {}", QName::new(&gt.schema, &ix.name)),
             });
         }
         for fk in &gt.foreign_keys {
             out.push(Deferral {
-                kind: "foreign key",
+                kind: DeferralKind::ForeignKey,
                 name: fk.name.clone(),
                 table: gt.qname(),
                 definition: fk.definition.clone(),
-                drop: crate::sql::Sql(format!(
+                ref_table: Some(fk.ref_table.clone()),
+                drop: sql!(
                     "ALTER TABLE {} DROP CONSTRAINT {}",
                     gt.qname(),
                     Ident::new(&fk.name)
-                )),
+                ),
             });
         }
     }
     out
 }
 
+/// The statements adding a deferred foreign key unvalidated (instant; enforced for new writes).
+pub fn add_foreign_key_not_valid(name: &str, table: &QName, def: &str) -> Sql {
+    let n = Ident::new(name);
+    sql!(
+        "ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {n}; ALTER TABLE {table} ADD CONSTRAINT {n} {def} NOT VALID"
+    )
+}
+
 /// `setval` for every green sequence that owns a mapped column (serial or identity): past the
 /// highest id green holds, so generated ids never collide with copied or synced ones.
-pub fn advance_sequences(m: &Mapping, cat: &Catalog) -> Vec<(QName, crate::sql::Sql)> {
+pub fn advance_sequences(m: &Mapping, cat: &Catalog) -> Vec<(QName, Sql)> {
     cat.sequences
         .iter()
         .filter(|s| s.name.schema == m.green)
@@ -112,11 +146,11 @@ pub fn advance_sequences(m: &Mapping, cat: &Catalog) -> Vec<(QName, crate::sql::
             m.entry(&owner.name).and_then(|e| e.column(col))?;
             Some((
                 seq.name.clone(),
-                crate::sql::Sql(format!(
+                sql!(
                     "SELECT setval({}, greatest((SELECT max({}) FROM {owner}), 1))",
                     Literal::new(seq.name.to_string()),
                     Ident::new(col)
-                )),
+                ),
             ))
         })
         .collect()
@@ -168,8 +202,8 @@ pub fn all(m: &Mapping, cat: &Catalog, s: &EffectiveSettings) -> Vec<Step> {
     for d in deferrals(m, cat) {
         out.push(step(
             "prepare",
-            format!("defer {} {} until after the copy", d.kind, d.name),
-            d.drop.0,
+            format!("defer {} {} until after the copy", d.kind.as_str(), d.name),
+            d.drop.into_string(),
             format!("ACCESS EXCLUSIVE on {} (empty, unused)", d.table.display()),
         ));
     }
@@ -180,11 +214,11 @@ pub fn all(m: &Mapping, cat: &Catalog, s: &EffectiveSettings) -> Vec<Step> {
                 "capture function for {} (logs changed rows until sync goes live)",
                 bt.display()
             ),
-            crate::plan::sync::capture_trigger_function(m, n).0,
+            crate::plan::sync::capture_trigger_function(m, n).into_string(),
             "none",
         ));
         let mut sql = vec![lt.clone()];
-        sql.extend(capture_triggers(m, bt, n).into_iter().map(|s| s.0));
+        sql.extend(capture_triggers(m, bt, n).into_iter().map(Sql::into_string));
         out.push(step(
             "prepare",
             format!("capture changes on {}", bt.display()),
@@ -204,50 +238,47 @@ pub fn all(m: &Mapping, cat: &Catalog, s: &EffectiveSettings) -> Vec<Step> {
         let Some(bt) = cat.table(&e.from_clause.driving().table) else {
             continue;
         };
-        let sync = super::sync_key(e, gt).map(|(k, _)| k).unwrap_or_default();
-        let key = super::chunk_key(e, bt, &sync);
-        let range = if key.starts_with("ctid") {
-            vec![format!(
-                "{}.ctid >= $1::tid AND {}.ctid < $2::tid",
-                Ident::new(&e.from_clause.driving().alias),
-                Ident::new(&e.from_clause.driving().alias)
-            )]
-        } else {
-            vec![format!("({key}) >= $1 AND ({key}) < $2")]
+        let sync = sync_key(e, gt).map(|(k, _)| k).unwrap_or_default();
+        let froms = e
+            .from_clause
+            .items
+            .iter()
+            .map(|i| i.table.display())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let key = match chunk_key(e, bt, &sync) {
+            ChunkKey::Physical => format!("{}.ctid", Ident::new(&e.from_clause.driving().alias)),
+            ChunkKey::Expr(key) => {
+                let source = super::chunks::quantile_source(e, bt, &key);
+                out.push(step(
+                    "copy",
+                    format!("{}: chunk boundaries from the data (quantiles)", e.name),
+                    super::chunks::quantile_query(&key, &source).into_string(),
+                    format!("ACCESS SHARE on {froms}"),
+                ));
+                key
+            }
         };
-        if !key.starts_with("ctid") {
-            out.push(step(
-                "copy",
-                format!("{}: chunk boundaries from the data (quantiles)", e.name),
-                format!(
-                    "SELECT percentile_disc(ARRAY(SELECT g / $1::float8 FROM generate_series(1, $1 - 1) g)) WITHIN GROUP (ORDER BY ({key})) FROM {}{}",
-                    e.from_clause.render(),
-                    super::query::where_clause(e, &[])
-                ),
-                format!("ACCESS SHARE on {}", e.from_clause.items.iter().map(|i| i.table.display()).collect::<Vec<_>>().join(", ")),
-            ));
-        }
         let shape = Shape {
-            extra_where: range,
+            extra_where: vec![super::chunks::printed_condition(&key)],
             ..Shape::default()
         };
+        let chunks = QName::new(control, "chunks");
         out.push(step(
             "copy",
-            format!("{}: each chunk, claimed from the ledger and marked done in one transaction", e.name),
             format!(
-                "SELECT chunk_no, lower_bound, upper_bound FROM {} WHERE migration = {} AND green_table = {} AND state = 'pending' LIMIT 1 FOR UPDATE SKIP LOCKED;\n{};\nUPDATE {} SET state = 'done', rows_copied = $3, done_at = now() WHERE migration = {} AND green_table = {} AND chunk_no = $4",
-                QName::new(control, "chunks"),
-                Literal::new(&m.migration),
-                Literal::new(&e.name),
-                chunk_insert(e, gt, control, &shape),
-                QName::new(control, "chunks"),
-                Literal::new(&m.migration),
-                Literal::new(&e.name),
+                "{}: each chunk, claimed from the ledger and marked done in one transaction",
+                e.name
             ),
             format!(
-                "ROW EXCLUSIVE on {}; ACCESS SHARE on {}",
+                "{};\n{};\n{}",
+                super::chunks::claim_query(&chunks),
+                chunk_insert(e, gt, control, &shape),
+                super::chunks::done_statement(&chunks),
+            ),
+            format!(
+                "ROW EXCLUSIVE on {}; ACCESS SHARE on {froms}",
                 gt.qname().display(),
-                e.from_clause.items.iter().map(|i| i.table.display()).collect::<Vec<_>>().join(", ")
             ),
         ));
     }
@@ -284,7 +315,7 @@ pub fn all(m: &Mapping, cat: &Catalog, s: &EffectiveSettings) -> Vec<Step> {
         out.push(step(
             "copy",
             format!("advance {} past the copied ids", seq.display()),
-            sql.0,
+            sql.into_string(),
             "none (sequence update)",
         ));
     }
@@ -354,7 +385,7 @@ pub fn all(m: &Mapping, cat: &Catalog, s: &EffectiveSettings) -> Vec<Step> {
     // Generated keys: green sequences continue past every id sync wrote since the copy.
     let seqs: Vec<String> = advance_sequences(m, cat)
         .into_iter()
-        .map(|(_, sql)| sql.0)
+        .map(|(_, sql)| sql.into_string())
         .collect();
     out.push(step(
         "cutover",

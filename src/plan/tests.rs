@@ -9,7 +9,7 @@ use super::query::{Shape, insert_select};
 use super::*;
 use crate::catalog::{Catalog, Column, Index, Key, Table};
 
-fn col(name: &str, ty: &str, not_null: bool) -> Column {
+pub(crate) fn col(name: &str, ty: &str, not_null: bool) -> Column {
     Column {
         name: name.into(),
         type_sql: ty.into(),
@@ -21,7 +21,7 @@ fn col(name: &str, ty: &str, not_null: bool) -> Column {
     }
 }
 
-fn table(schema: &str, name: &str, cols: Vec<Column>, pk: &[&str]) -> Table {
+pub(crate) fn table(schema: &str, name: &str, cols: Vec<Column>, pk: &[&str]) -> Table {
     let pk: Vec<String> = pk.iter().map(|s| s.to_string()).collect();
     Table {
         oid: 0,
@@ -93,7 +93,7 @@ fn catalog() -> Catalog {
     c
 }
 
-fn mapping(tables_yaml: &str) -> Mapping {
+pub(crate) fn mapping(tables_yaml: &str) -> Mapping {
     let src = format!("migration: m\ngreen: v2\ngreen_ddl: Cargo.toml\ntables:\n{tables_yaml}");
     crate::mapping::parse(
         Path::new("Cargo.toml")
@@ -123,7 +123,7 @@ fn opts() -> Options {
         jobs: None,
         chunk_rows: Some(100_000),
         lock_timeout_ms: None,
-        profile: "none".into(),
+        profile: ProfileMode::None,
     }
 }
 
@@ -159,7 +159,7 @@ fn infers_sync_key_reverse_and_estimates() {
     assert_eq!(t.sync_key_source, "primary key");
     // c.id::bigint is not a plain column: the key is not known to be indexed.
     assert!(!t.sync_key_indexed);
-    assert_eq!(t.reverse.verdict, "lossy");
+    assert_eq!(t.reverse.verdict, Verdict::Lossy);
     assert_eq!(t.reverse.auto, ["id", "email"]);
     assert_eq!(t.reverse.declared, ["name"]);
     assert_eq!(t.reverse.missing, ["status"]);

@@ -138,7 +138,7 @@ async fn scalar(conn: &mut PgConnection, sql: &str) -> Result<String, sqlx::Erro
         .await?;
     // The checks file's SQL is the user's own, run as written.
     let r: Result<Option<String>, sqlx::Error> = sqlx::query_scalar(
-        Sql(format!(
+        Sql::verbatim(format!(
             "SELECT ({})::text",
             sql.trim().trim_end_matches(';')
         ))
@@ -256,7 +256,7 @@ async fn timings(conn: &mut PgConnection, sql: &str, runs: u32) -> Result<(f64, 
 }
 
 async fn scalar_rows(conn: &mut PgConnection, sql: &str) -> Result<(), sqlx::Error> {
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+    sqlx::raw_sql(Sql::verbatim(sql).assert_safe())
         .execute(conn)
         .await
         .map(|_| ())

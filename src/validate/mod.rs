@@ -12,24 +12,29 @@
 //! duplicated and changed rows and the differing columns.
 
 pub mod checks;
+mod digest;
+mod locate;
 pub mod report;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use futures::TryStreamExt;
-use rayon::prelude::*;
 use serde::Serialize;
 use sqlx::{PgConnection, Row};
 
 use crate::catalog::{self, Catalog};
-use crate::copy::load_catalog;
+use crate::control::{self, chunks, events, runs, validations};
 use crate::diag::Diagnostic;
 use crate::mapping::{Mapping, TableEntry};
+use crate::pg::{db_error, exec};
+use crate::plan::chunks::{condition, count};
 use crate::plan::query::{Shape, mapping_select_typed};
-use crate::plan::sync::upsert_key;
-use crate::sql::{Expr, Ident, Literal, QName, Sql, TypeName, join};
-use crate::state::exec;
+use crate::plan::upsert_key;
+use crate::sql::{Expr, Ident, Literal, QName, Sql, TypeName, join, sql};
+
+use digest::stream_digest;
+pub use digest::{Digest, digest_rows};
+pub use locate::{Difference, DifferenceKind};
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -37,56 +42,6 @@ pub struct Options {
     pub chunk_rows: u64,
     pub max_diffs: usize,
     pub show_values: bool,
-}
-
-/// Rows hashed per rayon batch while streaming (bounds memory per worker).
-const HASH_BATCH: usize = 8_192;
-
-/// count + order-free digest of a set of rendered rows.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Digest {
-    pub rows: u64,
-    pub sum: u128,
-}
-
-impl Digest {
-    pub fn add(&mut self, other: Digest) {
-        self.rows += other.rows;
-        self.sum = self.sum.wrapping_add(other.sum);
-    }
-    pub fn hex(&self) -> String {
-        format!("{:032x}", self.sum)
-    }
-}
-
-/// Hash rendered rows on the rayon pool.
-pub fn digest_rows(rows: &[String]) -> Digest {
-    let sum = rows
-        .par_iter()
-        .map(|r| {
-            let h = blake3::hash(r.as_bytes());
-            u128::from_le_bytes(h.as_bytes()[..16].try_into().expect("16 bytes"))
-        })
-        .reduce(|| 0u128, u128::wrapping_add);
-    Digest {
-        rows: rows.len() as u64,
-        sum,
-    }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Difference {
-    pub table: String,
-    /// `missing` (in blue's M, not in green), `extra` (in green only), `duplicated` (the key occurs
-    /// a different number of times), `changed` (same key, other values).
-    pub kind: String,
-    pub key: String,
-    pub columns: Vec<String>,
-    /// The differing values, only with --show-values.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub expected: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub found: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -105,6 +60,7 @@ pub struct TableResult {
     pub changed: u64,
 }
 
+/// One chunk to compare: the same key range on both sides.
 struct Task {
     entry: usize,
     green_cond: String,
@@ -122,7 +78,7 @@ pub struct Outcome {
     pub tables: Vec<TableResult>,
     pub differences: Vec<Difference>,
     pub snapshot_lsn: String,
-    pub phase: String,
+    pub phase: control::Phase,
 }
 
 /// The key range column of an entry: green's first upsert-key column and the expression that
@@ -137,7 +93,7 @@ fn range_key<'a>(e: &'a TableEntry, gt: &'a catalog::Table) -> Option<(&'a str, 
     Some((c.name.as_str(), c.expr.text.as_str(), ty))
 }
 
-fn green_rows_sql(e: &TableEntry, gt: &catalog::Table, cond: &str) -> String {
+fn green_rows_sql(e: &TableEntry, gt: &catalog::Table, cond: &str) -> Sql {
     let cols = join(
         e.columns
             .iter()
@@ -145,7 +101,7 @@ fn green_rows_sql(e: &TableEntry, gt: &catalog::Table, cond: &str) -> String {
             .map(|c| Ident::new(&c.name)),
         ", ",
     );
-    format!(
+    sql!(
         "SELECT ROW({cols})::text FROM {} AS g WHERE {cond}",
         gt.qname()
     )
@@ -166,7 +122,7 @@ fn blue_select(m: &Mapping, e: &TableEntry, gt: &catalog::Table, cond: &str) -> 
     )
 }
 
-fn blue_rows_sql(m: &Mapping, e: &TableEntry, gt: &catalog::Table, cond: &str) -> String {
+fn blue_rows_sql(m: &Mapping, e: &TableEntry, gt: &catalog::Table, cond: &str) -> Sql {
     let cols = join(
         e.columns
             .iter()
@@ -174,13 +130,35 @@ fn blue_rows_sql(m: &Mapping, e: &TableEntry, gt: &catalog::Table, cond: &str) -
             .map(|c| format!("b.{}", Ident::new(&c.name))),
         ", ",
     );
-    format!(
+    sql!(
         "SELECT ROW({cols})::text FROM ({}) AS b",
         blue_select(m, e, gt, cond)
     )
 }
 
-/// Plan the chunks of every entry from green's data, inside the snapshot.
+/// Whether `x` can filter the rows of the entry's `from` (an aggregate cannot: then the table is
+/// one chunk). Asked under a savepoint inside the snapshot's transaction.
+async fn filters_rows(
+    conn: &mut PgConnection,
+    e: &TableEntry,
+    x: &str,
+) -> Result<bool, Diagnostic> {
+    let probe = sql!(
+        "SAVEPOINT bluegreen_v; SELECT 1 FROM {} WHERE ({x}) IS NULL LIMIT 0",
+        e.from_clause.render()
+    );
+    match exec(conn, &probe).await {
+        Ok(()) => exec(conn, &sql!("RELEASE SAVEPOINT bluegreen_v"))
+            .await
+            .map(|_| true),
+        Err(_) => exec(conn, &sql!("ROLLBACK TO SAVEPOINT bluegreen_v"))
+            .await
+            .map(|_| false),
+    }
+}
+
+/// Plan the chunks of every entry from green's data, inside the snapshot: ranges of green's
+/// first key column, the blue side filtered on the expression that fills it (in green's type).
 async fn plan_tasks(
     conn: &mut PgConnection,
     m: &Mapping,
@@ -198,28 +176,11 @@ async fn plan_tasks(
                 ),
             )
         })?;
-        let key = range_key(e, gt);
-        let usable = match key {
-            Some((_, x, _)) => {
-                // An aggregate cannot filter blue rows: then the table is one chunk.
-                let probe = Sql(format!(
-                    "SAVEPOINT bluegreen_v; SELECT 1 FROM {} WHERE ({x}) IS NULL LIMIT 0",
-                    e.from_clause.render()
-                ));
-                match exec(conn, &probe).await {
-                    Ok(()) => {
-                        exec(conn, &Sql("RELEASE SAVEPOINT bluegreen_v".into())).await?;
-                        true
-                    }
-                    Err(_) => {
-                        exec(conn, &Sql("ROLLBACK TO SAVEPOINT bluegreen_v".into())).await?;
-                        false
-                    }
-                }
-            }
-            None => false,
+        let key = match range_key(e, gt) {
+            Some(k) if filters_rows(conn, e, k.1).await? => Some(k),
+            _ => None,
         };
-        let Some((col, x, ty)) = key.filter(|_| usable) else {
+        let Some((col, x, ty)) = key else {
             tasks.push(Task {
                 entry: i,
                 green_cond: "true".into(),
@@ -227,248 +188,38 @@ async fn plan_tasks(
             });
             continue;
         };
-        // The chunk count needs an estimate only (copy analysed green); count when never analysed.
-        let rows: f64 = if gt.reltuples >= 0.0 {
-            gt.reltuples
-        } else {
-            sqlx::query_scalar(
-                Sql(format!("SELECT count(*)::float8 FROM {}", gt.qname())).assert_safe(),
-            )
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(db)?
-        };
-        let n = ((rows / chunk_rows as f64).ceil() as usize).max(1);
-        let mut bounds: Vec<String> = Vec::new();
-        if n > 1 {
-            let fracs = join((1..n).map(|k| format!("{:.6}", k as f64 / n as f64)), ", ");
-            let b: Option<Vec<Option<String>>> = sqlx::query_scalar(Sql(format!(
-                "SELECT percentile_disc(ARRAY[{fracs}]::float8[]) WITHIN GROUP (ORDER BY {})::text[] FROM {}",
-                Ident::new(col),
-                gt.qname()
-            )).assert_safe())
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(db)?;
-            for v in b.unwrap_or_default().into_iter().flatten() {
-                if !bounds.contains(&v) {
-                    bounds.push(v);
-                }
-            }
-        }
-        let g = format!("g.{}", Ident::new(col));
-        let b = format!("({})::{}", Expr(x), TypeName(ty));
-        let cond = |v: &str, lo: &Option<String>, hi: &Option<String>| {
-            let mut c = vec![format!("{v} IS NOT NULL")];
-            if let Some(l) = lo {
-                c.push(format!("{v} >= {}::{}", Literal::new(l), TypeName(ty)));
-            }
-            if let Some(h) = hi {
-                c.push(format!("{v} < {}::{}", Literal::new(h), TypeName(ty)));
-            }
-            c.join(" AND ")
-        };
-        let mut lo: Option<String> = None;
-        for hi in bounds
-            .iter()
-            .map(|h| Some(h.clone()))
-            .chain(std::iter::once(None))
-        {
+        let green_key = format!("g.{}", Ident::new(col));
+        let blue_key = format!("({})::{}", Expr(x), TypeName(ty));
+        let rows = chunks::estimate_rows(conn, &gt.qname(), gt.reltuples).await?;
+        let source = format!("{} AS g", gt.qname());
+        let ranges = chunks::key_ranges(conn, &green_key, &source, count(rows, chunk_rows)).await?;
+        let bound = |v: &str| format!("{}::{}", Literal::new(v), TypeName(ty));
+        for r in ranges {
             tasks.push(Task {
                 entry: i,
-                green_cond: cond(&g, &lo, &hi),
-                blue_cond: cond(&b, &lo, &hi),
+                green_cond: condition(&green_key, &r, bound),
+                blue_cond: condition(&blue_key, &r, bound),
             });
-            lo = hi;
         }
-        tasks.push(Task {
-            entry: i,
-            green_cond: format!("{g} IS NULL"),
-            blue_cond: format!("{b} IS NULL"),
-        });
     }
     Ok(tasks)
-}
-
-fn db(e: sqlx::Error) -> Diagnostic {
-    Diagnostic::error("database-error", e.to_string())
-}
-
-async fn stream_digest(conn: &mut PgConnection, sql: String) -> Result<Digest, sqlx::Error> {
-    let mut total = Digest::default();
-    let mut batch: Vec<String> = Vec::with_capacity(HASH_BATCH);
-    {
-        let mut rows = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql)).fetch(&mut *conn);
-        while let Some(r) = rows.try_next().await? {
-            batch.push(r);
-            if batch.len() == HASH_BATCH {
-                let full = std::mem::replace(&mut batch, Vec::with_capacity(HASH_BATCH));
-                // CPU work off the async runtime, on rayon.
-                let d = tokio::task::spawn_blocking(move || digest_rows(&full))
-                    .await
-                    .expect("hash task");
-                total.add(d);
-            }
-        }
-    }
-    if !batch.is_empty() {
-        let d = tokio::task::spawn_blocking(move || digest_rows(&batch))
-            .await
-            .expect("hash task");
-        total.add(d);
-    }
-    Ok(total)
-}
-
-type Keyed = HashMap<String, Vec<Vec<Option<String>>>>;
-
-async fn keyed_rows(conn: &mut PgConnection, sql: String) -> Result<Keyed, sqlx::Error> {
-    let mut out: Keyed = HashMap::new();
-    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .fetch_all(&mut *conn)
-        .await?;
-    for r in rows {
-        let k: String = r.try_get(0)?;
-        let v: Vec<Option<String>> = r.try_get(1)?;
-        out.entry(k).or_default().push(v);
-    }
-    Ok(out)
-}
-
-/// Name every difference of a chunk: keys missing, extra, duplicated, changed (with columns).
-async fn locate(
-    conn: &mut PgConnection,
-    m: &Mapping,
-    e: &TableEntry,
-    gt: &catalog::Table,
-    t: &Task,
-    show_values: bool,
-) -> Result<Vec<Difference>, sqlx::Error> {
-    let key =
-        upsert_key(e, gt).unwrap_or_else(|| e.columns.iter().map(|c| c.name.clone()).collect());
-    let cols: Vec<&str> = e
-        .columns
-        .iter()
-        .filter(|c| gt.column(&c.name).is_some())
-        .map(|c| c.name.as_str())
-        .collect();
-    let arr = |p: &str| {
-        format!(
-            "ARRAY[{}]::text[]",
-            join(
-                cols.iter().map(|c| format!("{p}.{}::text", Ident::new(*c))),
-                ", "
-            )
-        )
-    };
-    let krow = |p: &str| {
-        format!(
-            "ROW({})::text",
-            join(key.iter().map(|c| format!("{p}.{}", Ident::new(c))), ", ")
-        )
-    };
-    let green = keyed_rows(
-        conn,
-        format!(
-            "SELECT {}, {} FROM {} AS g WHERE {}",
-            krow("g"),
-            arr("g"),
-            gt.qname(),
-            t.green_cond
-        ),
-    )
-    .await?;
-    let blue = keyed_rows(
-        conn,
-        format!(
-            "SELECT {}, {} FROM ({}) AS b",
-            krow("b"),
-            arr("b"),
-            blue_select(m, e, gt, &t.blue_cond)
-        ),
-    )
-    .await?;
-    let mut keys: Vec<&String> = blue.keys().chain(green.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    let mut out = Vec::new();
-    let show = |v: &[Option<String>], idx: &[usize]| {
-        idx.iter()
-            .map(|i| v[*i].clone().unwrap_or_else(|| "NULL".into()))
-            .collect::<Vec<_>>()
-            .join(" | ")
-    };
-    for k in keys {
-        let (b, g) = (blue.get(k), green.get(k));
-        let diff = |kind: &str,
-                    columns: Vec<String>,
-                    expected: Option<String>,
-                    found: Option<String>| Difference {
-            table: e.name.clone(),
-            kind: kind.into(),
-            key: k.clone(),
-            columns,
-            expected: expected.filter(|_| show_values),
-            found: found.filter(|_| show_values),
-        };
-        match (b, g) {
-            (Some(b), None) => out.push(diff(
-                "missing",
-                Vec::new(),
-                Some(show(&b[0], &(0..cols.len()).collect::<Vec<_>>())),
-                None,
-            )),
-            (None, Some(g)) => out.push(diff(
-                "extra",
-                Vec::new(),
-                None,
-                Some(show(&g[0], &(0..cols.len()).collect::<Vec<_>>())),
-            )),
-            (Some(b), Some(g)) if b.len() != g.len() => out.push(diff(
-                "duplicated",
-                Vec::new(),
-                Some(format!("{} row(s)", b.len())),
-                Some(format!("{} row(s)", g.len())),
-            )),
-            (Some(b), Some(g)) => {
-                // Same count per key: pair rows after sorting, compare column by column.
-                let mut bs = b.clone();
-                let mut gs = g.clone();
-                bs.sort();
-                gs.sort();
-                for (br, gr) in bs.iter().zip(gs.iter()) {
-                    let idx: Vec<usize> = (0..cols.len()).filter(|i| br[*i] != gr[*i]).collect();
-                    if !idx.is_empty() {
-                        out.push(diff(
-                            "changed",
-                            idx.iter().map(|i| cols[*i].to_string()).collect(),
-                            Some(show(br, &idx)),
-                            Some(show(gr, &idx)),
-                        ));
-                    }
-                }
-            }
-            (None, None) => {}
-        }
-    }
-    Ok(out)
 }
 
 /// Compare every table in one snapshot with `jobs` workers.
 pub async fn compare(url: &str, m: &Mapping, o: &Options) -> Result<Outcome, Diagnostic> {
     let mut main = crate::pg::connect(url).await?;
-    let phase = crate::state::phase(&mut main, m).await?;
-    let cat = Arc::new(load_catalog(&mut main, m).await?);
+    let phase = runs::phase(&mut main, m).await?;
+    let cat = Arc::new(control::load_catalog(&mut main, m).await?);
     // The exporter holds the snapshot open until every worker has attached to it.
     exec(
         &mut main,
-        &Sql("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY".into()),
+        &sql!("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
     )
     .await?;
     let row = sqlx::query("SELECT pg_export_snapshot() AS s, pg_current_wal_lsn()::text AS lsn")
         .fetch_one(&mut main)
         .await
-        .map_err(db)?;
+        .map_err(db_error)?;
     let snapshot: String = row.get("s");
     let lsn: String = row.get("lsn");
     exec(
@@ -508,11 +259,11 @@ pub async fn compare(url: &str, m: &Mapping, o: &Options) -> Result<Outcome, Dia
         let (bar, done_chunks) = (bar.clone(), done_chunks.clone());
         workers.push(tokio::spawn(async move {
             let mut c = crate::pg::connect(&url).await?;
-            exec(&mut c, &Sql(format!(
+            exec(&mut c, &sql!(
                 "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; {}",
                 Literal::new(&snapshot),
                 crate::plan::query::set_mapping_search_path(&m, true)
-            )))
+            ))
             .await?;
             loop {
                 let Some(t) = queue.lock().expect("queue").pop_front() else {
@@ -520,14 +271,14 @@ pub async fn compare(url: &str, m: &Mapping, o: &Options) -> Result<Outcome, Dia
                 };
                 let e = &m.tables[t.entry];
                 let gt = cat.table(&QName::new(&m.green, &e.name)).expect("planned");
-                let green = stream_digest(&mut c, green_rows_sql(e, gt, &t.green_cond))
+                let green = stream_digest(&mut c, &green_rows_sql(e, gt, &t.green_cond))
                     .await
                     .map_err(|err| chunk_err(e, &err))?;
-                let blue = stream_digest(&mut c, blue_rows_sql(&m, e, gt, &t.blue_cond))
+                let blue = stream_digest(&mut c, &blue_rows_sql(&m, e, gt, &t.blue_cond))
                     .await
                     .map_err(|err| chunk_err(e, &err))?;
                 let differences = if green != blue {
-                    locate(&mut c, &m, e, gt, &t, o.show_values)
+                    locate::locate(&mut c, &m, e, gt, &t, o.show_values)
                         .await
                         .map_err(|err| chunk_err(e, &err))?
                 } else {
@@ -551,7 +302,7 @@ pub async fn compare(url: &str, m: &Mapping, o: &Options) -> Result<Outcome, Dia
                     None => {}
                 }
             }
-            exec(&mut c, &Sql("COMMIT".into())).await?;
+            exec(&mut c, &sql!("COMMIT")).await?;
             Ok::<(), Diagnostic>(())
         }));
     }
@@ -562,7 +313,7 @@ pub async fn compare(url: &str, m: &Mapping, o: &Options) -> Result<Outcome, Dia
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    exec(&mut main, &Sql("COMMIT".into())).await?;
+    exec(&mut main, &sql!("COMMIT")).await?;
     let results = Arc::try_unwrap(results)
         .ok()
         .expect("workers done")
@@ -585,7 +336,7 @@ pub async fn compare(url: &str, m: &Mapping, o: &Options) -> Result<Outcome, Dia
     let mut all_diffs = Vec::new();
     for (i, (b, g, chunks, differing, mut diffs)) in per {
         diffs.sort_by(|a, b| (&a.kind, &a.key).cmp(&(&b.kind, &b.key)));
-        let count = |k: &str| diffs.iter().filter(|d| d.kind == k).count() as u64;
+        let count = |k: DifferenceKind| diffs.iter().filter(|d| d.kind == k).count() as u64;
         tables.push(TableResult {
             table: m.tables[i].name.clone(),
             matches: b == g,
@@ -595,10 +346,10 @@ pub async fn compare(url: &str, m: &Mapping, o: &Options) -> Result<Outcome, Dia
             green_digest: g.hex(),
             chunks,
             differing_chunks: differing,
-            missing: count("missing"),
-            extra: count("extra"),
-            duplicated: count("duplicated"),
-            changed: count("changed"),
+            missing: count(DifferenceKind::Missing),
+            extra: count(DifferenceKind::Extra),
+            duplicated: count(DifferenceKind::Duplicated),
+            changed: count(DifferenceKind::Changed),
         });
         all_diffs.extend(diffs);
     }
@@ -634,7 +385,7 @@ pub async fn run(url: &str, m: &Mapping, o: &Options) -> Result<report::Report, 
     let facts = sqlx::query("SELECT current_user::text AS who, to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS at, current_setting('server_version') AS v")
         .fetch_one(&mut conn)
         .await
-        .map_err(db)?;
+        .map_err(db_error)?;
     let os_user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
         .unwrap_or_else(|_| "unknown".into());
@@ -646,7 +397,11 @@ pub async fn run(url: &str, m: &Mapping, o: &Options) -> Result<report::Report, 
     differences.truncate(o.max_diffs);
     let mut r = report::Report {
         format_version: report::FORMAT_VERSION,
-        verdict: if passed { "PASS" } else { "FAIL" }.into(),
+        verdict: if passed {
+            report::Verdict::Pass
+        } else {
+            report::Verdict::Fail
+        },
         migration: m.migration.clone(),
         phase: outcome.phase,
         ran_by: format!(
@@ -671,27 +426,24 @@ pub async fn run(url: &str, m: &Mapping, o: &Options) -> Result<report::Report, 
     r.seal();
     // The cutover gate reads the latest result; a database without the control schema (validate
     // before prepare) just has nowhere to record it.
-    let has_control: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-        .bind(QName::new(&m.control_schema, "validations").to_string())
-        .fetch_one(&mut conn)
-        .await
-        .map_err(db)?;
-    if has_control {
-        exec(&mut conn, &Sql(format!(
-            "INSERT INTO {} (migration, passed, mapping_digest, report_digest, snapshot_lsn, summary) VALUES ({}, {}, {}, {}, {}, {}::jsonb)",
-            QName::new(&m.control_schema, "validations"),
-            Literal::new(&m.migration),
-            passed,
-            Literal::new(&r.mapping_digest),
-            Literal::new(&r.report_digest),
-            Literal::new(&r.snapshot_lsn),
-            Literal::new(serde_json::json!({"tables": r.tables, "differences_total": r.differences_total, "checks_failed": r.checks.iter().filter(|c| !c.passed).count()}).to_string())
-        ))).await?;
-        crate::state::event(
+    if control::exists(&mut conn, m).await? {
+        validations::record(
+            &mut conn,
+            m,
+            &validations::Recorded {
+                passed,
+                mapping_digest: &r.mapping_digest,
+                report_digest: &r.report_digest,
+                snapshot_lsn: &r.snapshot_lsn,
+                summary: serde_json::json!({"tables": r.tables, "differences_total": r.differences_total, "checks_failed": r.checks.iter().filter(|c| !c.passed).count()}),
+            },
+        )
+        .await?;
+        events::record(
             &mut conn,
             m,
             "validate",
-            &r.verdict,
+            r.verdict.as_str(),
             serde_json::json!({"report_digest": r.report_digest}),
         )
         .await?;

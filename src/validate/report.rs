@@ -13,13 +13,37 @@ use super::{Difference, TableResult};
 
 pub const FORMAT_VERSION: u32 = 1;
 
+/// The verdict a report signs off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Verdict {
+    /// Every table matches and every check passes.
+    #[serde(rename = "PASS")]
+    Pass,
+    #[serde(rename = "FAIL")]
+    Fail,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Pass => "PASS",
+            Verdict::Fail => "FAIL",
+        }
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub format_version: u32,
-    /// `PASS` or `FAIL`.
-    pub verdict: String,
+    pub verdict: Verdict,
     pub migration: String,
-    pub phase: String,
+    pub phase: crate::control::Phase,
     pub ran_by: String,
     pub ran_at: String,
     pub database: String,
@@ -39,7 +63,7 @@ pub struct Report {
 
 impl Report {
     pub fn passed(&self) -> bool {
-        self.verdict == "PASS"
+        self.verdict == Verdict::Pass
     }
 
     /// Fill `report_digest` over the JSON with the digest field empty.

@@ -142,7 +142,7 @@ pub fn rel(p: &Path) -> String {
 pub async fn invariant_violations(url: &str, mapping: &str) -> Vec<(String, i64)> {
     let m = bluegreen::mapping::load(&root().join(mapping)).unwrap();
     let mut c = connect(url).await;
-    let cat = bluegreen::copy::load_catalog(&mut c, &m).await.unwrap();
+    let cat = bluegreen::control::load_catalog(&mut c, &m).await.unwrap();
     let mut out = Vec::new();
     for e in &m.tables {
         let gt = cat

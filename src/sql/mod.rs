@@ -6,8 +6,14 @@
 //! surrounding statement cannot change their meaning. PostgreSQL is their judge (`plan` compiles each
 //! one before anything else runs).
 //!
-//! [`Sql`] is the finished statement; [`Sql::assert_safe`] hands it to sqlx, which accepts only
-//! `&'static str` or `AssertSqlSafe(..)`: the wrapper is applied here and nowhere else.
+//! [`Sql`] is the finished statement. Its text is private: a statement is composed with the
+//! [`sql!`] macro from renderer types and other statements, or is user SQL that is verbatim by
+//! definition ([`Sql::verbatim`]: the green DDL file, the queries of a checks file).
+//! [`Sql::assert_safe`] hands it to sqlx, which accepts only `&'static str` or
+//! `AssertSqlSafe(..)`: the wrapper is applied here and nowhere else. [`scan`] is the one lexer
+//! for user-written SQL text.
+
+pub mod scan;
 
 use std::fmt;
 
@@ -113,11 +119,24 @@ impl fmt::Display for TypeName<'_> {
 /// A rendered SQL statement.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(transparent)]
-pub struct Sql(pub String);
+pub struct Sql(String);
 
 impl Sql {
+    /// Text composed from renderer types; use [`sql!`], which calls this.
+    #[doc(hidden)]
+    pub(crate) fn rendered(text: String) -> Sql {
+        Sql(text)
+    }
+    /// SQL the migration engineer wrote and that runs as written: the `green_ddl` file and the
+    /// queries of a checks file. PostgreSQL judges it (`plan` runs it first, rolled back).
+    pub fn verbatim(text: impl Into<String>) -> Sql {
+        Sql(text.into())
+    }
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+    pub fn into_string(self) -> String {
+        self.0
     }
     /// Hand the statement to sqlx. Sound because every part of it came through this module.
     pub fn assert_safe(&self) -> sqlx::AssertSqlSafe<String> {
@@ -131,11 +150,12 @@ impl fmt::Display for Sql {
     }
 }
 
-/// Build a [`Sql`] with `format!` syntax; arguments must be renderer types or other `Sql`.
-#[macro_export]
+/// Build a [`Sql`] with `format!` syntax; arguments must be renderer types, other [`Sql`], or
+/// text built from them.
 macro_rules! sql {
-    ($($arg:tt)*) => { $crate::sql::Sql(format!($($arg)*)) };
+    ($($arg:tt)*) => { $crate::sql::Sql::rendered(format!($($arg)*)) };
 }
+pub(crate) use sql;
 
 /// Join displayable parts with a separator.
 pub fn join<T: fmt::Display>(items: impl IntoIterator<Item = T>, sep: &str) -> String {

@@ -1,0 +1,36 @@
+//! `bluegreen copy`: fill green, then live sync; prints the status at the end.
+
+use super::{Outcome, reject, settings};
+use crate::cli::{CopyArgs, EngineArg};
+use crate::copy::{self, Engine};
+use crate::diag::Diagnostic;
+
+pub async fn run(a: &CopyArgs) -> anyhow::Result<Outcome> {
+    let m = crate::mapping::load(&a.common.mapping)?;
+    let s = settings(&m, a.jobs, a.chunk_rows, a.lock_timeout);
+    let o = copy::Options {
+        jobs: s.jobs,
+        chunk_rows: s.chunk_rows,
+        lock_timeout_ms: s.lock_timeout_ms,
+        engine: match a.engine {
+            EngineArg::Copy | EngineArg::Auto => Engine::Copy,
+            EngineArg::InsertSelect => Engine::InsertSelect,
+        },
+    };
+    let url = a.common.database_url.clone();
+    // Ctrl-C: stop at once; the chunks in flight roll back with their connections, the finished
+    // ones stay done, and `copy` resumes where it stopped.
+    tokio::select! {
+        r = copy::copy(&url, &m, &o) => r.map_err(reject)?,
+        _ = tokio::signal::ctrl_c() => {
+            return Err(reject(Diagnostic::error("interrupted", "interrupted: chunks in flight were rolled back; finished chunks are kept")
+                .hint("run the same copy command again to resume")));
+        }
+    }
+    let mut conn = crate::pg::connect(&url).await.map_err(reject)?;
+    let st = crate::control::status::status(&mut conn, &m)
+        .await
+        .map_err(reject)?;
+    crate::output::print_stdout(&crate::control::status::render(&st))?;
+    Ok(Outcome::Success)
+}

@@ -1,0 +1,38 @@
+//! `bluegreen validate`: compare, report, exit 0 (PASS) or 1 (FAIL).
+
+use super::{Outcome, reject, settings};
+use crate::cli::{Format, ValidateArgs};
+use crate::diag::Diagnostic;
+
+pub async fn run(a: &ValidateArgs) -> anyhow::Result<Outcome> {
+    let m = crate::mapping::load(&a.common.mapping)?;
+    let s = settings(&m, a.jobs, a.chunk_rows, None);
+    let o = crate::validate::Options {
+        jobs: s.jobs,
+        chunk_rows: s.chunk_rows,
+        max_diffs: a.max_diffs,
+        show_values: a.show_values,
+    };
+    let r = crate::validate::run(&a.common.database_url, &m, &o)
+        .await
+        .map_err(reject)?;
+    if let Some(dir) = &a.report {
+        crate::validate::report::write(&r, dir).map_err(|e| {
+            reject(Diagnostic::error(
+                "report-write",
+                format!("cannot write the report to {}: {e}", dir.display()),
+            ))
+        })?;
+        eprintln!("bluegreen: report written to {}", dir.display());
+    }
+    let out = match a.format {
+        Format::Json => r.json(),
+        _ => crate::validate::report::summary(&r),
+    };
+    crate::output::print_stdout(&out)?;
+    Ok(if r.passed() {
+        Outcome::Success
+    } else {
+        Outcome::Problem
+    })
+}

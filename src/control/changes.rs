@@ -1,0 +1,188 @@
+//! The change log (`changes`: rows the capture triggers logged, replayed by catch-up and `sync`)
+//! and the sync failures (`sync_failures`: keys whose re-derivation green rejected).
+
+use sqlx::{PgConnection, Row};
+
+use super::table;
+use crate::diag::Diagnostic;
+use crate::mapping::Mapping;
+use crate::pg::db_error;
+use crate::sql::{QName, sql};
+
+/// Change-log rows waiting to be replayed.
+pub async fn backlog(conn: &mut PgConnection, m: &Mapping) -> Result<i64, Diagnostic> {
+    sqlx::query_scalar(
+        sql!(
+            "SELECT count(*) FROM {} WHERE migration = $1",
+            table(m, "changes")
+        )
+        .assert_safe(),
+    )
+    .bind(&m.migration)
+    .fetch_one(conn)
+    .await
+    .map_err(db_error)
+}
+
+/// The ids of the oldest `limit` change-log rows.
+pub async fn oldest_ids(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    limit: i64,
+) -> Result<Vec<i64>, Diagnostic> {
+    sqlx::query_scalar(
+        sql!(
+            "SELECT id FROM {} WHERE migration = $1 ORDER BY id LIMIT $2",
+            table(m, "changes")
+        )
+        .assert_safe(),
+    )
+    .bind(&m.migration)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+    .map_err(db_error)
+}
+
+/// The ids of every change-log row of blue table `blue_table` (`schema.table`).
+pub async fn ids_of(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    blue_table: &str,
+) -> Result<Vec<i64>, Diagnostic> {
+    sqlx::query_scalar(
+        sql!(
+            "SELECT id FROM {} WHERE migration = $1 AND blue_table = $2 ORDER BY id",
+            table(m, "changes")
+        )
+        .assert_safe(),
+    )
+    .bind(&m.migration)
+    .bind(blue_table)
+    .fetch_all(conn)
+    .await
+    .map_err(db_error)
+}
+
+/// Empty this migration's change log (inside the live switch, which fences blue writes).
+pub async fn delete_all(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagnostic> {
+    sqlx::query(sql!("DELETE FROM {} WHERE migration = $1", table(m, "changes")).assert_safe())
+        .bind(&m.migration)
+        .execute(conn)
+        .await
+        .map_err(db_error)?;
+    Ok(())
+}
+
+/// The blue tables (as `schema.table`) the change-log rows `ids` were logged for.
+pub async fn tables_of(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    ids: &[i64],
+) -> Result<Vec<String>, Diagnostic> {
+    sqlx::query_scalar(
+        sql!(
+            "SELECT DISTINCT blue_table FROM {} WHERE id = ANY ($1)",
+            table(m, "changes")
+        )
+        .assert_safe(),
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await
+    .map_err(db_error)
+}
+
+/// Replay the rows `ids` of blue table `x` with its catch-up function.
+pub async fn replay(
+    conn: &mut PgConnection,
+    function: &QName,
+    ids: &[i64],
+) -> Result<(), Diagnostic> {
+    sqlx::query(sql!("SELECT {function}($1)").assert_safe())
+        .bind(ids)
+        .execute(conn)
+        .await
+        .map_err(db_error)?;
+    Ok(())
+}
+
+/// Delete exactly the rows `ids` (in the transaction that replayed them).
+pub async fn delete(conn: &mut PgConnection, m: &Mapping, ids: &[i64]) -> Result<(), Diagnostic> {
+    sqlx::query(
+        sql!(
+            "DELETE FROM {} WHERE migration = $1 AND id = ANY ($2)",
+            table(m, "changes")
+        )
+        .assert_safe(),
+    )
+    .bind(&m.migration)
+    .bind(ids)
+    .execute(conn)
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+/// Keys of `green_table` whose sync failed.
+pub async fn failures_of(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    green_table: &str,
+) -> Result<i64, Diagnostic> {
+    sqlx::query_scalar(
+        sql!(
+            "SELECT count(*) FROM {} WHERE migration = $1 AND green_table = $2",
+            table(m, "sync_failures")
+        )
+        .assert_safe(),
+    )
+    .bind(&m.migration)
+    .bind(green_table)
+    .fetch_one(conn)
+    .await
+    .map_err(db_error)
+}
+
+/// A key whose sync failed, with the database's error.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Failure {
+    pub table: String,
+    pub sync_key: String,
+    pub error: String,
+    pub failed_at: String,
+}
+
+/// How many keys failed, and the newest `limit` of them.
+pub async fn failures(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    limit: i64,
+) -> Result<(i64, Vec<Failure>), Diagnostic> {
+    let t = table(m, "sync_failures");
+    let total: i64 =
+        sqlx::query_scalar(sql!("SELECT count(*) FROM {t} WHERE migration = $1").assert_safe())
+            .bind(&m.migration)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(db_error)?;
+    let rows = sqlx::query(sql!(
+        "SELECT green_table, sync_key::text AS k, error, failed_at::text AS at FROM {t} WHERE migration = $1 ORDER BY failed_at DESC LIMIT $2"
+    ).assert_safe())
+    .bind(&m.migration)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+    .map_err(db_error)?;
+    Ok((
+        total,
+        rows.iter()
+            .map(|r| Failure {
+                table: r.get("green_table"),
+                sync_key: r.get("k"),
+                error: r.get("error"),
+                failed_at: r.get("at"),
+            })
+            .collect(),
+    ))
+}

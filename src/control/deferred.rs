@@ -1,0 +1,114 @@
+//! Green secondary indexes and foreign keys held back while the copy writes into bare tables
+//! (`deferred`): recorded and dropped by `prepare`, rebuilt by `copy` after the data (foreign keys
+//! NOT VALID at the live switch, validated after it).
+
+use sqlx::{PgConnection, Row};
+
+use super::table;
+use crate::diag::Diagnostic;
+use crate::mapping::Mapping;
+use crate::pg::{db_error, exec};
+use crate::plan::steps::{Deferral, DeferralKind};
+use crate::sql::{QName, sql};
+
+/// A deferred object not restored yet.
+#[derive(Clone, Debug)]
+pub struct Pending {
+    pub kind: DeferralKind,
+    pub name: String,
+    pub table: QName,
+    /// `CREATE INDEX ...`, or the constraint definition (`FOREIGN KEY (...) REFERENCES ...`).
+    pub definition: String,
+    /// The table a foreign key references (recorded at prepare).
+    pub ref_table: Option<QName>,
+}
+
+/// Record `d` and drop it (in the caller's transaction, with the green DDL).
+pub async fn defer(conn: &mut PgConnection, m: &Mapping, d: &Deferral) -> Result<(), Diagnostic> {
+    sqlx::query(sql!(
+        "INSERT INTO {} (migration, kind, name, green_table, definition, ref_table) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        table(m, "deferred")
+    ).assert_safe())
+    .bind(&m.migration)
+    .bind(d.kind.as_str())
+    .bind(&d.name)
+    .bind(&d.table.name)
+    .bind(&d.definition)
+    .bind(d.ref_table.as_ref().map(QName::to_string))
+    .execute(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    exec(conn, &d.drop).await
+}
+
+/// Everything not restored yet: indexes first, then foreign keys, each by name.
+pub async fn pending(conn: &mut PgConnection, m: &Mapping) -> Result<Vec<Pending>, Diagnostic> {
+    let rows = sqlx::query(sql!(
+        "SELECT kind, name, green_table, definition, (parse_ident(ref_table))[1] AS ref_schema, (parse_ident(ref_table))[2] AS ref_name FROM {} WHERE migration = $1 AND NOT done ORDER BY kind DESC, name",
+        table(m, "deferred")
+    ).assert_safe())
+    .bind(&m.migration)
+    .fetch_all(conn)
+    .await
+    .map_err(db_error)?;
+    let mut out = Vec::new();
+    for r in rows {
+        let kind: String = r.get("kind");
+        let kind = DeferralKind::parse(&kind).ok_or_else(|| {
+            Diagnostic::error(
+                "unknown-deferral",
+                format!("the control schema holds a deferred object of kind `{kind}`, which this version of bluegreen does not know"),
+            )
+        })?;
+        let ref_table = match (
+            r.get::<Option<String>, _>("ref_schema"),
+            r.get::<Option<String>, _>("ref_name"),
+        ) {
+            (Some(s), Some(n)) => Some(QName::new(s, n)),
+            _ => None,
+        };
+        out.push(Pending {
+            kind,
+            name: r.get("name"),
+            table: QName::new(&m.green, r.get::<String, _>("green_table")),
+            definition: r.get("definition"),
+            ref_table,
+        });
+    }
+    Ok(out)
+}
+
+/// The deferred foreign keys not validated yet.
+pub async fn pending_foreign_keys(
+    conn: &mut PgConnection,
+    m: &Mapping,
+) -> Result<Vec<Pending>, Diagnostic> {
+    Ok(pending(conn, m)
+        .await?
+        .into_iter()
+        .filter(|p| p.kind == DeferralKind::ForeignKey)
+        .collect())
+}
+
+/// Mark a deferred object restored.
+pub async fn mark_done(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    kind: DeferralKind,
+    name: &str,
+) -> Result<(), Diagnostic> {
+    sqlx::query(
+        sql!(
+            "UPDATE {} SET done = true WHERE migration = $1 AND kind = $2 AND name = $3",
+            table(m, "deferred")
+        )
+        .assert_safe(),
+    )
+    .bind(&m.migration)
+    .bind(kind.as_str())
+    .bind(name)
+    .execute(conn)
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}

@@ -1,0 +1,86 @@
+//! The control schema and the run ledger: everything about a migration's state that `prepare`,
+//! `copy`, `sync`, `validate`, `status` (and the commands after them) share, so no engine reaches
+//! into another. Every value a statement here writes or filters on is a bound `$n` parameter; only
+//! the schema-qualified table names are rendered. The DDL is `plan/control.sql`.
+//!
+//! - `phase`: the phase as a type and its transitions (pure); `runs`: reading and moving it, the
+//!   blue fingerprint (DDL drift) and the mapping digest.
+//! - `chunks`: the chunk ledger and the one quantile query copy and validate split tables with.
+//! - `changes`: the change log and the sync failures.
+//! - `deferred`: green indexes and foreign keys held back until the data is in.
+//! - `events`, `validations`: the audit trail and the results the cutover gate reads.
+//! - `status`: all of it for `bluegreen status`.
+
+pub mod changes;
+pub mod chunks;
+pub mod deferred;
+pub mod events;
+pub mod phase;
+pub mod runs;
+pub mod status;
+pub mod validations;
+
+use sqlx::PgConnection;
+
+use crate::catalog::{self, Catalog};
+use crate::diag::Diagnostic;
+use crate::mapping::Mapping;
+use crate::pg::{db_error, exec};
+use crate::plan::query::set_mapping_search_path;
+use crate::sql::{QName, sql};
+
+pub use phase::Phase;
+
+/// A table of the control schema, e.g. `table(m, "runs")`.
+pub fn table(m: &Mapping, name: &str) -> QName {
+    QName::new(&m.control_schema, name)
+}
+
+/// Whether the control schema holds its tables yet (it does after the first `prepare`).
+pub async fn exists(conn: &mut PgConnection, m: &Mapping) -> Result<bool, Diagnostic> {
+    sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(table(m, "runs").to_string())
+        .fetch_one(conn)
+        .await
+        .map_err(db_error)
+}
+
+/// The catalog of the schemas the mapping names, read with `search_path = pg_catalog` (so type
+/// names come out schema-qualified); leaves the session on the mapping's search_path.
+pub async fn load_catalog(conn: &mut PgConnection, m: &Mapping) -> Result<Catalog, Diagnostic> {
+    exec(conn, &sql!("SET search_path = pg_catalog")).await?;
+    let schemas = m.catalog_schemas();
+    let refs: Vec<&str> = schemas.iter().map(String::as_str).collect();
+    let cat = catalog::load(conn, &refs).await.map_err(db_error)?;
+    exec(conn, &set_mapping_search_path(m, false)).await?;
+    Ok(cat)
+}
+
+/// The catalog with the green foreign keys that are still deferred (dropped for the copy) put
+/// back from their recorded definitions, so sync orders its upserts and deletes by them.
+pub async fn load_catalog_for_sync(
+    conn: &mut PgConnection,
+    m: &Mapping,
+) -> Result<Catalog, Diagnostic> {
+    let mut cat = load_catalog(conn, m).await?;
+    for fk in deferred::pending_foreign_keys(conn, m).await? {
+        let Some(ref_table) = fk.ref_table else {
+            continue;
+        };
+        if let Some(t) = cat
+            .tables
+            .get_mut(&(fk.table.schema.clone(), fk.table.name.clone()))
+            && !t.foreign_keys.iter().any(|f| f.name == fk.name)
+        {
+            t.foreign_keys.push(catalog::ForeignKey {
+                name: fk.name,
+                columns: Vec::new(),
+                ref_table,
+                ref_columns: Vec::new(),
+                definition: fk.definition,
+                validated: false,
+            });
+        }
+    }
+    Ok(cat)
+}

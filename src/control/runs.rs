@@ -1,0 +1,195 @@
+//! This migration's row in `runs`: its phase (saved before the work it announces, so an
+//! interrupted command knows where it stopped), the blue fingerprint that detects DDL drift, and
+//! the digest of the mapping it was prepared with.
+
+use sqlx::PgConnection;
+
+use super::{Phase, exists, table};
+use crate::diag::Diagnostic;
+use crate::mapping::Mapping;
+use crate::pg::db_error;
+use crate::sql::{Ident, sql};
+
+/// The current phase: `new` when nothing was prepared; an error for a phase this version does
+/// not know (a newer bluegreen wrote it), never a guess.
+pub async fn phase(conn: &mut PgConnection, m: &Mapping) -> Result<Phase, Diagnostic> {
+    if !exists(conn, m).await? {
+        return Ok(Phase::New);
+    }
+    let Some(text) = field(conn, m, "phase").await? else {
+        return Ok(Phase::New);
+    };
+    parse(m, &text)
+}
+
+fn parse(m: &Mapping, text: &str) -> Result<Phase, Diagnostic> {
+    Phase::parse(text).ok_or_else(|| {
+        Diagnostic::error(
+            "unknown-phase",
+            format!(
+                "migration {} is in phase `{text}`, which this version of bluegreen does not know",
+                m.migration
+            ),
+        )
+        .hint("run the bluegreen version that wrote it (see `bluegreen status` events)")
+    })
+}
+
+/// Move to phase `to`, refusing a transition `Phase::can_move_to` does not allow; already being
+/// there is not a move (two copy processes both start copying). Takes the row lock, so two
+/// commands never both make a move from the same phase.
+pub async fn set_phase(conn: &mut PgConnection, m: &Mapping, to: Phase) -> Result<(), Diagnostic> {
+    let runs = table(m, "runs");
+    let now: Option<String> = sqlx::query_scalar(
+        sql!("SELECT phase FROM {runs} WHERE migration = $1 FOR UPDATE").assert_safe(),
+    )
+    .bind(&m.migration)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    let from = match now {
+        Some(t) => parse(m, &t)?,
+        None => Phase::New,
+    };
+    if from == to {
+        return Ok(());
+    }
+    if !from.can_move_to(to) {
+        return Err(Diagnostic::error(
+            "phase-transition",
+            format!(
+                "migration {} is in phase {from}: it cannot move to {to}",
+                m.migration
+            ),
+        )
+        .hint("see `bluegreen status` for where the migration stands"));
+    }
+    sqlx::query(
+        sql!("UPDATE {runs} SET phase = $2, updated_at = now() WHERE migration = $1").assert_safe(),
+    )
+    .bind(&m.migration)
+    .bind(to.as_str())
+    .execute(conn)
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+/// Create this migration's row (phase `new`), or refresh its mapping digest while still new.
+pub async fn register(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagnostic> {
+    sqlx::query(sql!(
+        "INSERT INTO {} (migration, mapping_digest, phase, blue_schema, green_schema) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (migration) DO UPDATE SET mapping_digest = EXCLUDED.mapping_digest",
+        table(m, "runs")
+    ).assert_safe())
+    .bind(&m.migration)
+    .bind(m.digest())
+    .bind(Phase::New.as_str())
+    .bind(&m.blue)
+    .bind(&m.green)
+    .execute(conn)
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+/// Record the blue fingerprint and move to `prepared`.
+pub async fn mark_prepared(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagnostic> {
+    let fp = blue_fingerprint(conn, m).await?;
+    sqlx::query(
+        sql!(
+            "UPDATE {} SET blue_fingerprint = $2 WHERE migration = $1",
+            table(m, "runs")
+        )
+        .assert_safe(),
+    )
+    .bind(&m.migration)
+    .bind(fp)
+    .execute(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    set_phase(conn, m, Phase::Prepared).await
+}
+
+/// One text column of this migration's row (None when there is no row or it is NULL).
+async fn field(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    column: &str,
+) -> Result<Option<String>, Diagnostic> {
+    let v: Option<Option<String>> = sqlx::query_scalar(
+        sql!(
+            "SELECT {}::text FROM {} WHERE migration = $1",
+            Ident::new(column),
+            table(m, "runs")
+        )
+        .assert_safe(),
+    )
+    .bind(&m.migration)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    Ok(v.flatten())
+}
+
+/// A digest of the columns and types of every blue table the mapping reads.
+pub async fn blue_fingerprint(conn: &mut PgConnection, m: &Mapping) -> Result<String, Diagnostic> {
+    let names: Vec<String> = m.blue_tables_read().iter().map(|q| q.to_string()).collect();
+    let text: Option<String> = sqlx::query_scalar(
+        "SELECT string_agg(format('%s.%s %s %s', a.attrelid::regclass, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull), E'\\n' ORDER BY a.attrelid::regclass::text, a.attnum)
+         FROM pg_attribute a
+         WHERE a.attrelid = ANY (SELECT to_regclass(n)::oid FROM unnest($1::text[]) n) AND a.attnum > 0 AND NOT a.attisdropped",
+    )
+    .bind(&names)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    Ok(text.unwrap_or_default())
+}
+
+/// Refuse to go on when a blue table's columns or types changed since `prepare`.
+pub async fn check_drift(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagnostic> {
+    let Some(saved) = field(conn, m, "blue_fingerprint").await? else {
+        return Ok(());
+    };
+    let now = blue_fingerprint(conn, m).await?;
+    if saved == now {
+        return Ok(());
+    }
+    let before: Vec<&str> = saved.lines().collect();
+    let after: Vec<&str> = now.lines().collect();
+    let mut changes: Vec<String> = before
+        .iter()
+        .filter(|l| !after.contains(l))
+        .map(|l| format!("- {l}"))
+        .collect();
+    changes.extend(
+        after
+            .iter()
+            .filter(|l| !before.contains(l))
+            .map(|l| format!("+ {l}")),
+    );
+    Err(Diagnostic::error(
+        "ddl-drift",
+        format!("blue tables changed since prepare (columns or types):\n  {}", changes.join("\n  ")),
+    )
+    .hint("DDL on blue during a migration is not followed: revert the change, or finalize this migration and plan a new one"))
+}
+
+/// Refuse a mapping whose text changed since `prepare`.
+pub async fn check_mapping(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagnostic> {
+    match field(conn, m, "mapping_digest").await? {
+        Some(d) if d != m.digest() => Err(Diagnostic::error(
+            "mapping-changed",
+            format!(
+                "{} changed since prepare (blake3 {} then, {} now)",
+                m.path.display(),
+                &d[..16],
+                &m.digest()[..16]
+            ),
+        )
+        .hint(
+            "run with the mapping that was prepared; a changed mapping needs a new migration name",
+        )),
+        _ => Ok(()),
+    }
+}

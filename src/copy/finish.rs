@@ -1,0 +1,79 @@
+//! After the data: deferred indexes (in parallel), sequences advanced, statistics; then sync
+//! takes over; then the deferred foreign keys are validated.
+
+use futures::StreamExt;
+use sqlx::PgConnection;
+
+use super::Options;
+use crate::control::{self, Phase, deferred, events, runs};
+use crate::diag::Diagnostic;
+use crate::mapping::Mapping;
+use crate::pg::{self, exec};
+use crate::plan::steps::{self, DeferralKind};
+use crate::sql::{Ident, QName, sql};
+
+/// Foreign keys come back in the live switch (NOT VALID, instant) and are validated after it:
+/// chunks were copied at different instants, so green is consistent only once the change log is
+/// drained.
+pub(super) async fn finish(
+    conn: &mut PgConnection,
+    url: &str,
+    m: &Mapping,
+    o: &Options,
+) -> Result<(), Diagnostic> {
+    if runs::phase(conn, m).await? < Phase::Copied {
+        let indexes: Vec<deferred::Pending> = deferred::pending(conn, m)
+            .await?
+            .into_iter()
+            .filter(|p| p.kind == DeferralKind::Index)
+            .collect();
+        // Index builds in parallel, at most `jobs` at once.
+        let results = futures::stream::iter(indexes.into_iter().map(|ix| {
+            let url = url.to_string();
+            let m = m.clone();
+            async move {
+                let mut c = pg::connect(&url).await?;
+                exec(
+                    &mut c,
+                    &sql!("DROP INDEX IF EXISTS {}", QName::new(&m.green, &ix.name)),
+                )
+                .await?;
+                // The definition is pg_get_indexdef's text, read from the catalog at prepare.
+                exec(&mut c, &sql!("{}", ix.definition)).await?;
+                deferred::mark_done(&mut c, &m, DeferralKind::Index, &ix.name).await?;
+                eprintln!("bluegreen: built index {}", ix.name);
+                Ok::<(), Diagnostic>(())
+            }
+        }))
+        .buffer_unordered(o.jobs.max(1) as usize)
+        .collect::<Vec<_>>()
+        .await;
+        for r in results {
+            r?;
+        }
+        let cat = control::load_catalog(conn, m).await?;
+        for (_, sql) in steps::advance_sequences(m, &cat) {
+            exec(conn, &sql).await?;
+        }
+        for e in &m.tables {
+            exec(conn, &sql!("ANALYZE {}", QName::new(&m.green, &e.name))).await?;
+        }
+        runs::set_phase(conn, m, Phase::Copied).await?;
+        events::record(conn, m, "copy", "copied", serde_json::json!({})).await?;
+    }
+    crate::sync::go_live(conn, m, o.lock_timeout_ms).await?;
+    validate_foreign_keys(conn, m).await
+}
+
+/// VALIDATE every foreign key added NOT VALID at the live switch. Runs while live sync keeps
+/// green consistent; takes SHARE UPDATE EXCLUSIVE on green tables only, which no writer needs.
+async fn validate_foreign_keys(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagnostic> {
+    for fk in deferred::pending_foreign_keys(conn, m).await? {
+        exec(conn, &sql!("ALTER TABLE {} VALIDATE CONSTRAINT {}", fk.table, Ident::new(&fk.name))).await.map_err(|d| {
+            d.table(&fk.table.name).hint("a green foreign key does not hold: the mapping produces child rows whose parent it does not produce (check the joins and filters of both entries)")
+        })?;
+        deferred::mark_done(conn, m, DeferralKind::ForeignKey, &fk.name).await?;
+        eprintln!("bluegreen: validated foreign key {}", fk.name);
+    }
+    Ok(())
+}

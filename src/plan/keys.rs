@@ -1,0 +1,158 @@
+//! The keys of an entry: its sync key (given, or the green primary key), the green key upserts
+//! conflict on, what copy ranges over, and whether an expression is a plain (or cast) column of
+//! an alias. Pure; every later step asks these functions, so they agree.
+
+use serde::Serialize;
+
+use crate::catalog;
+use crate::mapping::TableEntry;
+use crate::sql::Ident;
+use crate::sql::scan::{self, Kind};
+
+/// The sync key of an entry, as (green column, expression), and where it came from: given in the
+/// mapping, or the green primary key when each of its columns is mapped plainly.
+pub fn sync_key(
+    entry: &TableEntry,
+    green: &catalog::Table,
+) -> Option<(Vec<(String, String)>, &'static str)> {
+    if let Some(sk) = &entry.sync_key {
+        return Some((
+            sk.iter()
+                .map(|(c, e)| (c.clone(), e.text.clone()))
+                .collect(),
+            "mapping",
+        ));
+    }
+    let pk = green.primary_key.as_ref()?;
+    let cols: Option<Vec<(String, String)>> = pk
+        .columns
+        .iter()
+        .map(|c| {
+            entry
+                .column(c)
+                .filter(|col| col.value_map.is_none())
+                .map(|col| (c.clone(), col.expr.text.clone()))
+        })
+        .collect();
+    cols.map(|c| (c, "primary key"))
+}
+
+/// The green key an upsert conflicts on: the primary key or the first unique key whose columns
+/// are all mapped.
+pub fn upsert_key(e: &TableEntry, gt: &catalog::Table) -> Option<Vec<String>> {
+    gt.unique_keys()
+        .into_iter()
+        .find(|k| k.iter().all(|c| e.column(c).is_some()))
+}
+
+/// `alias.column` (either part optionally double-quoted) as a plain reference to a column of
+/// `alias`; returns the column's name.
+pub fn plain_column_of(expr: &str, alias: &str) -> Option<String> {
+    scan::qualified_column(expr)
+        .filter(|(a, _)| a == alias)
+        .map(|(_, c)| c)
+}
+
+/// `alias.column::type` or `CAST(alias.column AS type)`: a column of `alias` read through a
+/// cast; returns the column's name.
+pub fn cast_of(expr: &str, alias: &str) -> Option<String> {
+    let toks = scan::tokens(expr).ok()?;
+    let is_type = |t: &[scan::Token]| {
+        !t.is_empty()
+            && matches!(t[0].kind, Kind::Word | Kind::QuotedIdent)
+            && t.iter().all(|x| {
+                matches!(x.kind, Kind::Word | Kind::QuotedIdent | Kind::Number)
+                    || ["(", ")", ",", "[", "]", "."].iter().any(|p| x.is_punct(p))
+            })
+    };
+    let column = |t: &[scan::Token]| match t {
+        [a, dot, c] if dot.is_punct(".") && a.ident()? == alias => c.ident(),
+        _ => None,
+    };
+    match toks.as_slice() {
+        [a, dot, c, cast, ty @ ..] if cast.is_punct("::") && is_type(ty) => column(&[*a, *dot, *c]),
+        [kw, open, a, dot, c, as_, ty @ .., close]
+            if kw.is_word("cast")
+                && open.is_punct("(")
+                && as_.is_word("as")
+                && close.is_punct(")")
+                && is_type(ty) =>
+        {
+            column(&[*a, *dot, *c])
+        }
+        _ => None,
+    }
+}
+
+/// What copy ranges over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChunkKey {
+    /// An expression over the entry's `from` (a driving column, or the group key).
+    Expr(String),
+    /// Physical page ranges of the driving table (no usable key).
+    Physical,
+}
+
+impl ChunkKey {
+    pub fn describe(&self) -> &str {
+        match self {
+            ChunkKey::Expr(x) => x,
+            ChunkKey::Physical => "ctid (physical ranges)",
+        }
+    }
+}
+
+impl Serialize for ChunkKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.describe())
+    }
+}
+
+/// The first sync-key expression when it is a plain driving column or the entry groups (groups
+/// must never be split across chunks); else the driving primary key; else physical ranges.
+pub fn chunk_key(e: &TableEntry, bt: &catalog::Table, sync: &[(String, String)]) -> ChunkKey {
+    let alias = &e.from_clause.driving().alias;
+    if let Some((_, first)) = sync.first()
+        && (!e.group_by.is_empty() || plain_column_of(first, alias).is_some())
+    {
+        return ChunkKey::Expr(first.clone());
+    }
+    match &bt.primary_key {
+        Some(pk) => ChunkKey::Expr(format!(
+            "{}.{}",
+            Ident::new(alias),
+            Ident::new(&pk.columns[0])
+        )),
+        None => ChunkKey::Physical,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_and_cast_columns() {
+        assert_eq!(plain_column_of("l.id", "l").as_deref(), Some("id"));
+        assert_eq!(
+            plain_column_of(" l.\"Name\" ", "l").as_deref(),
+            Some("Name")
+        );
+        assert_eq!(plain_column_of("L.ID", "l").as_deref(), Some("id"));
+        assert_eq!(plain_column_of("w.id", "l"), None);
+        assert_eq!(plain_column_of("l.id + 1", "l"), None);
+        assert_eq!(cast_of("l.id::bigint", "l").as_deref(), Some("id"));
+        assert_eq!(
+            cast_of("l.price::numeric(10, 2)", "l").as_deref(),
+            Some("price")
+        );
+        assert_eq!(
+            cast_of("CAST(l.at AS timestamp with time zone)", "l").as_deref(),
+            Some("at")
+        );
+        assert_eq!(cast_of("l.tags::text[]", "l").as_deref(), Some("tags"));
+        assert_eq!(cast_of("l.id::bigint + 1", "l"), None);
+        assert_eq!(cast_of("(l.id)::bigint", "l"), None);
+        assert_eq!(cast_of("l.id", "l"), None);
+    }
+}
