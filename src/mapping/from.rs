@@ -3,6 +3,7 @@
 //! it is parsed here once; the condition text itself is passed to PostgreSQL verbatim and judged
 //! there.
 
+use crate::sql::scan::{self, Kind};
 use crate::sql::{Expr, QName};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -69,98 +70,37 @@ enum Tok {
     Other,
 }
 
-/// Tokens with their byte offsets; parentheses nest, and only depth-0 tokens are returned.
+/// Tokens with their byte offsets (through the one SQL lexer); parentheses nest, and only
+/// depth-0 tokens are returned.
 fn tokens(src: &str) -> Result<Vec<(usize, Tok)>, String> {
-    let b = src.as_bytes();
     let mut out = Vec::new();
-    let mut i = 0;
     let mut depth = 0usize;
-    while i < b.len() {
-        let c = b[i] as char;
-        let start = i;
-        if c.is_whitespace() {
-            i += 1;
-            continue;
-        }
-        let tok = if c == '"' {
-            let mut s = String::new();
-            i += 1;
-            loop {
-                if i >= b.len() {
-                    return Err("unterminated quoted identifier".into());
-                }
-                if b[i] == b'"' {
-                    if b.get(i + 1) == Some(&b'"') {
-                        s.push('"');
-                        i += 2;
-                        continue;
-                    }
-                    i += 1;
-                    break;
-                }
-                let ch = src[i..].chars().next().unwrap();
-                s.push(ch);
-                i += ch.len_utf8();
-            }
-            Tok::Word {
-                text: s,
-                quoted: true,
-            }
-        } else if c == '\'' {
-            i += 1;
-            loop {
-                if i >= b.len() {
-                    return Err("unterminated string literal".into());
-                }
-                if b[i] == b'\'' {
-                    if b.get(i + 1) == Some(&b'\'') {
-                        i += 2;
-                        continue;
-                    }
-                    i += 1;
-                    break;
-                }
-                i += 1;
-            }
-            Tok::Other
-        } else if src[i..]
-            .chars()
-            .next()
-            .is_some_and(|ch| ch.is_alphanumeric() || ch == '_')
-        {
-            while i < b.len() {
-                let ch = src[i..].chars().next().unwrap();
-                if ch.is_alphanumeric() || ch == '_' || ch == '$' {
-                    i += ch.len_utf8();
-                } else {
-                    break;
-                }
-            }
-            Tok::Word {
-                text: src[start..i].to_string(),
+    for t in scan::tokens(src).map_err(|e| format!("unterminated {}", e.what))? {
+        let tok = match t.kind {
+            Kind::Word => Tok::Word {
+                text: t.text.to_string(),
                 quoted: false,
+            },
+            Kind::QuotedIdent => Tok::Word {
+                text: t.ident().unwrap_or_default(),
+                quoted: true,
+            },
+            _ if t.is_punct("(") => {
+                depth += 1;
+                continue;
             }
-        } else {
-            // Any other character, ASCII or not, is one token.
-            i += src[i..].chars().next().map_or(1, char::len_utf8);
-            match c {
-                '(' => {
-                    depth += 1;
-                    continue;
-                }
-                ')' => {
-                    depth = depth
-                        .checked_sub(1)
-                        .ok_or_else(|| "unbalanced `)`".to_string())?;
-                    continue;
-                }
-                '.' => Tok::Dot,
-                ',' => Tok::Comma,
-                _ => Tok::Other,
+            _ if t.is_punct(")") => {
+                depth = depth
+                    .checked_sub(1)
+                    .ok_or_else(|| "unbalanced `)`".to_string())?;
+                continue;
             }
+            _ if t.is_punct(".") => Tok::Dot,
+            _ if t.is_punct(",") => Tok::Comma,
+            _ => Tok::Other,
         };
         if depth == 0 {
-            out.push((start, tok));
+            out.push((t.start, tok));
         }
     }
     if depth != 0 {

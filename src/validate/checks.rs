@@ -90,14 +90,7 @@ pub fn load(path: &Path) -> Result<ChecksFile, Diagnostic> {
             format!("cannot read checks file {}: {e}", path.display()),
         )
     })?;
-    serde_saphyr::from_str(&text).map_err(|e| {
-        let loc = e.location();
-        Diagnostic::error(
-            "checks-file",
-            format!("{}: {}", path.display(), e.without_snippet()),
-        )
-        .at(loc.map(|l| crate::diag::Span::new(path, l.line(), l.column())))
-    })
+    crate::mapping::yaml::read(path, &text)
 }
 
 /// `op value` from an expectation string.
