@@ -20,8 +20,13 @@ pub async fn run(a: &CopyArgs) -> anyhow::Result<Outcome> {
     let url = a.common.database_url.clone();
     // Ctrl-C: stop at once; the chunks in flight roll back with their connections, the finished
     // ones stay done, and `copy` resumes where it stopped.
+    let run = async {
+        copy::copy(&url, &m, &o).await?;
+        crate::sync::go_live(&url, &m, o.lock_timeout_ms).await?;
+        copy::validate_foreign_keys(&url, &m).await
+    };
     tokio::select! {
-        r = copy::copy(&url, &m, &o) => r.map_err(reject)?,
+        r = run => r.map_err(reject)?,
         _ = tokio::signal::ctrl_c() => {
             return Err(reject(Diagnostic::error("interrupted", "interrupted: chunks in flight were rolled back; finished chunks are kept")
                 .hint("run the same copy command again to resume")));

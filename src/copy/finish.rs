@@ -1,5 +1,6 @@
-//! After the data: deferred indexes (in parallel), sequences advanced, statistics; then sync
-//! takes over; then the deferred foreign keys are validated.
+//! After the data: deferred indexes (in parallel), sequences advanced, statistics. Then sync takes
+//! over (`sync::go_live`, which puts the foreign keys back NOT VALID), and after it the deferred
+//! foreign keys are validated here.
 
 use futures::StreamExt;
 use sqlx::PgConnection;
@@ -8,13 +9,13 @@ use super::Options;
 use crate::control::{self, Phase, deferred, events, runs};
 use crate::diag::Diagnostic;
 use crate::mapping::Mapping;
-use crate::pg::{self, exec};
+use crate::pg::{self, db_error, exec, locking};
 use crate::plan::steps::{self, DeferralKind};
 use crate::sql::{Ident, QName, sql};
 
-/// Foreign keys come back in the live switch (NOT VALID, instant) and are validated after it:
-/// chunks were copied at different instants, so green is consistent only once the change log is
-/// drained.
+/// Indexes, sequences, statistics, then phase `copied`. Foreign keys come back in the live switch
+/// (NOT VALID, instant) and are validated after it: chunks were copied at different instants, so
+/// green is consistent only once the change log is drained.
 pub(super) async fn finish(
     conn: &mut PgConnection,
     url: &str,
@@ -61,13 +62,18 @@ pub(super) async fn finish(
         runs::set_phase(conn, m, Phase::Copied).await?;
         events::record(conn, m, "copy", "copied", serde_json::json!({})).await?;
     }
-    crate::sync::go_live(conn, m, o.lock_timeout_ms).await?;
-    validate_foreign_keys(conn, m).await
+    Ok(())
 }
 
-/// VALIDATE every foreign key added NOT VALID at the live switch. Runs while live sync keeps
-/// green consistent; takes SHARE UPDATE EXCLUSIVE on green tables only, which no writer needs.
-async fn validate_foreign_keys(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagnostic> {
+/// VALIDATE every foreign key added NOT VALID at the live switch (run after `sync::go_live`, by
+/// the one runner). Runs while live sync keeps green consistent; takes SHARE UPDATE EXCLUSIVE on
+/// green tables only, which no writer needs.
+pub async fn validate_foreign_keys(url: &str, m: &Mapping) -> Result<(), Diagnostic> {
+    let mut conn = pg::connect(url).await?;
+    locking::runner_lock_wait(&mut conn, &m.migration)
+        .await
+        .map_err(db_error)?;
+    let conn = &mut conn;
     for fk in deferred::pending_foreign_keys(conn, m).await? {
         exec(conn, &sql!("ALTER TABLE {} VALIDATE CONSTRAINT {}", fk.table, Ident::new(&fk.name))).await.map_err(|d| {
             d.table(&fk.table.name).hint("a green foreign key does not hold: the mapping produces child rows whose parent it does not produce (check the joins and filters of both entries)")

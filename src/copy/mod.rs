@@ -5,8 +5,8 @@
 //! NULL-key chunk, physical ranges without a key) recorded in the ledger (`control::chunks`);
 //! workers claim chunks with `FOR UPDATE SKIP LOCKED`, copy and mark them done in one
 //! transaction, so a crash loses only the chunks in flight and several processes can share the
-//! work. Then `finish`: indexes and foreign keys, sequences, and the hand-over to sync
-//! (`crate::sync`, the one engine this one calls).
+//! work. Then `finish`: indexes, sequences, statistics. `cmd::copy` then hands over to sync
+//! (`sync::go_live`) and comes back for `validate_foreign_keys`: no engine calls another.
 
 mod engine;
 mod finish;
@@ -27,6 +27,7 @@ use crate::plan::query::{Shape, chunk_insert, set_mapping_search_path};
 use crate::plan::{ChunkKey, chunk_key, sync_key};
 use crate::sql::{Ident, QName, sql};
 
+pub use finish::validate_foreign_keys;
 pub use prepare::prepare;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,7 +114,7 @@ pub async fn copy(url: &str, m: &Mapping, o: &Options) -> Result<(), Diagnostic>
     runs::check_mapping(&mut conn, m).await?;
     runs::check_drift(&mut conn, m).await?;
     let phase = runs::phase(&mut conn, m).await?;
-    if phase >= Phase::Live {
+    if phase >= Phase::Copied {
         eprintln!(
             "bluegreen: migration {} is already copied (phase {phase})",
             m.migration

@@ -88,14 +88,36 @@ pub async fn catch_up(conn: &mut PgConnection, m: &Mapping, leave: i64) -> Resul
 
 /// Catch up, then switch the triggers to live re-derivation in one short transaction that fences
 /// blue writes (SHARE ROW EXCLUSIVE, under lock_timeout with retry) while it drains the last of
-/// the log: after it commits, every write re-derives green inside its own transaction.
-pub async fn go_live(
+/// the log: after it commits, every write re-derives green inside its own transaction. Runs once
+/// the copy is done (phase `copied`), as the migration's one runner; a no-op when live.
+pub async fn go_live(url: &str, m: &Mapping, lock_timeout_ms: u64) -> Result<(), Diagnostic> {
+    let mut conn = crate::pg::connect(url).await?;
+    locking::runner_lock_wait(&mut conn, &m.migration)
+        .await
+        .map_err(crate::pg::db_error)?;
+    let r = switch(&mut conn, m, lock_timeout_ms).await;
+    let _ = locking::runner_unlock(&mut conn, &m.migration, true).await;
+    r
+}
+
+async fn switch(
     conn: &mut PgConnection,
     m: &Mapping,
     lock_timeout_ms: u64,
 ) -> Result<(), Diagnostic> {
-    if runs::phase(conn, m).await? >= Phase::Live {
+    let phase = runs::phase(conn, m).await?;
+    if phase >= Phase::Live {
         return Ok(());
+    }
+    if phase < Phase::Copied {
+        return Err(Diagnostic::error(
+            "not-copied",
+            format!(
+                "migration {} is in phase {phase}: copy has not finished",
+                m.migration
+            ),
+        )
+        .hint("run `bluegreen copy`"));
     }
     install_functions(conn, m).await?;
     let n = catch_up(conn, m, SWITCH_BACKLOG).await?;
