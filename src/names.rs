@@ -5,7 +5,8 @@ use crate::sql::QName;
 
 pub const PREFIX: &str = "bluegreen_";
 
-/// Advisory-lock key text for the one runner of a migration.
+/// Advisory-lock key text for a migration: hashed with seed 0 for the one runner
+/// (`pg::locking`), with seed 1 for chunk planning (`control::chunks`).
 pub fn advisory_key(migration: &str) -> String {
     format!("bluegreen:{migration}")
 }
@@ -19,17 +20,11 @@ fn bounded(s: String) -> String {
     s
 }
 
-/// Per-entry sync function (`up`, `del`, `retry`) in the control schema.
-pub fn entry_function(
-    control: &str,
-    migration: &str,
-    index: usize,
-    kind: &str,
-    entry: &str,
-) -> QName {
+/// Per-entry function re-deriving the keys recorded as failed, in the control schema.
+pub fn retry_function(control: &str, migration: &str, index: usize, entry: &str) -> QName {
     QName::new(
         control,
-        bounded(format!("{PREFIX}{migration}_{index}_{kind}_{entry}")),
+        bounded(format!("{PREFIX}{migration}_{index}_retry_{entry}")),
     )
 }
 

@@ -3,7 +3,7 @@
 
 use sqlx::{PgConnection, Row};
 
-use super::table;
+use super::{query, scalar};
 use crate::diag::Diagnostic;
 use crate::mapping::Mapping;
 use crate::pg::db_error;
@@ -11,17 +11,10 @@ use crate::sql::{QName, sql};
 
 /// Change-log rows waiting to be replayed.
 pub async fn backlog(conn: &mut PgConnection, m: &Mapping) -> Result<i64, Diagnostic> {
-    sqlx::query_scalar(
-        sql!(
-            "SELECT count(*) FROM {} WHERE migration = $1",
-            table(m, "changes")
-        )
-        .assert_safe(),
-    )
-    .bind(&m.migration)
-    .fetch_one(conn)
-    .await
-    .map_err(db_error)
+    scalar(m, "SELECT count(*) FROM {changes} WHERE migration = $1")
+        .fetch_one(conn)
+        .await
+        .map_err(db_error)
 }
 
 /// The ids of the oldest `limit` change-log rows.
@@ -30,14 +23,10 @@ pub async fn oldest_ids(
     m: &Mapping,
     limit: i64,
 ) -> Result<Vec<i64>, Diagnostic> {
-    sqlx::query_scalar(
-        sql!(
-            "SELECT id FROM {} WHERE migration = $1 ORDER BY id LIMIT $2",
-            table(m, "changes")
-        )
-        .assert_safe(),
+    scalar(
+        m,
+        "SELECT id FROM {changes} WHERE migration = $1 ORDER BY id LIMIT $2",
     )
-    .bind(&m.migration)
     .bind(limit)
     .fetch_all(conn)
     .await
@@ -50,14 +39,10 @@ pub async fn ids_of(
     m: &Mapping,
     blue_table: &str,
 ) -> Result<Vec<i64>, Diagnostic> {
-    sqlx::query_scalar(
-        sql!(
-            "SELECT id FROM {} WHERE migration = $1 AND blue_table = $2 ORDER BY id",
-            table(m, "changes")
-        )
-        .assert_safe(),
+    scalar(
+        m,
+        "SELECT id FROM {changes} WHERE migration = $1 AND blue_table = $2 ORDER BY id",
     )
-    .bind(&m.migration)
     .bind(blue_table)
     .fetch_all(conn)
     .await
@@ -66,8 +51,7 @@ pub async fn ids_of(
 
 /// Empty this migration's change log (inside the live switch, which fences blue writes).
 pub async fn delete_all(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagnostic> {
-    sqlx::query(sql!("DELETE FROM {} WHERE migration = $1", table(m, "changes")).assert_safe())
-        .bind(&m.migration)
+    query(m, "DELETE FROM {changes} WHERE migration = $1")
         .execute(conn)
         .await
         .map_err(db_error)?;
@@ -80,12 +64,9 @@ pub async fn tables_of(
     m: &Mapping,
     ids: &[i64],
 ) -> Result<Vec<String>, Diagnostic> {
-    sqlx::query_scalar(
-        sql!(
-            "SELECT DISTINCT blue_table FROM {} WHERE id = ANY ($1)",
-            table(m, "changes")
-        )
-        .assert_safe(),
+    scalar(
+        m,
+        "SELECT DISTINCT blue_table FROM {changes} WHERE migration = $1 AND id = ANY ($2)",
     )
     .bind(ids)
     .fetch_all(conn)
@@ -93,7 +74,7 @@ pub async fn tables_of(
     .map_err(db_error)
 }
 
-/// Replay the rows `ids` of blue table `x` with its catch-up function.
+/// Replay the rows `ids` of a blue table with its catch-up function.
 pub async fn replay(
     conn: &mut PgConnection,
     function: &QName,
@@ -109,14 +90,10 @@ pub async fn replay(
 
 /// Delete exactly the rows `ids` (in the transaction that replayed them).
 pub async fn delete(conn: &mut PgConnection, m: &Mapping, ids: &[i64]) -> Result<(), Diagnostic> {
-    sqlx::query(
-        sql!(
-            "DELETE FROM {} WHERE migration = $1 AND id = ANY ($2)",
-            table(m, "changes")
-        )
-        .assert_safe(),
+    query(
+        m,
+        "DELETE FROM {changes} WHERE migration = $1 AND id = ANY ($2)",
     )
-    .bind(&m.migration)
     .bind(ids)
     .execute(conn)
     .await
@@ -130,14 +107,10 @@ pub async fn failures_of(
     m: &Mapping,
     green_table: &str,
 ) -> Result<i64, Diagnostic> {
-    sqlx::query_scalar(
-        sql!(
-            "SELECT count(*) FROM {} WHERE migration = $1 AND green_table = $2",
-            table(m, "sync_failures")
-        )
-        .assert_safe(),
+    scalar(
+        m,
+        "SELECT count(*) FROM {sync_failures} WHERE migration = $1 AND green_table = $2",
     )
-    .bind(&m.migration)
     .bind(green_table)
     .fetch_one(conn)
     .await
@@ -159,30 +132,29 @@ pub async fn failures(
     m: &Mapping,
     limit: i64,
 ) -> Result<(i64, Vec<Failure>), Diagnostic> {
-    let t = table(m, "sync_failures");
-    let total: i64 =
-        sqlx::query_scalar(sql!("SELECT count(*) FROM {t} WHERE migration = $1").assert_safe())
-            .bind(&m.migration)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(db_error)?;
-    let rows = sqlx::query(sql!(
-        "SELECT green_table, sync_key::text AS k, error, failed_at::text AS at FROM {t} WHERE migration = $1 ORDER BY failed_at DESC LIMIT $2"
-    ).assert_safe())
-    .bind(&m.migration)
+    let total: i64 = scalar(
+        m,
+        "SELECT count(*) FROM {sync_failures} WHERE migration = $1",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    let rows = query(
+        m,
+        "SELECT green_table, sync_key::text AS k, error, failed_at::text AS at FROM {sync_failures} WHERE migration = $1 ORDER BY failed_at DESC LIMIT $2",
+    )
     .bind(limit)
     .fetch_all(conn)
     .await
     .map_err(db_error)?;
-    Ok((
-        total,
-        rows.iter()
-            .map(|r| Failure {
-                table: r.get("green_table"),
-                sync_key: r.get("k"),
-                error: r.get("error"),
-                failed_at: r.get("at"),
-            })
-            .collect(),
-    ))
+    let list = rows
+        .iter()
+        .map(|r| Failure {
+            table: r.get("green_table"),
+            sync_key: r.get("k"),
+            error: r.get("error"),
+            failed_at: r.get("at"),
+        })
+        .collect();
+    Ok((total, list))
 }

@@ -4,7 +4,7 @@
 
 use sqlx::{PgConnection, Row};
 
-use super::table;
+use super::{query, scalar, table};
 use crate::diag::Diagnostic;
 use crate::mapping::Mapping;
 use crate::pg::db_error;
@@ -53,14 +53,10 @@ pub async fn planned(
     m: &Mapping,
     green_table: &str,
 ) -> Result<bool, Diagnostic> {
-    sqlx::query_scalar(
-        sql!(
-            "SELECT EXISTS (SELECT 1 FROM {} WHERE migration = $1 AND green_table = $2)",
-            table(m, "chunks")
-        )
-        .assert_safe(),
+    scalar(
+        m,
+        "SELECT EXISTS (SELECT 1 FROM {chunks} WHERE migration = $1 AND green_table = $2)",
     )
-    .bind(&m.migration)
     .bind(green_table)
     .fetch_one(conn)
     .await
@@ -76,13 +72,8 @@ pub async fn record(
     key_type: &str,
     ranges: &[Range],
 ) -> Result<(), Diagnostic> {
-    let insert = sql!(
-        "INSERT INTO {} (migration, green_table, chunk_no, key_sql, key_type, lower_bound, upper_bound, null_keys) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        table(m, "chunks")
-    );
     for (i, r) in ranges.iter().enumerate() {
-        sqlx::query(insert.assert_safe())
-            .bind(&m.migration)
+        query(m, "INSERT INTO {chunks} (migration, green_table, chunk_no, key_sql, key_type, lower_bound, upper_bound, null_keys) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
             .bind(green_table)
             .bind(i as i32)
             .bind(key_sql)
@@ -137,14 +128,10 @@ pub async fn mark_done(
 
 /// Chunks not done yet (pending or in flight in some process).
 pub async fn not_done(conn: &mut PgConnection, m: &Mapping) -> Result<i64, Diagnostic> {
-    sqlx::query_scalar(
-        sql!(
-            "SELECT count(*) FROM {} WHERE migration = $1 AND state <> 'done'",
-            table(m, "chunks")
-        )
-        .assert_safe(),
+    scalar(
+        m,
+        "SELECT count(*) FROM {chunks} WHERE migration = $1 AND state <> 'done'",
     )
-    .bind(&m.migration)
     .fetch_one(conn)
     .await
     .map_err(db_error)
@@ -162,11 +149,7 @@ pub async fn progress(
     conn: &mut PgConnection,
     m: &Mapping,
 ) -> Result<Vec<TableProgress>, Diagnostic> {
-    let rows = sqlx::query(sql!(
-        "SELECT green_table, count(*) FILTER (WHERE state = 'done') AS done, count(*) AS total, coalesce(sum(rows_copied), 0)::int8 AS rows FROM {} WHERE migration = $1 GROUP BY 1 ORDER BY 1",
-        table(m, "chunks")
-    ).assert_safe())
-    .bind(&m.migration)
+    let rows = query(m, "SELECT green_table, count(*) FILTER (WHERE state = 'done') AS done, count(*) AS total, coalesce(sum(rows_copied), 0)::int8 AS rows FROM {chunks} WHERE migration = $1 GROUP BY 1 ORDER BY 1")
     .fetch_all(conn)
     .await
     .map_err(db_error)?;

@@ -4,12 +4,12 @@
 
 use sqlx::{PgConnection, Row};
 
-use super::table;
+use super::query;
 use crate::diag::Diagnostic;
 use crate::mapping::Mapping;
 use crate::pg::{db_error, exec};
 use crate::plan::steps::{Deferral, DeferralKind};
-use crate::sql::{QName, sql};
+use crate::sql::QName;
 
 /// A deferred object not restored yet.
 #[derive(Clone, Debug)]
@@ -25,11 +25,7 @@ pub struct Pending {
 
 /// Record `d` and drop it (in the caller's transaction, with the green DDL).
 pub async fn defer(conn: &mut PgConnection, m: &Mapping, d: &Deferral) -> Result<(), Diagnostic> {
-    sqlx::query(sql!(
-        "INSERT INTO {} (migration, kind, name, green_table, definition, ref_table) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-        table(m, "deferred")
-    ).assert_safe())
-    .bind(&m.migration)
+    query(m, "INSERT INTO {deferred} (migration, kind, name, green_table, definition, ref_table) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING")
     .bind(d.kind.as_str())
     .bind(&d.name)
     .bind(&d.table.name)
@@ -43,11 +39,7 @@ pub async fn defer(conn: &mut PgConnection, m: &Mapping, d: &Deferral) -> Result
 
 /// Everything not restored yet: indexes first, then foreign keys, each by name.
 pub async fn pending(conn: &mut PgConnection, m: &Mapping) -> Result<Vec<Pending>, Diagnostic> {
-    let rows = sqlx::query(sql!(
-        "SELECT kind, name, green_table, definition, (parse_ident(ref_table))[1] AS ref_schema, (parse_ident(ref_table))[2] AS ref_name FROM {} WHERE migration = $1 AND NOT done ORDER BY kind DESC, name",
-        table(m, "deferred")
-    ).assert_safe())
-    .bind(&m.migration)
+    let rows = query(m, "SELECT kind, name, green_table, definition, (parse_ident(ref_table))[1] AS ref_schema, (parse_ident(ref_table))[2] AS ref_name FROM {deferred} WHERE migration = $1 AND NOT done ORDER BY kind DESC, name")
     .fetch_all(conn)
     .await
     .map_err(db_error)?;
@@ -97,14 +89,10 @@ pub async fn mark_done(
     kind: DeferralKind,
     name: &str,
 ) -> Result<(), Diagnostic> {
-    sqlx::query(
-        sql!(
-            "UPDATE {} SET done = true WHERE migration = $1 AND kind = $2 AND name = $3",
-            table(m, "deferred")
-        )
-        .assert_safe(),
+    query(
+        m,
+        "UPDATE {deferred} SET done = true WHERE migration = $1 AND kind = $2 AND name = $3",
     )
-    .bind(&m.migration)
     .bind(kind.as_str())
     .bind(name)
     .execute(conn)

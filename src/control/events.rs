@@ -2,11 +2,10 @@
 
 use sqlx::PgConnection;
 
-use super::table;
+use super::query;
 use crate::diag::Diagnostic;
 use crate::mapping::Mapping;
 use crate::pg::db_error;
-use crate::sql::sql;
 
 /// Append an event.
 pub async fn record(
@@ -16,14 +15,10 @@ pub async fn record(
     outcome: &str,
     detail: serde_json::Value,
 ) -> Result<(), Diagnostic> {
-    sqlx::query(
-        sql!(
-            "INSERT INTO {} (migration, command, outcome, detail) VALUES ($1, $2, $3, $4::jsonb)",
-            table(m, "events")
-        )
-        .assert_safe(),
+    query(
+        m,
+        "INSERT INTO {events} (migration, command, outcome, detail) VALUES ($1, $2, $3, $4::jsonb)",
     )
-    .bind(&m.migration)
     .bind(command)
     .bind(outcome)
     .bind(detail.to_string())

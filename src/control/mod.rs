@@ -21,19 +21,55 @@ pub mod status;
 pub mod validations;
 
 use sqlx::PgConnection;
+use sqlx::postgres::{PgArguments, PgRow, Postgres};
+use sqlx::query::{Query, QueryScalar};
 
 use crate::catalog::{self, Catalog};
 use crate::diag::Diagnostic;
 use crate::mapping::Mapping;
 use crate::pg::{db_error, exec};
 use crate::plan::query::set_mapping_search_path;
-use crate::sql::{QName, sql};
+use crate::sql::{QName, Sql, sql};
 
 pub use phase::Phase;
+
+/// The tables of the control schema (`plan/control.sql`).
+const TABLES: [&str; 7] = [
+    "runs",
+    "deferred",
+    "chunks",
+    "changes",
+    "sync_failures",
+    "validations",
+    "events",
+];
 
 /// A table of the control schema, e.g. `table(m, "runs")`.
 pub fn table(m: &Mapping, name: &str) -> QName {
     QName::new(&m.control_schema, name)
+}
+
+/// A fixed statement over control tables, each `{table}` placeholder rendered as the table's
+/// schema-qualified name (the only part of these statements that is not a `$n` parameter).
+pub fn statement(m: &Mapping, text: &'static str) -> Sql {
+    let mut s = text.to_string();
+    for t in TABLES {
+        s = s.replace(&format!("{{{t}}}"), &table(m, t).to_string());
+    }
+    sql!("{s}")
+}
+
+/// [`statement`] with this migration bound as `$1`: every statement here is about one migration.
+fn query(m: &Mapping, text: &'static str) -> Query<'static, Postgres, PgArguments> {
+    sqlx::query(statement(m, text).assert_safe()).bind(&m.migration)
+}
+
+/// [`query`] returning one column.
+fn scalar<O>(m: &Mapping, text: &'static str) -> QueryScalar<'static, Postgres, O, PgArguments>
+where
+    (O,): for<'r> sqlx::FromRow<'r, PgRow>,
+{
+    sqlx::query_scalar(statement(m, text).assert_safe()).bind(m.migration.clone())
 }
 
 /// Whether the control schema holds its tables yet (it does after the first `prepare`).

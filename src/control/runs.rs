@@ -4,7 +4,7 @@
 
 use sqlx::PgConnection;
 
-use super::{Phase, exists, table};
+use super::{Phase, exists, query, scalar, table};
 use crate::diag::Diagnostic;
 use crate::mapping::Mapping;
 use crate::pg::db_error;
@@ -39,11 +39,10 @@ fn parse(m: &Mapping, text: &str) -> Result<Phase, Diagnostic> {
 /// there is not a move (two copy processes both start copying). Takes the row lock, so two
 /// commands never both make a move from the same phase.
 pub async fn set_phase(conn: &mut PgConnection, m: &Mapping, to: Phase) -> Result<(), Diagnostic> {
-    let runs = table(m, "runs");
-    let now: Option<String> = sqlx::query_scalar(
-        sql!("SELECT phase FROM {runs} WHERE migration = $1 FOR UPDATE").assert_safe(),
+    let now: Option<String> = scalar(
+        m,
+        "SELECT phase FROM {runs} WHERE migration = $1 FOR UPDATE",
     )
-    .bind(&m.migration)
     .fetch_optional(&mut *conn)
     .await
     .map_err(db_error)?;
@@ -64,10 +63,10 @@ pub async fn set_phase(conn: &mut PgConnection, m: &Mapping, to: Phase) -> Resul
         )
         .hint("see `bluegreen status` for where the migration stands"));
     }
-    sqlx::query(
-        sql!("UPDATE {runs} SET phase = $2, updated_at = now() WHERE migration = $1").assert_safe(),
+    query(
+        m,
+        "UPDATE {runs} SET phase = $2, updated_at = now() WHERE migration = $1",
     )
-    .bind(&m.migration)
     .bind(to.as_str())
     .execute(conn)
     .await
@@ -77,11 +76,7 @@ pub async fn set_phase(conn: &mut PgConnection, m: &Mapping, to: Phase) -> Resul
 
 /// Create this migration's row (phase `new`), or refresh its mapping digest while still new.
 pub async fn register(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagnostic> {
-    sqlx::query(sql!(
-        "INSERT INTO {} (migration, mapping_digest, phase, blue_schema, green_schema) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (migration) DO UPDATE SET mapping_digest = EXCLUDED.mapping_digest",
-        table(m, "runs")
-    ).assert_safe())
-    .bind(&m.migration)
+    query(m, "INSERT INTO {runs} (migration, mapping_digest, phase, blue_schema, green_schema) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (migration) DO UPDATE SET mapping_digest = EXCLUDED.mapping_digest")
     .bind(m.digest())
     .bind(Phase::New.as_str())
     .bind(&m.blue)
@@ -95,14 +90,10 @@ pub async fn register(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagno
 /// Record the blue fingerprint and move to `prepared`.
 pub async fn mark_prepared(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagnostic> {
     let fp = blue_fingerprint(conn, m).await?;
-    sqlx::query(
-        sql!(
-            "UPDATE {} SET blue_fingerprint = $2 WHERE migration = $1",
-            table(m, "runs")
-        )
-        .assert_safe(),
+    query(
+        m,
+        "UPDATE {runs} SET blue_fingerprint = $2 WHERE migration = $1",
     )
-    .bind(&m.migration)
     .bind(fp)
     .execute(&mut *conn)
     .await

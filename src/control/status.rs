@@ -4,11 +4,11 @@
 use serde::Serialize;
 use sqlx::{PgConnection, Row};
 
-use super::{Phase, changes, chunks, runs, table};
+use super::{Phase, changes, chunks, query, runs};
 use crate::diag::Diagnostic;
 use crate::mapping::Mapping;
 use crate::pg::db_error;
-use crate::sql::{QName, sql};
+use crate::sql::QName;
 
 /// Failures listed at most (the total is always given).
 const FAILURES_SHOWN: i64 = 100;
@@ -73,11 +73,7 @@ pub async fn status(conn: &mut PgConnection, m: &Mapping) -> Result<Status, Diag
     }
     st.backlog = changes::backlog(conn, m).await?;
     (st.failures_total, st.failures) = changes::failures(conn, m, FAILURES_SHOWN).await?;
-    for r in sqlx::query(sql!(
-        "SELECT at::text AS at, who, command, outcome FROM {} WHERE migration = $1 ORDER BY id DESC LIMIT 10",
-        table(m, "events")
-    ).assert_safe())
-    .bind(&m.migration)
+    for r in query(m, "SELECT at::text AS at, who, command, outcome FROM {events} WHERE migration = $1 ORDER BY id DESC LIMIT 10")
     .fetch_all(&mut *conn)
     .await
     .map_err(db_error)?

@@ -2,11 +2,10 @@
 
 use sqlx::PgConnection;
 
-use super::table;
+use super::query;
 use crate::diag::Diagnostic;
 use crate::mapping::Mapping;
 use crate::pg::db_error;
-use crate::sql::sql;
 
 /// One validation's outcome as recorded.
 pub struct Recorded<'a> {
@@ -22,11 +21,10 @@ pub async fn record(
     m: &Mapping,
     v: &Recorded<'_>,
 ) -> Result<(), Diagnostic> {
-    sqlx::query(sql!(
-        "INSERT INTO {} (migration, passed, mapping_digest, report_digest, snapshot_lsn, summary) VALUES ($1, $2, $3, $4, $5, $6::jsonb)",
-        table(m, "validations")
-    ).assert_safe())
-    .bind(&m.migration)
+    query(
+        m,
+        "INSERT INTO {validations} (migration, passed, mapping_digest, report_digest, snapshot_lsn, summary) VALUES ($1, $2, $3, $4, $5, $6::jsonb)",
+    )
     .bind(v.passed)
     .bind(v.mapping_digest)
     .bind(v.report_digest)

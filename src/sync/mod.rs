@@ -110,14 +110,7 @@ async fn switch(
         return Ok(());
     }
     if phase < Phase::Copied {
-        return Err(Diagnostic::error(
-            "not-copied",
-            format!(
-                "migration {} is in phase {phase}: copy has not finished",
-                m.migration
-            ),
-        )
-        .hint("run `bluegreen copy`"));
+        return Err(not_copied(m, phase));
     }
     install_functions(conn, m).await?;
     let n = catch_up(conn, m, SWITCH_BACKLOG).await?;
@@ -156,18 +149,22 @@ async fn switch(
     Ok(())
 }
 
+fn not_copied(m: &Mapping, phase: Phase) -> Diagnostic {
+    Diagnostic::error(
+        "not-copied",
+        format!(
+            "migration {} is in phase {phase}: copy has not finished",
+            m.migration
+        ),
+    )
+    .hint("run `bluegreen copy` first (it catches up and goes live by itself)")
+}
+
 /// `sync`: replay the change log (before live) and retry keys whose re-derivation failed.
 pub async fn sync(conn: &mut PgConnection, m: &Mapping) -> Result<SyncReport, Diagnostic> {
     let phase = runs::phase(conn, m).await?;
     if phase < Phase::Copied {
-        return Err(Diagnostic::error(
-            "not-copied",
-            format!(
-                "migration {} is in phase {phase}: copy has not finished",
-                m.migration
-            ),
-        )
-        .hint("run `bluegreen copy` first (it catches up and goes live by itself)"));
+        return Err(not_copied(m, phase));
     }
     runs::check_mapping(conn, m).await?;
     runs::check_drift(conn, m).await?;
@@ -182,13 +179,7 @@ pub async fn sync(conn: &mut PgConnection, m: &Mapping) -> Result<SyncReport, Di
                 conn,
                 &sql!(
                     "SELECT {}()",
-                    names::entry_function(
-                        &m.control_schema,
-                        &m.migration,
-                        e.index,
-                        "retry",
-                        &e.entry.name
-                    )
+                    names::retry_function(&m.control_schema, &m.migration, e.index, &e.entry.name)
                 ),
             )
             .await?;

@@ -315,13 +315,7 @@ pub fn retry_function(m: &Mapping, e: &SyncEntry) -> Sql {
     let (_, body) = apply_block(m, &one, x, &fill, true, false);
     sql!(
         "CREATE OR REPLACE FUNCTION {f}() RETURNS void LANGUAGE plpgsql {settings} AS $fn$\nDECLARE\n{decl}BEGIN\n{body}END\n$fn$",
-        f = names::entry_function(
-            &m.control_schema,
-            &m.migration,
-            e.index,
-            "retry",
-            &e.entry.name
-        ),
+        f = names::retry_function(&m.control_schema, &m.migration, e.index, &e.entry.name),
         settings = function_settings(m),
     )
 }

@@ -34,15 +34,20 @@ impl SyncEntry<'_> {
             .collect()
     }
 
-    /// `SELECT DISTINCT <keys> ...` for a change to alias `alias` whose rows are in `changed`.
-    pub(super) fn touched_keys(&self, alias: &str, changed: &str) -> String {
-        let sel = join(
+    /// `<sync-key expression>::<green type> AS k0, ...`: the keys of the rows a query reads.
+    fn key_select(&self) -> String {
+        join(
             self.keys
                 .iter()
                 .enumerate()
                 .map(|(j, (_, x, ty))| format!("{}::{ty} AS k{j}", Expr(x))),
             ", ",
-        );
+        )
+    }
+
+    /// `SELECT DISTINCT <keys> ...` for a change to alias `alias` whose rows are in `changed`.
+    pub(super) fn touched_keys(&self, alias: &str, changed: &str) -> String {
+        let sel = self.key_select();
         let only_this = self.keys.iter().all(|(_, x, _)| {
             let refs = referenced_aliases(
                 x,
@@ -71,13 +76,7 @@ impl SyncEntry<'_> {
 
     /// Every key green holds or M(blue) produces (after a TRUNCATE).
     pub(super) fn all_keys(&self) -> String {
-        let sel = join(
-            self.keys
-                .iter()
-                .enumerate()
-                .map(|(j, (_, x, ty))| format!("{}::{ty} AS k{j}", Expr(x))),
-            ", ",
-        );
+        let sel = self.key_select();
         let green_sel = join(
             self.keys
                 .iter()
