@@ -33,10 +33,14 @@ pub enum Command {
     Plan(PlanArgs),
     /// Create the control schema, the green schema (green_ddl) and change capture on every blue
     /// table the mapping reads. Idempotent; every lock under lock_timeout with retry.
+    ///
+    /// First runs the checks `plan` runs (rolled back): any error stops it before it writes
+    /// anything (exit 2, the same located diagnostics as `plan`); warnings are printed.
     Prepare(PrepareArgs),
     /// Fill green from blue while the application writes, then keep it in step (live sync).
     ///
-    /// Runs prepare when needed. Copies parallel chunks of each driving table (resumable: kill it
+    /// Runs the checks `plan` runs and prepare when needed (an error stops it before it writes
+    /// anything: exit 2). Copies parallel chunks of each driving table (resumable: kill it
     /// and run it again; several copy processes can share the work), builds indexes and foreign
     /// keys after the data, advances sequences, replays the captured changes and switches the
     /// triggers to live mode, after which every write to blue re-derives green in its own
@@ -92,6 +96,16 @@ pub enum ProfileArg {
     Full,
 }
 
+impl From<ProfileArg> for crate::plan::ProfileMode {
+    fn from(p: ProfileArg) -> Self {
+        match p {
+            ProfileArg::None => crate::plan::ProfileMode::None,
+            ProfileArg::Sample => crate::plan::ProfileMode::Sample,
+            ProfileArg::Full => crate::plan::ProfileMode::Full,
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct PlanArgs {
     #[command(flatten)]
@@ -123,6 +137,10 @@ fn parse_duration_ms(s: &str) -> Result<u64, String> {
 pub struct PrepareArgs {
     #[command(flatten)]
     pub common: Common,
+    /// How much of the data the checks before the first write profile (the checks `plan` runs;
+    /// skipped once the migration is prepared with this mapping).
+    #[arg(long, value_enum, default_value_t = ProfileArg::Sample)]
+    pub profile: ProfileArg,
     /// Lock timeout for every DDL and lock, e.g. 2s or 500ms (overrides settings.lock_timeout).
     #[arg(long, value_parser = parse_duration_ms)]
     pub lock_timeout: Option<u64>,
@@ -143,6 +161,10 @@ pub enum EngineArg {
 pub struct CopyArgs {
     #[command(flatten)]
     pub common: Common,
+    /// How much of the data the checks before the first write profile (the checks `plan` runs;
+    /// skipped once the migration is prepared with this mapping).
+    #[arg(long, value_enum, default_value_t = ProfileArg::Sample)]
+    pub profile: ProfileArg,
     /// Parallel workers (overrides settings.jobs).
     #[arg(long)]
     pub jobs: Option<u32>,

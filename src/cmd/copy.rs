@@ -1,6 +1,6 @@
 //! `bluegreen copy`: fill green, then live sync; prints the status at the end.
 
-use super::{Outcome, reject, settings};
+use super::{Outcome, check_before_writing, reject, settings};
 use crate::cli::{CopyArgs, EngineArg};
 use crate::copy::{self, Engine};
 use crate::diag::Diagnostic;
@@ -18,12 +18,13 @@ pub async fn run(a: &CopyArgs) -> anyhow::Result<Outcome> {
         },
     };
     let url = a.common.database_url.clone();
+    check_before_writing(&url, &m, a.profile.into(), s.lock_timeout_ms).await?;
     // Ctrl-C: stop at once; the chunks in flight roll back with their connections, the finished
     // ones stay done, and `copy` resumes where it stopped.
     let run = async {
         copy::copy(&url, &m, &o).await?;
         crate::sync::go_live(&url, &m, o.lock_timeout_ms).await?;
-        copy::validate_foreign_keys(&url, &m).await
+        copy::validate_foreign_keys(&url, &m, o.lock_timeout_ms).await
     };
     tokio::select! {
         r = run => r.map_err(reject)?,

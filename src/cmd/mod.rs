@@ -7,8 +7,10 @@ pub mod status;
 pub mod sync;
 pub mod validate;
 
-use crate::diag::{Diagnostic, Rejected};
+use crate::control::{Phase, runs};
+use crate::diag::{Diagnostic, Rejected, Severity};
 use crate::mapping::Mapping;
+use crate::plan::ProfileMode;
 
 /// How a command ended, mapped to the process exit code by `main`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +24,56 @@ pub enum Outcome {
 /// A diagnostic that stops the command (exit 2).
 fn reject(d: Diagnostic) -> anyhow::Error {
     Rejected(vec![d]).into()
+}
+
+/// Before a command's first write: the checks `plan` runs, in a transaction that is rolled back.
+/// Errors stop the command (exit 2) with the diagnostics `plan` prints, and nothing was written;
+/// warnings are printed and it goes on. Skipped once the migration is prepared: its mapping
+/// digest is then checked by the engine itself (a changed mapping is refused).
+async fn check_before_writing(
+    url: &str,
+    m: &Mapping,
+    profile: ProfileMode,
+    lock_timeout_ms: u64,
+) -> anyhow::Result<()> {
+    let mut conn = crate::pg::connect(url).await.map_err(reject)?;
+    let phase = runs::phase(&mut conn, m).await.map_err(reject)?;
+    if phase >= Phase::Prepared {
+        eprintln!(
+            "bluegreen: {} is {phase}: the checks before writing ran at prepare; skipped",
+            m.migration
+        );
+        return Ok(());
+    }
+    eprintln!(
+        "bluegreen: checking {} against the database before writing (profile {profile}; plan shows every finding)",
+        m.path.display()
+    );
+    let opts = crate::plan::Options {
+        jobs: None,
+        chunk_rows: None,
+        lock_timeout_ms: Some(lock_timeout_ms),
+        profile,
+    };
+    let plan = crate::probe::plan(&mut conn, m, &opts)
+        .await
+        .map_err(reject)?;
+    for d in plan
+        .diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Warning)
+    {
+        eprintln!("{d}");
+    }
+    let errors: Vec<Diagnostic> = plan
+        .diagnostics
+        .into_iter()
+        .filter(Diagnostic::is_error)
+        .collect();
+    if !errors.is_empty() {
+        return Err(Rejected(errors).into());
+    }
+    Ok(())
 }
 
 /// The settings of a command that does not profile: flags over the mapping over the defaults.

@@ -27,6 +27,20 @@ impl Chunk {
     pub fn physical(&self) -> bool {
         self.key_type == PHYSICAL_KEY_TYPE
     }
+    /// The range in words, for messages: `l.id from 'a' up to 'b'`, `l.id NULL`.
+    pub fn describe(&self) -> String {
+        let r = &self.range;
+        if r.null_keys {
+            return format!("{} NULL", self.key_sql);
+        }
+        let lit = |v: &Option<String>| v.as_ref().map(|v| Literal::new(v).to_string());
+        match (lit(&r.lower), lit(&r.upper)) {
+            (None, None) => format!("every {}", self.key_sql),
+            (Some(l), None) => format!("{} from {l}", self.key_sql),
+            (None, Some(u)) => format!("{} below {u}", self.key_sql),
+            (Some(l), Some(u)) => format!("{} from {l} up to {u}", self.key_sql),
+        }
+    }
     /// The chunk's condition, bounds as literals of the key type (COPY takes no parameters).
     pub fn condition(&self) -> String {
         let ty = TypeName(&self.key_type);

@@ -52,22 +52,36 @@ pub async fn pending(conn: &mut PgConnection, m: &Mapping) -> Result<Vec<Pending
                 format!("the control schema holds a deferred object of kind `{kind}`, which this version of bluegreen does not know"),
             )
         })?;
+        let definition: String = r.get("definition");
         let ref_table = match (
             r.get::<Option<String>, _>("ref_schema"),
             r.get::<Option<String>, _>("ref_name"),
         ) {
             (Some(s), Some(n)) => Some(QName::new(s, n)),
+            // Recorded before `ref_table` existed: read it from the definition.
+            _ if kind == DeferralKind::ForeignKey => referenced_table(&definition, &m.green),
             _ => None,
         };
         out.push(Pending {
             kind,
             name: r.get("name"),
             table: QName::new(&m.green, r.get::<String, _>("green_table")),
-            definition: r.get("definition"),
+            definition,
             ref_table,
         });
     }
     Ok(out)
+}
+
+/// The table after `REFERENCES` in a constraint definition (unqualified: in `default_schema`).
+fn referenced_table(definition: &str, default_schema: &str) -> Option<QName> {
+    let toks = crate::sql::scan::tokens(definition).ok()?;
+    let at = toks.iter().position(|t| t.is_word("references"))?;
+    let first = toks.get(at + 1)?.ident()?;
+    match (toks.get(at + 2), toks.get(at + 3)) {
+        (Some(dot), Some(name)) if dot.is_punct(".") => Some(QName::new(first, name.ident()?)),
+        _ => Some(QName::new(default_schema, first)),
+    }
 }
 
 /// The deferred foreign keys not validated yet.
@@ -99,4 +113,21 @@ pub async fn mark_done(
     .await
     .map_err(db_error)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn referenced_tables_from_definitions() {
+        let r = |d| super::referenced_table(d, "g").map(|q| q.display());
+        assert_eq!(
+            r("FOREIGN KEY (organization_id) REFERENCES organizations(id)").as_deref(),
+            Some("g.organizations")
+        );
+        assert_eq!(
+            r("FOREIGN KEY (a) REFERENCES \"Other\".\"T x\"(id) ON DELETE CASCADE").as_deref(),
+            Some("Other.T x")
+        );
+        assert_eq!(r("CHECK (a > 0)"), None);
+    }
 }

@@ -32,16 +32,19 @@ pub(super) async fn finish(
         let results = futures::stream::iter(indexes.into_iter().map(|ix| {
             let url = url.to_string();
             let m = m.clone();
+            let lock_timeout_ms = o.lock_timeout_ms;
             async move {
                 let mut c = pg::connect(&url).await?;
-                exec(
-                    &mut c,
-                    &sql!("DROP INDEX IF EXISTS {}", QName::new(&m.green, &ix.name)),
-                )
-                .await?;
                 // The definition is pg_get_indexdef's text, read from the catalog at prepare.
-                exec(&mut c, &sql!("{}", ix.definition)).await?;
-                deferred::mark_done(&mut c, &m, DeferralKind::Index, &ix.name).await?;
+                let build = sql!("{}", ix.definition);
+                let drop = sql!("DROP INDEX IF EXISTS {}", QName::new(&m.green, &ix.name));
+                let table = std::slice::from_ref(&ix.table);
+                locking::run_locked(&mut c, lock_timeout_ms, table, async |tx| {
+                    exec(tx, &drop).await?;
+                    exec(tx, &build).await?;
+                    deferred::mark_done(tx, &m, DeferralKind::Index, &ix.name).await
+                })
+                .await?;
                 eprintln!("bluegreen: built index {}", ix.name);
                 Ok::<(), Diagnostic>(())
             }
@@ -68,17 +71,32 @@ pub(super) async fn finish(
 /// VALIDATE every foreign key added NOT VALID at the live switch (run after `sync::go_live`, by
 /// the one runner). Runs while live sync keeps green consistent; takes SHARE UPDATE EXCLUSIVE on
 /// green tables only, which no writer needs.
-pub async fn validate_foreign_keys(url: &str, m: &Mapping) -> Result<(), Diagnostic> {
+pub async fn validate_foreign_keys(
+    url: &str,
+    m: &Mapping,
+    lock_timeout_ms: u64,
+) -> Result<(), Diagnostic> {
     let mut conn = pg::connect(url).await?;
     locking::runner_lock_wait(&mut conn, &m.migration)
         .await
         .map_err(db_error)?;
-    let conn = &mut conn;
-    for fk in deferred::pending_foreign_keys(conn, m).await? {
-        exec(conn, &sql!("ALTER TABLE {} VALIDATE CONSTRAINT {}", fk.table, Ident::new(&fk.name))).await.map_err(|d| {
-            d.table(&fk.table.name).hint("a green foreign key does not hold: the mapping produces child rows whose parent it does not produce (check the joins and filters of both entries)")
-        })?;
-        deferred::mark_done(conn, m, DeferralKind::ForeignKey, &fk.name).await?;
+    for fk in deferred::pending_foreign_keys(&mut conn, m).await? {
+        let validate = sql!(
+            "ALTER TABLE {} VALIDATE CONSTRAINT {}",
+            fk.table,
+            Ident::new(&fk.name)
+        );
+        let tables = [fk.table.clone()];
+        locking::run_locked(&mut conn, lock_timeout_ms, &tables, async |tx| {
+            exec(tx, &validate).await.map_err(|d| {
+                if locking::is_transient(&d) {
+                    return d;
+                }
+                d.table(&fk.table.name).hint("a green foreign key does not hold: the mapping produces child rows whose parent it does not produce (check the joins and filters of both entries)")
+            })?;
+            deferred::mark_done(tx, m, DeferralKind::ForeignKey, &fk.name).await
+        })
+        .await?;
         eprintln!("bluegreen: validated foreign key {}", fk.name);
     }
     Ok(())

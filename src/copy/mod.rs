@@ -20,7 +20,7 @@ use sqlx::{Connection, PgConnection};
 use crate::catalog::Catalog;
 use crate::control::{self, Phase, chunks, events, runs};
 use crate::diag::Diagnostic;
-use crate::mapping::Mapping;
+use crate::mapping::{Mapping, TableEntry};
 use crate::pg::{self, db_error, exec, locking};
 use crate::plan::chunks::{PHYSICAL_KEY_TYPE, count, physical_ranges, quantile_source};
 use crate::plan::query::{Shape, chunk_insert, set_mapping_search_path};
@@ -224,11 +224,11 @@ async fn worker(
             None => sqlx::raw_sql(chunk_insert(e, gt, &m.control_schema, &shape).assert_safe())
                 .execute(&mut *tx)
                 .await
-                .map_err(|err| chunk_error(&table, chunk.chunk_no, err))?
+                .map_err(|err| chunk_error(e, &chunk, err))?
                 .rows_affected(),
             Some(src) => engine::copy_chunk(src, &mut tx, m, e, gt, &shape)
                 .await
-                .map_err(|err| chunk_error(&table, chunk.chunk_no, err))?,
+                .map_err(|err| chunk_error(e, &chunk, err))?,
         };
         chunks::mark_done(&mut tx, m, &chunk, rows).await?;
         tx.commit().await.map_err(db_error)?;
@@ -236,13 +236,64 @@ async fn worker(
     }
 }
 
-fn chunk_error(table: &str, chunk: i32, e: sqlx::Error) -> Diagnostic {
-    let d = db_error(e);
-    Diagnostic {
-        code: "copy-failed",
-        message: format!("copying chunk {chunk} of {table} failed: {}", d.message),
-        ..d
+/// A chunk that failed, told in the mapping's terms: the green table, the chunk's key range, and
+/// (where the database names a column, or the failing value map names itself) the column and its
+/// expression in the mapping file. Never a line of a generated statement; the failing row's values
+/// (the server's "Failing row contains ..." detail) are left out.
+fn chunk_error(e: &TableEntry, chunk: &control::chunks::Chunk, err: sqlx::Error) -> Diagnostic {
+    use sqlx::postgres::PgDatabaseError;
+    let pg = err
+        .as_database_error()
+        .and_then(|d| d.try_downcast_ref::<PgDatabaseError>());
+    let Some(pg) = pg else {
+        let d = db_error(err);
+        return Diagnostic {
+            code: "copy-failed",
+            message: format!(
+                "copying chunk {} of {} ({}) failed: {}",
+                chunk.chunk_no,
+                e.name,
+                chunk.describe(),
+                d.message
+            ),
+            ..d
+        }
+        .table(&e.name);
+    };
+    let mut message = pg.message().to_string();
+    if let Some(detail) = pg
+        .detail()
+        .filter(|d| !d.starts_with("Failing row contains"))
+    {
+        message.push_str(&format!(" ({detail})"));
     }
-    .table(table)
-    .hint("fix the cause (run `bluegreen plan` to locate it), then re-run copy: finished chunks are kept")
+    // The value map's own error names `<entry>.<column>`.
+    let named = format!("of {}.", e.name);
+    let column = pg.column().map(str::to_string).or_else(|| {
+        let rest = &pg.message()[pg.message().find(&named)? + named.len()..];
+        Some(rest.split_whitespace().next()?.to_string())
+    });
+    let col = column.as_deref().and_then(|c| e.column(c));
+    let mut d = Diagnostic::error(
+        "copy-failed",
+        format!(
+            "copying chunk {} of {} ({}) failed: {message} [SQLSTATE {}]",
+            chunk.chunk_no,
+            e.name,
+            chunk.describe(),
+            pg.code()
+        ),
+    )
+    .at(Some(col.map_or(e.span.clone(), |c| c.expr.span.clone())))
+    .table(&e.name)
+    .maybe_column(col.map(|c| c.name.as_str()))
+    .hint(match col {
+        Some(c) => format!(
+            "the mapping of {} (`{}`) produces a value green rejects for some rows of this range: fix the expression or filter such rows with `where`, check with `bluegreen plan --profile full`, then re-run copy (finished chunks are kept)",
+            c.name, c.expr.text
+        ),
+        None => "fix the cause (`bluegreen plan --profile full` checks every row), then re-run copy: finished chunks are kept".to_string(),
+    });
+    d.sqlstate = Some(pg.code().to_string());
+    d
 }

@@ -2,7 +2,7 @@
 //! keys recorded, then dropped until the data is in), and capture triggers on every blue table the
 //! mapping reads, committed before any copy snapshot is taken.
 
-use sqlx::{Connection, PgConnection};
+use sqlx::PgConnection;
 
 use crate::catalog::{self, Catalog};
 use crate::control::{self, Phase, events, runs};
@@ -39,7 +39,7 @@ async fn prepare_locked(
     }
     runs::register(conn, m).await?;
     events::record(conn, m, "prepare", "started", serde_json::json!({})).await?;
-    green_ddl(conn, m).await?;
+    green_ddl(conn, m, lock_timeout_ms).await?;
 
     // The mapping must fit the catalog before anything touches blue (plan checks much more).
     let cat = control::load_catalog(conn, m).await?;
@@ -71,9 +71,14 @@ async fn prepare_locked(
     Ok(())
 }
 
-/// The green DDL, once, in one transaction; secondary indexes and foreign keys are recorded and
-/// dropped so the copy writes into bare tables (they come back after the data).
-async fn green_ddl(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagnostic> {
+/// The green DDL, once, in one transaction (under lock_timeout, retried); secondary indexes and
+/// foreign keys are recorded and dropped so the copy writes into bare tables (they come back
+/// after the data).
+async fn green_ddl(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    lock_timeout_ms: u64,
+) -> Result<(), Diagnostic> {
     let green_has_tables: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind IN ('r','p'))",
     )
@@ -98,28 +103,32 @@ async fn green_ddl(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagnosti
             ),
         ));
     }
-    let mut tx = conn.begin().await.map_err(db_error)?;
     let green = Ident::new(&m.green);
-    exec(
-        &mut tx,
-        &sql!("CREATE SCHEMA IF NOT EXISTS {green}; SET LOCAL search_path = {green}"),
-    )
-    .await?;
-    exec(&mut tx, &Sql::verbatim(ddl)).await.map_err(|d| {
-        Diagnostic::error(
-            "green-ddl-failed",
-            format!("green_ddl failed: {}", d.message),
+    let ddl = Sql::verbatim(ddl);
+    locking::run_locked(conn, lock_timeout_ms, &[], async |tx| {
+        exec(
+            tx,
+            &sql!("CREATE SCHEMA IF NOT EXISTS {green}; SET LOCAL search_path = {green}"),
         )
-        .hint("run `bluegreen plan` to locate the error")
-    })?;
-    exec(&mut tx, &sql!("SET LOCAL search_path = pg_catalog")).await?;
-    let cat = catalog::load(&mut tx, &[&m.green])
-        .await
-        .map_err(db_error)?;
-    for d in steps::deferrals(m, &cat) {
-        control::deferred::defer(&mut tx, m, &d).await?;
-    }
-    tx.commit().await.map_err(db_error)
+        .await?;
+        exec(tx, &ddl).await.map_err(|d| {
+            if locking::is_transient(&d) {
+                return d;
+            }
+            Diagnostic::error(
+                "green-ddl-failed",
+                format!("green_ddl failed: {}", d.message),
+            )
+            .hint("run `bluegreen plan` to locate the error")
+        })?;
+        exec(tx, &sql!("SET LOCAL search_path = pg_catalog")).await?;
+        let cat = catalog::load(tx, &[&m.green]).await.map_err(db_error)?;
+        for d in steps::deferrals(m, &cat) {
+            control::deferred::defer(tx, m, &d).await?;
+        }
+        Ok(())
+    })
+    .await
 }
 
 /// Refuse a mapping that does not fit the catalog (names, keys), before any work.

@@ -5,16 +5,69 @@
 
 use std::path::Path;
 
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, IgnoredAny};
 
 use crate::diag::{Diagnostic, Span, did_you_mean};
 
-/// Deserialise `source` (read from `path`) into `T`.
+/// Deserialise `source` (read from `path`) into `T`. The text is first parsed as YAML alone, so
+/// a syntax error is reported where the text stops being valid YAML, in the parser's words, before
+/// any key is read (a deserialiser reading keys would otherwise stop earlier with a misleading
+/// "missing key" or "invalid type" somewhere else).
 pub fn read<T: DeserializeOwned>(path: &Path, source: &str) -> Result<T, Diagnostic> {
-    let options = serde_saphyr::options! {
-        duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
+    let options = || {
+        serde_saphyr::options! {
+            duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
+        }
     };
-    serde_saphyr::from_str_with_options(source, options).map_err(|e| yaml_error(path, source, &e))
+    if let Err(e) = serde_saphyr::from_str_with_options::<IgnoredAny>(source, options()) {
+        let d = yaml_error(path, source, &e);
+        if d.code == "duplicate-key" {
+            return Err(d);
+        }
+        let line = d.span.as_ref().map_or(usize::MAX, |s| s.line as usize);
+        let hint = match unclosed_flow(source, line) {
+            Some((l, c, ch)) => format!("the `{ch}` opened at line {l}, column {c} is never closed: close it, or quote the value"),
+            None => "check indentation, brackets and quoting; quote expressions that contain `: ` or start with a quote or a bracket".into(),
+        };
+        return Err(Diagnostic {
+            code: "yaml-syntax",
+            hint: Some(hint),
+            ..d
+        });
+    }
+    serde_saphyr::from_str_with_options(source, options()).map_err(|e| yaml_error(path, source, &e))
+}
+
+/// A flow sequence or mapping (`key: [a, b` / `key: {a: b`) opened on a line before `before` and
+/// not closed on it: the usual cause of a syntax error reported lines later.
+fn unclosed_flow(source: &str, before: usize) -> Option<(usize, usize, char)> {
+    for (i, line) in source.lines().enumerate().take(before.saturating_sub(1)) {
+        let Some((_, value)) = line.split_once(": ") else {
+            continue;
+        };
+        let value = value.trim_start();
+        let Some(open) = value.chars().next().filter(|c| *c == '[' || *c == '{') else {
+            continue;
+        };
+        let close = if open == '[' { ']' } else { '}' };
+        let (mut depth, mut quote) = (0i32, None);
+        for c in value.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '\'' | '"') => quote = Some(c),
+                (None, '#') => break,
+                (None, c) if c == open => depth += 1,
+                (None, c) if c == close => depth -= 1,
+                _ => {}
+            }
+        }
+        if depth > 0 {
+            let col = line[..line.len() - value.len()].chars().count() + 1;
+            return Some((i + 1, col, open));
+        }
+    }
+    None
 }
 
 fn yaml_error(path: &Path, source: &str, e: &serde_saphyr::Error) -> Diagnostic {

@@ -4,6 +4,11 @@
 //! (<https://www.postgresql.org/docs/15/explicit-locking.html>), so waiting long is never an option:
 //! after the retries the command fails and names the transactions in the way (pid, age, query).
 //!
+//! Each attempt's `lock_timeout` is shorter than the server's `deadlock_timeout`: when the tool's
+//! lock wait and an application transaction wait for each other, the tool's wait ends first, before
+//! any deadlock check runs, so the application is never the one chosen as the deadlock victim; a
+//! deadlock the tool is chosen for (40P01) is retried like a lock timeout (55P03).
+//!
 //! Also the advisory locks that make one runner per migration.
 
 use std::time::Duration;
@@ -17,15 +22,38 @@ use crate::sql::{Literal, QName, Sql, sql};
 /// How often a lock is tried before giving up.
 pub const ATTEMPTS: u32 = 6;
 
-/// Run `work` in one transaction under `lock_timeout`, retrying when a lock is not granted in time
-/// (SQLSTATE 55P03). `tables` are the application tables it locks (named in the error when the
-/// retries run out).
+/// The `lock_timeout` an attempt uses: the one asked for, but below `deadlock_timeout` (four
+/// fifths of it), and at least 10 ms.
+pub fn attempt_timeout_ms(asked_ms: u64, deadlock_timeout_ms: u64) -> u64 {
+    asked_ms.min(deadlock_timeout_ms * 4 / 5).max(10)
+}
+
+/// The server's `deadlock_timeout`, in ms.
+pub async fn deadlock_timeout_ms(conn: &mut PgConnection) -> Result<u64, Diagnostic> {
+    let ms: i64 = sqlx::query_scalar(
+        "SELECT (extract(epoch FROM current_setting('deadlock_timeout')::interval) * 1000)::int8",
+    )
+    .fetch_one(conn)
+    .await
+    .map_err(db_error)?;
+    Ok(ms.max(1) as u64)
+}
+
+/// A lock not granted in time, or a deadlock this session was chosen to break: worth a retry.
+pub fn is_transient(d: &Diagnostic) -> bool {
+    matches!(d.sqlstate(), Some("55P03" | "40P01"))
+}
+
+/// Run `work` in one transaction under `lock_timeout` (clamped below `deadlock_timeout`),
+/// retrying when a lock is not granted in time or a deadlock chose this transaction. `tables` are
+/// the application tables it locks (named in the error when the retries run out).
 pub async fn run_locked(
     conn: &mut PgConnection,
     lock_timeout_ms: u64,
     tables: &[QName],
     mut work: impl AsyncFnMut(&mut PgConnection) -> Result<(), Diagnostic>,
 ) -> Result<(), Diagnostic> {
+    let lock_timeout_ms = attempt_timeout_ms(lock_timeout_ms, deadlock_timeout_ms(conn).await?);
     let mut delay = Duration::from_millis(100);
     for attempt in 1..=ATTEMPTS {
         let result = async {
@@ -39,15 +67,20 @@ pub async fn run_locked(
             tx.commit().await.map_err(db_error)
         }
         .await;
-        let lock_timeout = |d: &Diagnostic| d.sqlstate() == Some("55P03");
+        let lock_timeout = is_transient;
         match result {
             Ok(()) => return Ok(()),
             Err(d) if lock_timeout(&d) && attempt < ATTEMPTS => {
                 let jitter = Duration::from_millis(
                     u64::from(std::process::id() % 97) + (attempt as u64 * 37) % 89,
                 );
+                let why = if d.sqlstate() == Some("40P01") {
+                    "deadlock with an application transaction: gave way".to_string()
+                } else {
+                    format!("lock not granted within {lock_timeout_ms} ms")
+                };
                 eprintln!(
-                    "bluegreen: lock not granted within {lock_timeout_ms} ms (attempt {attempt}/{ATTEMPTS}); retrying in {} ms",
+                    "bluegreen: {why} (attempt {attempt}/{ATTEMPTS}); retrying in {} ms",
                     (delay + jitter).as_millis()
                 );
                 tokio::time::sleep(delay + jitter).await;
@@ -158,4 +191,16 @@ pub async fn runner_unlock(
         .execute(conn)
         .await
         .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn attempts_give_way_before_the_deadlock_check() {
+        use super::attempt_timeout_ms;
+        assert_eq!(attempt_timeout_ms(2_000, 1_000), 800);
+        assert_eq!(attempt_timeout_ms(500, 1_000), 500);
+        assert_eq!(attempt_timeout_ms(5_000, 200), 160);
+        assert_eq!(attempt_timeout_ms(5_000, 5), 10);
+    }
 }

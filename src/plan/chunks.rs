@@ -109,7 +109,7 @@ pub fn printed_condition(key: &str) -> String {
 /// number of chunks wanted; returns `$1 - 1` values as text, in order.
 pub fn quantile_query(key: &str, source: &str) -> Sql {
     sql!(
-        "SELECT percentile_disc(ARRAY(SELECT g::float8 / $1::int FROM generate_series(1, $1::int - 1) AS g)) WITHIN GROUP (ORDER BY ({key}))::text[] FROM {source}"
+        "SELECT percentile_disc(ARRAY(SELECT g::float8 / $1::int FROM generate_series(1, $1::int - 1) AS g ORDER BY g)) WITHIN GROUP (ORDER BY ({key}))::text[] FROM {source}"
     )
 }
 

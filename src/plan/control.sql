@@ -19,6 +19,16 @@ CREATE TABLE IF NOT EXISTS {control}.deferred (
     ref_table   text,               -- a foreign key's referenced table, quoted and qualified
     PRIMARY KEY (migration, kind, name)
 );
+-- Control schemas made before `ref_table` existed get it (checked first: ALTER TABLE would lock).
+DO $upgrade$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                   WHERE n.nspname = {control_literal} AND c.relname = 'deferred' AND a.attname = 'ref_table' AND NOT a.attisdropped) THEN
+        ALTER TABLE {control}.deferred ADD COLUMN ref_table text;
+    END IF;
+END
+$upgrade$;
 CREATE TABLE IF NOT EXISTS {control}.chunks (
     migration   text NOT NULL,
     green_table text NOT NULL,

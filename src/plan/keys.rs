@@ -57,14 +57,7 @@ pub fn plain_column_of(expr: &str, alias: &str) -> Option<String> {
 /// cast; returns the column's name.
 pub fn cast_of(expr: &str, alias: &str) -> Option<String> {
     let toks = scan::tokens(expr).ok()?;
-    let is_type = |t: &[scan::Token]| {
-        !t.is_empty()
-            && matches!(t[0].kind, Kind::Word | Kind::QuotedIdent)
-            && t.iter().all(|x| {
-                matches!(x.kind, Kind::Word | Kind::QuotedIdent | Kind::Number)
-                    || ["(", ")", ",", "[", "]", "."].iter().any(|p| x.is_punct(p))
-            })
-    };
+    let is_type = is_type_name;
     let column = |t: &[scan::Token]| match t {
         [a, dot, c] if dot.is_punct(".") && a.ident()? == alias => c.ident(),
         _ => None,
@@ -82,6 +75,67 @@ pub fn cast_of(expr: &str, alias: &str) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// Words of PostgreSQL's multi-word type names (`double precision`, `character varying`,
+/// `timestamp with time zone`, ...): only these may follow another word in a type.
+const TYPE_WORDS: &[&str] = &[
+    "double",
+    "precision",
+    "character",
+    "char",
+    "varying",
+    "national",
+    "bit",
+    "time",
+    "timestamp",
+    "with",
+    "without",
+    "zone",
+];
+
+/// A type name and nothing else: `name`, `schema.name`, a multi-word built-in type, then at most
+/// one `(n)` or `(n, m)` modifier, then `[]` pairs.
+fn is_type_name(t: &[scan::Token]) -> bool {
+    let word = |x: &scan::Token| matches!(x.kind, Kind::Word | Kind::QuotedIdent);
+    if !t.first().is_some_and(word) {
+        return false;
+    }
+    let mut k = 1;
+    if t.get(k).is_some_and(|x| x.is_punct(".")) {
+        if !t.get(k + 1).is_some_and(word) {
+            return false;
+        }
+        k += 2;
+    } else {
+        let multi = |x: &scan::Token| {
+            x.kind == Kind::Word && TYPE_WORDS.contains(&x.text.to_ascii_lowercase().as_str())
+        };
+        if multi(&t[0]) {
+            while t.get(k).is_some_and(multi) {
+                k += 1;
+            }
+        }
+    }
+    if t.get(k).is_some_and(|x| x.is_punct("(")) {
+        match &t[k..] {
+            [_, n, close, ..] if n.kind == Kind::Number && close.is_punct(")") => k += 3,
+            [_, n, comma, m, close, ..]
+                if n.kind == Kind::Number
+                    && comma.is_punct(",")
+                    && m.kind == Kind::Number
+                    && close.is_punct(")") =>
+            {
+                k += 5
+            }
+            _ => return false,
+        }
+    }
+    while t.get(k).is_some_and(|x| x.is_punct("[")) && t.get(k + 1).is_some_and(|x| x.is_punct("]"))
+    {
+        k += 2;
+    }
+    k == t.len()
 }
 
 /// What copy ranges over.
@@ -154,5 +208,14 @@ mod tests {
         assert_eq!(cast_of("l.id::bigint + 1", "l"), None);
         assert_eq!(cast_of("(l.id)::bigint", "l"), None);
         assert_eq!(cast_of("l.id", "l"), None);
+        assert_eq!(cast_of("l.id::INT", "l").as_deref(), Some("id"));
+        assert_eq!(cast_of("l.v::public.citext", "l").as_deref(), Some("v"));
+        assert_eq!(cast_of("CAST(l.x AS int) IN (1)", "l"), None);
+        assert_eq!(cast_of("l.flag::int IS NOT NULL", "l"), None);
+        assert_eq!(cast_of("l.x::text COLLATE \"C\"", "l"), None);
+        assert_eq!(
+            cast_of("l.x::character varying(20)", "l").as_deref(),
+            Some("x")
+        );
     }
 }

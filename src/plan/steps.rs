@@ -38,7 +38,9 @@ fn step(
 /// The control schema's DDL (tables for run state, chunk ledger, change log, sync failures,
 /// audit events; the helper raising on unmapped values). Idempotent.
 pub fn control_ddl(control: &str) -> String {
-    include_str!("control.sql").replace("{control}", &Ident::new(control).to_string())
+    include_str!("control.sql")
+        .replace("{control_literal}", &Literal::new(control).to_string())
+        .replace("{control}", &Ident::new(control).to_string())
 }
 
 /// The capture triggers on blue table `x` (the `n`th table the mapping reads): one statement-level

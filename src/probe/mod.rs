@@ -54,6 +54,25 @@ struct Probe<'a> {
     lock_timeout_ms: u64,
 }
 
+/// The plan of `m` against the database: every check (in one rolled-back transaction), then
+/// `plan::build`. What `plan` prints, and what writing commands check before their first write.
+pub async fn plan(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    opts: &crate::plan::Options,
+) -> Result<crate::plan::Plan, Diagnostic> {
+    let settings = crate::plan::effective_settings(m, opts);
+    let out = run(conn, m, settings.lock_timeout_ms, opts.profile).await?;
+    Ok(crate::plan::build(
+        m,
+        &out.catalog,
+        &out.facts,
+        opts,
+        out.green_ddl_ran,
+        out.diagnostics,
+    ))
+}
+
 /// Run every check in one transaction and roll it back.
 pub async fn run(
     conn: &mut PgConnection,
@@ -61,7 +80,12 @@ pub async fn run(
     lock_timeout_ms: u64,
     profile: ProfileMode,
 ) -> Result<Outcome, Diagnostic> {
-    let mut tx = conn.begin().await.map_err(db_diag)?;
+    // One snapshot for every check: profiles of two entries (a child's foreign key against its
+    // parent's rows) must not see two states of a blue table the application is writing.
+    let mut tx = conn
+        .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .map_err(db_diag)?;
     let result = Probe {
         conn: &mut tx,
         m,

@@ -48,7 +48,8 @@ impl Token<'_> {
     /// folds it), a quoted one with its quotes removed and `""` undoubled.
     pub fn ident(&self) -> Option<String> {
         match self.kind {
-            Kind::Word => Some(self.text.to_lowercase()),
+            // PostgreSQL folds ASCII letters only.
+            Kind::Word => Some(self.text.to_ascii_lowercase()),
             Kind::QuotedIdent => Some(self.text[1..self.text.len() - 1].replace("\"\"", "\"")),
             _ => None,
         }
@@ -102,15 +103,16 @@ pub fn tokens(src: &str) -> Result<Vec<Token<'_>>, ScanError> {
         }
         if src[i..].starts_with("/*") {
             // Block comments nest in PostgreSQL.
+            // Bytes, not characters: `/` and `*` never occur inside a multi-byte character.
             let mut depth = 0usize;
             loop {
                 if i >= b.len() {
                     return Err(unterminated("comment"));
                 }
-                if src[i..].starts_with("/*") {
+                if b[i..].starts_with(b"/*") {
                     depth += 1;
                     i += 2;
-                } else if src[i..].starts_with("*/") {
+                } else if b[i..].starts_with(b"*/") {
                     depth -= 1;
                     i += 2;
                     if depth == 0 {
@@ -351,6 +353,11 @@ pub fn transaction_control(sql: &str) -> Result<Option<(usize, String)>, ScanErr
             atomic += 1;
             continue;
         }
+        if t.is_word("atomic") && k > 0 && toks[k - 1].is_word("begin") {
+            // The body's first statement (or its `END`) starts here.
+            stmt_start = true;
+            continue;
+        }
         if was_start && t.is_word("end") && atomic > 0 {
             atomic -= 1;
             continue;
@@ -408,6 +415,8 @@ mod tests {
             ]
         );
         assert_eq!(kinds("é — x"), [(Word, "é"), (Punct, "—"), (Word, "x")]);
+        assert_eq!(kinds("/* café */ x -- thé\ny"), [(Word, "x"), (Word, "y")]);
+        assert_eq!(tokens("/* ü").unwrap_err().what, "comment");
         assert_eq!(
             tokens("'open").unwrap_err(),
             ScanError {
@@ -483,5 +492,9 @@ mod tests {
             Some((2, "END".into()))
         );
         assert_eq!(t("SELECT E'\\';COMMIT'"), None);
+        assert_eq!(
+            t("CREATE FUNCTION f() RETURNS void LANGUAGE sql BEGIN ATOMIC END;\nEND;"),
+            Some((2, "END".into()))
+        );
     }
 }

@@ -353,3 +353,146 @@ async fn ddl_on_blue_is_detected_and_refused() {
         "{err}"
     );
 }
+
+/// An application transaction that writes `leads` and then `workshops` while copy takes its locks
+/// in the mapping's order (`workshops` before `leads`): copy's lock waits end before the server's
+/// deadlock check (its lock_timeout is clamped below deadlock_timeout, even when asked for 5 s), so
+/// it gives way, retries and succeeds, and every application transaction commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepare_and_live_switch_give_way_to_writers_locking_in_the_opposite_order() {
+    let url = carbot_db("copy_opposite_order").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let app = {
+        let (url, stop) = (url.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut c = connect(&url).await;
+            let (mut committed, mut failed) = (0u32, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let tx = "BEGIN;
+                    UPDATE public.leads SET lead_score = lead_score WHERE id = (SELECT id FROM public.leads ORDER BY id LIMIT 1);
+                    SELECT pg_sleep(0.4);
+                    UPDATE public.workshops SET city = city WHERE id = (SELECT id FROM public.workshops ORDER BY id LIMIT 1);
+                    COMMIT;";
+                match sqlx::raw_sql(tx).execute(&mut c).await {
+                    Ok(_) => committed += 1,
+                    Err(e) => {
+                        failed.push(e.to_string());
+                        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut c).await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            (committed, failed)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = run(&url, &["copy", "-m", MAPPING, "--lock-timeout", "5s"]).await;
+    stop.store(true, Ordering::Relaxed);
+    let (committed, failed) = app.await.unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        failed.is_empty(),
+        "application transactions failed: {failed:?}\ncopy:\n{}",
+        stderr(&out)
+    );
+    assert!(committed >= 2, "the application committed {committed}");
+    assert_invariant(&url, MAPPING).await;
+}
+
+/// The review's F12 interleaving against the locking every table-locking step uses: the tool locks
+/// `workshops` then waits for `leads`, which an application transaction holds; more than
+/// `deadlock_timeout` later the application asks for `workshops`. Were the tool still waiting
+/// (its `--lock-timeout 5s`), the application's own deadlock check would abort it; the tool's
+/// attempts end below `deadlock_timeout`, so the application's statement goes through, commits,
+/// and the tool's next attempt succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locking_gives_way_before_the_application_could_be_the_deadlock_victim() {
+    use bluegreen::pg::locking::run_locked;
+    use bluegreen::sql::QName;
+    let url = carbot_db("copy_deadlock_victim").await;
+    let mut app = connect(&url).await;
+    exec(
+        &mut app,
+        "BEGIN; UPDATE public.leads SET lead_score = lead_score WHERE id = (SELECT id FROM public.leads ORDER BY id LIMIT 1)",
+    )
+    .await;
+    let tool = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let mut c = bluegreen::pg::connect(&url).await.unwrap();
+            let tables = [
+                QName::new("public", "workshops"),
+                QName::new("public", "leads"),
+            ];
+            run_locked(&mut c, 5_000, &tables, async |tx| {
+                sqlx::raw_sql(
+                    "LOCK TABLE public.workshops, public.leads IN SHARE ROW EXCLUSIVE MODE",
+                )
+                .execute(tx)
+                .await
+                .map(|_| ())
+                .map_err(bluegreen::pg::db_error)
+            })
+            .await
+        })
+    };
+    // Wait until the tool waits for the application's lock on leads.
+    let mut probe = connect(&url).await;
+    loop {
+        let waiting: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = 'bluegreen' AND wait_event_type = 'Lock')",
+        )
+        .fetch_one(&mut probe)
+        .await
+        .unwrap();
+        if waiting {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Past the tool's own deadlock check (deadlock_timeout is 1 s), the application asks for
+    // the table the tool locked first.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    exec(
+        &mut app,
+        "UPDATE public.workshops SET city = city WHERE id = (SELECT id FROM public.workshops ORDER BY id LIMIT 1); COMMIT",
+    )
+    .await;
+    tool.await
+        .unwrap()
+        .expect("the tool's lock succeeds after giving way");
+}
+
+/// A control schema made before `deferred.ref_table` existed is upgraded by the next prepare, and
+/// copy then restores and validates the green foreign keys through it.
+#[tokio::test]
+async fn an_older_control_schema_is_upgraded_in_place() {
+    let url = carbot_db("copy_old_control").await;
+    let mut c = connect(&url).await;
+    exec(
+        &mut c,
+        "CREATE SCHEMA bluegreen; CREATE TABLE bluegreen.deferred (
+            migration text NOT NULL, kind text NOT NULL, name text NOT NULL, green_table text NOT NULL,
+            definition text NOT NULL, done boolean NOT NULL DEFAULT false, PRIMARY KEY (migration, kind, name))",
+    )
+    .await;
+    let out = run(&url, &["copy", "-m", MAPPING]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let unvalidated: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND NOT convalidated AND connamespace = 'carbot_v2'::regnamespace",
+    )
+    .fetch_one(&mut c)
+    .await
+    .unwrap();
+    let fks: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND connamespace = 'carbot_v2'::regnamespace",
+    )
+    .fetch_one(&mut c)
+    .await
+    .unwrap();
+    assert!(
+        fks > 0 && unvalidated == 0,
+        "{fks} foreign keys, {unvalidated} not validated"
+    );
+    assert_invariant(&url, MAPPING).await;
+}

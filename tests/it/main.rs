@@ -2,6 +2,7 @@
 
 mod copy;
 mod plan;
+mod refuse;
 mod shapes;
 mod support;
 mod validate;

@@ -140,10 +140,8 @@ async fn plan_carbot_in_all_formats_writes_nothing() {
 
 /// Each fixture in mappings/invalid states on line 1 what `plan` must say:
 /// `# expect: code=<code> line=<n> [table=<t>] [column=<c>] [hint=<text>] [message=<text>]`.
-#[tokio::test]
-async fn invalid_mappings_fail_with_located_errors() {
-    let url = carbot_db("plan_invalid").await;
-    let before = fingerprint(&url).await;
+/// The fixtures of `mappings/invalid/`, each with the expectation on its first line.
+pub fn invalid_fixtures() -> Vec<std::path::PathBuf> {
     let dir = support::root().join("mappings/invalid");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
@@ -152,54 +150,77 @@ async fn invalid_mappings_fail_with_located_errors() {
         .collect();
     files.sort();
     assert!(files.len() >= 15, "fixtures missing");
-    let mut failures = Vec::new();
-    for f in &files {
-        let first = std::fs::read_to_string(f)
-            .unwrap()
-            .lines()
-            .next()
-            .unwrap()
-            .to_string();
-        let spec = first
-            .strip_prefix("# expect:")
-            .unwrap_or_else(|| panic!("{}: line 1 must be `# expect: ...`", f.display()));
-        let get = |k: &str| {
-            spec.split_whitespace()
-                .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
-                .map(str::to_string)
-        };
-        let rel = support::rel(f);
-        let out = bluegreen(&url).args(["plan", "-m", &rel]).output().unwrap();
-        let err = stderr(&out);
-        let code = get("code").unwrap();
-        let line = get("line").unwrap();
-        let head = format!("error[{code}]: {rel}:{line}:");
-        let diag_line = err.lines().find(|l| l.starts_with(&head));
-        let mut ok = out.status.code() == Some(2) && !err.contains("panicked");
-        match diag_line {
-            None => ok = false,
-            Some(l) => {
-                if let Some(t) = get("table") {
-                    ok &= l.contains(&format!("table {t}"));
-                }
-                if let Some(c) = get("column") {
-                    ok &= l.contains(&format!("column {c}"));
-                }
-                if let Some(m) = get("message") {
-                    ok &= l.contains(&m);
-                }
+    files
+}
+
+/// Run `bluegreen <command> -m <fixture>` and check it fails as the fixture's first line says
+/// (`# expect: code=... line=... table=... column=... message=... hint=...`): exit 2, a diagnostic
+/// `error[code]: file:line:` naming the table and column, the message and hint words.
+pub async fn fails_as_expected(
+    url: &str,
+    command: &str,
+    f: &std::path::Path,
+) -> Result<(), String> {
+    let first = std::fs::read_to_string(f)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    let spec = first
+        .strip_prefix("# expect:")
+        .unwrap_or_else(|| panic!("{}: line 1 must be `# expect: ...`", f.display()))
+        .to_string();
+    let get = |k: &str| {
+        spec.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+            .map(str::to_string)
+    };
+    let rel = support::rel(f);
+    let out = support::run(url, &[command, "-m", &rel]).await;
+    let err = stderr(&out);
+    let code = get("code").unwrap();
+    let line = get("line").unwrap();
+    let head = format!("error[{code}]: {rel}:{line}:");
+    let diag_line = err.lines().find(|l| l.starts_with(&head));
+    let mut ok = out.status.code() == Some(2) && !err.contains("panicked");
+    match diag_line {
+        None => ok = false,
+        Some(l) => {
+            if let Some(t) = get("table") {
+                ok &= l.contains(&format!("table {t}"));
+            }
+            if let Some(c) = get("column") {
+                ok &= l.contains(&format!("column {c}"));
+            }
+            if let Some(m) = get("message") {
+                ok &= l.contains(&m);
             }
         }
-        if let Some(h) = get("hint") {
-            ok &= err
-                .lines()
-                .any(|l| l.trim_start().starts_with("hint:") && l.contains(&h));
-        }
-        if !ok {
-            failures.push(format!(
-                "{rel} (exit {:?}) expected `{spec}`, got:\n{err}",
-                out.status.code()
-            ));
+    }
+    if let Some(h) = get("hint") {
+        ok &= err
+            .lines()
+            .any(|l| l.trim_start().starts_with("hint:") && l.contains(&h));
+    }
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{command} {rel} (exit {:?}) expected `{spec}`, got:\n{err}",
+            out.status.code()
+        ))
+    }
+}
+
+#[tokio::test]
+async fn invalid_mappings_fail_with_located_errors() {
+    let url = carbot_db("plan_invalid").await;
+    let before = fingerprint(&url).await;
+    let mut failures = Vec::new();
+    for f in &invalid_fixtures() {
+        if let Err(e) = fails_as_expected(&url, "plan", f).await {
+            failures.push(e);
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
