@@ -46,9 +46,17 @@ pub enum Command {
     /// triggers to live mode, after which every write to blue re-derives green in its own
     /// transaction.
     Copy(CopyArgs),
-    /// Catch up the change log now and retry keys whose sync failed.
-    Sync(StatusArgs),
-    /// Phase, per-table progress, change-log backlog, sync failures, recent events.
+    /// Apply the change log: once (exit 0 when nothing is left pending or failed, 1 otherwise), or
+    /// continuously with --follow.
+    ///
+    /// Entries that are not row-local (joins, lookups, group_by, keys not unique in blue) are
+    /// kept in step by this follower: run `sync --follow` beside the application from copy until
+    /// finalize. Several followers may run at once, on several machines. Ctrl-C or SIGTERM stops a
+    /// follower after the batch in flight. Also retries keys whose sync failed, in small batches,
+    /// and changes set aside because their keys could not be found.
+    Sync(SyncArgs),
+    /// Phase, per-table progress, change-log backlog and lag, followers alive, sync failures,
+    /// drift, recent events.
     Status(StatusArgs),
     /// Prove green = M(blue) in one snapshot, locate every difference, run the checks file, and
     /// write a sign-off report.
@@ -177,6 +185,21 @@ pub struct CopyArgs {
     /// Lock timeout for every DDL and lock (overrides settings.lock_timeout).
     #[arg(long, value_parser = parse_duration_ms)]
     pub lock_timeout: Option<u64>,
+    /// After the copy, stay and follow the change log (as `sync --follow`) until stopped.
+    #[arg(long)]
+    pub follow: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SyncArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Keep applying the change log until stopped (Ctrl-C, SIGTERM): the follower.
+    #[arg(long)]
+    pub follow: bool,
+    /// Output format (text or json).
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
 }
 
 #[derive(Args, Debug)]
@@ -207,6 +230,14 @@ pub struct ValidateArgs {
     /// Show the differing values (masked by default: reports travel).
     #[arg(long)]
     pub show_values: bool,
+    /// Do not fail on keys that stayed pending through every re-check (written continuously, so
+    /// neither verified nor found different: "unverified (hot)").
+    #[arg(long)]
+    pub allow_hot: bool,
+    /// Move a worker to a fresh snapshot between chunks once its snapshot is this old (an old
+    /// snapshot keeps the change log's dead rows from being vacuumed), e.g. 60s or 5min.
+    #[arg(long, value_parser = parse_duration_ms, default_value = "60s")]
+    pub max_snapshot_age: u64,
     /// Output on stdout: the summary (text) or the whole report (json).
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,

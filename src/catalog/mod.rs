@@ -185,6 +185,37 @@ impl Table {
             .collect()
     }
 
+    /// Keys `INSERT ... ON CONFLICT` can arbitrate on so that every row meets its one match: valid,
+    /// immediate, not partial, on plain columns, and either NOT NULL or `NULLS NOT DISTINCT` (a
+    /// nullable plain UNIQUE never conflicts on NULL, so every upsert of a NULL key would insert a
+    /// duplicate). The primary key first.
+    pub fn arbiter_keys(&self) -> Vec<Vec<String>> {
+        let mut out: Vec<Vec<String>> = Vec::new();
+        for ix in &self.indexes {
+            if !(ix.unique
+                && ix.valid
+                && ix.immediate
+                && !ix.partial
+                && ix.columns.iter().all(Option::is_some))
+            {
+                continue;
+            }
+            let cols: Vec<String> = ix.columns.iter().flatten().cloned().collect();
+            let nulls_ok = ix.nulls_not_distinct
+                || cols
+                    .iter()
+                    .all(|c| self.column(c).is_some_and(|col| col.not_null));
+            if nulls_ok && !out.contains(&cols) {
+                if ix.primary {
+                    out.insert(0, cols);
+                } else {
+                    out.push(cols);
+                }
+            }
+        }
+        out
+    }
+
     /// True when some index's leading columns are exactly `cols` (in any order).
     pub fn has_index_on(&self, cols: &[String]) -> bool {
         self.indexes.iter().any(|ix| {
@@ -195,6 +226,27 @@ impl Table {
                     .all(|c| c.as_ref().is_some_and(|c| cols.contains(c)))
         })
     }
+}
+
+/// `t` and every partition and inheritance child below it (writes straight to a child fire only
+/// the child's statement triggers), parents first.
+pub async fn with_descendants(
+    conn: &mut sqlx::PgConnection,
+    t: &QName,
+) -> Result<Vec<QName>, sqlx::Error> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "WITH RECURSIVE d(oid, depth) AS (
+             SELECT to_regclass($1)::oid, 0
+             UNION ALL
+             SELECT i.inhrelid, d.depth + 1 FROM pg_catalog.pg_inherits i JOIN d ON i.inhparent = d.oid
+         )
+         SELECT n.nspname::text, c.relname::text FROM d JOIN pg_catalog.pg_class c ON c.oid = d.oid
+         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace ORDER BY d.depth, 1, 2",
+    )
+    .bind(t.to_string())
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|(s, n)| QName::new(s, n)).collect())
 }
 
 impl Catalog {

@@ -38,5 +38,11 @@ pub async fn run(a: &CopyArgs) -> anyhow::Result<Outcome> {
         .await
         .map_err(reject)?;
     crate::output::print_stdout(&crate::control::status::render(&st))?;
+    if a.follow {
+        drop(conn);
+        crate::sync::follow::follow(&url, &m, super::stop_on_signal())
+            .await
+            .map_err(reject)?;
+    }
     Ok(Outcome::Success)
 }

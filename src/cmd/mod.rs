@@ -76,6 +76,30 @@ async fn check_before_writing(
     Ok(())
 }
 
+/// A flag set by Ctrl-C or SIGTERM: a long-running command (the follower) checks it between
+/// batches, so the batch in flight finishes.
+fn stop_on_signal() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        eprintln!("bluegreen: stopping after the batch in flight");
+        s.store(true, Ordering::Relaxed);
+    });
+    let s = stop.clone();
+    tokio::spawn(async move {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            term.recv().await;
+            eprintln!("bluegreen: stopping after the batch in flight");
+            s.store(true, Ordering::Relaxed);
+        }
+    });
+    stop
+}
+
 /// The settings of a command that does not profile: flags over the mapping over the defaults.
 fn settings(
     m: &Mapping,

@@ -12,6 +12,8 @@ pub async fn run(a: &ValidateArgs) -> anyhow::Result<Outcome> {
         chunk_rows: s.chunk_rows,
         max_diffs: a.max_diffs,
         show_values: a.show_values,
+        allow_hot: a.allow_hot,
+        max_snapshot_age: std::time::Duration::from_millis(a.max_snapshot_age),
     };
     let r = crate::validate::run(&a.common.database_url, &m, &o)
         .await

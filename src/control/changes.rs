@@ -17,6 +17,30 @@ pub async fn backlog(conn: &mut PgConnection, m: &Mapping) -> Result<i64, Diagno
         .map_err(db_error)
 }
 
+/// The highest id in this migration's change log (0 when empty).
+pub async fn last_id(conn: &mut PgConnection, m: &Mapping) -> Result<i64, Diagnostic> {
+    scalar(
+        m,
+        "SELECT coalesce(max(id), 0)::int8 FROM {changes} WHERE migration = $1",
+    )
+    .fetch_one(conn)
+    .await
+    .map_err(db_error)
+}
+
+/// Seconds since the oldest row still in the log was logged (None when the log is empty). The
+/// clock starts when a writer logs the row, before it commits: a long transaction's rows look late
+/// the moment it commits.
+pub async fn lag_seconds(conn: &mut PgConnection, m: &Mapping) -> Result<Option<f64>, Diagnostic> {
+    scalar(
+        m,
+        "SELECT extract(epoch FROM pg_catalog.clock_timestamp() - min(logged_at))::float8 FROM {changes} WHERE migration = $1",
+    )
+    .fetch_one(conn)
+    .await
+    .map_err(db_error)
+}
+
 /// The ids of the oldest `limit` change-log rows.
 pub async fn oldest_ids(
     conn: &mut PgConnection,

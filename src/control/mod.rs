@@ -34,12 +34,15 @@ use crate::sql::{QName, Sql, sql};
 pub use phase::Phase;
 
 /// The tables of the control schema (`plan/control.sql`).
-const TABLES: [&str; 7] = [
+const TABLES: [&str; 10] = [
     "runs",
     "deferred",
     "chunks",
     "changes",
     "sync_failures",
+    "failed_changes",
+    "rederive",
+    "followers",
     "validations",
     "events",
 ];
@@ -56,6 +59,7 @@ pub fn statement(m: &Mapping, text: &'static str) -> Sql {
     for t in TABLES {
         s = s.replace(&format!("{{{t}}}"), &table(m, t).to_string());
     }
+    debug_assert!(!s.contains('{'), "unknown control table in: {text}");
     sql!("{s}")
 }
 

@@ -122,15 +122,34 @@ async fn field(
     Ok(v.flatten())
 }
 
-/// A digest of the columns and types of every blue table the mapping reads.
+/// What sync depends on in blue, one line each: the columns and types of every blue table the
+/// mapping reads, their partitions and inheritance children (attaching or detaching one is drift),
+/// and this migration's capture triggers on each with their state and function (a trigger
+/// disabled, dropped or pointed elsewhere is drift: sync would be bypassed).
 pub async fn blue_fingerprint(conn: &mut PgConnection, m: &Mapping) -> Result<String, Diagnostic> {
     let names: Vec<String> = m.blue_tables_read().iter().map(|q| q.to_string()).collect();
+    let triggers: Vec<String> = crate::names::EVENTS
+        .iter()
+        .map(|(ev, _)| crate::names::sync_trigger(&m.migration, ev))
+        .collect();
     let text: Option<String> = sqlx::query_scalar(
-        "SELECT string_agg(format('%s.%s %s %s', a.attrelid::regclass, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull), E'\\n' ORDER BY a.attrelid::regclass::text, a.attnum)
-         FROM pg_attribute a
-         WHERE a.attrelid = ANY (SELECT to_regclass(n)::oid FROM unnest($1::text[]) n) AND a.attnum > 0 AND NOT a.attisdropped",
+        "WITH RECURSIVE t(oid) AS (
+             SELECT to_regclass(n)::oid FROM pg_catalog.unnest($1::text[]) n
+             UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN t ON i.inhparent = t.oid
+         ), lines(l) AS (
+             SELECT pg_catalog.format('%s.%s %s %s', a.attrelid::regclass, a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull)
+             FROM pg_catalog.pg_attribute a WHERE a.attrelid IN (SELECT oid FROM t) AND a.attnum > 0 AND NOT a.attisdropped
+             UNION ALL
+             SELECT pg_catalog.format('child %s of %s', i.inhrelid::regclass, i.inhparent::regclass)
+             FROM pg_catalog.pg_inherits i WHERE i.inhparent IN (SELECT oid FROM t)
+             UNION ALL
+             SELECT pg_catalog.format('trigger %s on %s enabled %s calls %s', g.tgname, g.tgrelid::regclass, g.tgenabled, g.tgfoid::regprocedure)
+             FROM pg_catalog.pg_trigger g WHERE g.tgrelid IN (SELECT oid FROM t) AND g.tgname = ANY ($2)
+         )
+         SELECT pg_catalog.string_agg(l, E'\\n' ORDER BY l) FROM lines",
     )
     .bind(&names)
+    .bind(&triggers)
     .fetch_one(&mut *conn)
     .await
     .map_err(db_error)?;
@@ -161,9 +180,9 @@ pub async fn check_drift(conn: &mut PgConnection, m: &Mapping) -> Result<(), Dia
     );
     Err(Diagnostic::error(
         "ddl-drift",
-        format!("blue tables changed since prepare (columns or types):\n  {}", changes.join("\n  ")),
+        format!("blue changed since prepare (columns, types, partitions or capture triggers):\n  {}", changes.join("\n  ")),
     )
-    .hint("DDL on blue during a migration is not followed: revert the change, or finalize this migration and plan a new one"))
+    .hint("DDL on blue during a migration is not followed, and a disabled or dropped capture trigger bypasses sync: revert the change (ALTER TABLE ... ENABLE ALWAYS TRIGGER), or finalize this migration and plan a new one"))
 }
 
 /// Refuse a mapping whose text changed since `prepare`.

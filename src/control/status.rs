@@ -1,10 +1,11 @@
-//! `bluegreen status`: phase, per-table progress, change-log backlog, sync failures, recent
-//! events, read from the control schema (and green's row estimates).
+//! `bluegreen status`: phase, per-table progress, change-log backlog and lag, followers alive,
+//! sync failures, drift, recent events, read from the control schema (and green's row estimates).
+//! Warnings say what needs doing (changes waiting and no follower running; blue changed).
 
 use serde::Serialize;
 use sqlx::{PgConnection, Row};
 
-use super::{Phase, changes, chunks, query, runs};
+use super::{Phase, changes, chunks, query, runs, scalar};
 use crate::diag::Diagnostic;
 use crate::mapping::Mapping;
 use crate::pg::db_error;
@@ -13,15 +14,38 @@ use crate::sql::QName;
 /// Failures listed at most (the total is always given).
 const FAILURES_SHOWN: i64 = 100;
 
+/// A follower counts as alive while its heartbeat is this recent.
+pub const ALIVE_SECONDS: f64 = 5.0;
+
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub migration: String,
     pub phase: Phase,
     pub tables: Vec<TableStatus>,
+    /// Change-log rows waiting for an applier.
     pub backlog: i64,
+    /// Seconds since the oldest of them was logged.
+    pub lag_seconds: Option<f64>,
+    /// Entries waiting for a full re-derive (after a TRUNCATE).
+    pub rederive: Vec<String>,
+    pub followers: Vec<Follower>,
     pub failures_total: i64,
     pub failures: Vec<changes::Failure>,
+    /// Change-log rows set aside because their keys could not be found.
+    pub failed_changes: i64,
+    pub warnings: Vec<String>,
     pub events: Vec<Event>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Follower {
+    pub host: String,
+    pub pid: i32,
+    pub started_at: String,
+    pub heartbeat_at: String,
+    pub heartbeat_age_seconds: f64,
+    pub alive: bool,
+    pub applied: i64,
 }
 
 #[derive(Debug, Serialize)]
@@ -48,8 +72,13 @@ pub async fn status(conn: &mut PgConnection, m: &Mapping) -> Result<Status, Diag
         phase,
         tables: Vec::new(),
         backlog: 0,
+        lag_seconds: None,
+        rederive: Vec::new(),
+        followers: Vec::new(),
         failures_total: 0,
         failures: Vec::new(),
+        failed_changes: 0,
+        warnings: Vec::new(),
         events: Vec::new(),
     };
     if phase == Phase::New {
@@ -72,7 +101,55 @@ pub async fn status(conn: &mut PgConnection, m: &Mapping) -> Result<Status, Diag
         });
     }
     st.backlog = changes::backlog(conn, m).await?;
+    st.lag_seconds = changes::lag_seconds(conn, m).await?;
     (st.failures_total, st.failures) = changes::failures(conn, m, FAILURES_SHOWN).await?;
+    st.failed_changes = scalar(
+        m,
+        "SELECT count(*) FROM {failed_changes} WHERE migration = $1",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    st.rederive = scalar(
+        m,
+        "SELECT green_table FROM {rederive} WHERE migration = $1 ORDER BY 1",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    for r in query(m, "SELECT host, pid, started_at::text AS s, heartbeat_at::text AS h, extract(epoch FROM pg_catalog.now() - heartbeat_at)::float8 AS age, applied FROM {followers} WHERE migration = $1 ORDER BY host, pid")
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db_error)?
+    {
+        let age: f64 = r.get("age");
+        st.followers.push(Follower {
+            host: r.get("host"),
+            pid: r.get("pid"),
+            started_at: r.get("s"),
+            heartbeat_at: r.get("h"),
+            heartbeat_age_seconds: age,
+            alive: age <= ALIVE_SECONDS,
+            applied: r.get("applied"),
+        });
+    }
+    let alive = st.followers.iter().any(|f| f.alive);
+    if (st.backlog > 0 || !st.rederive.is_empty()) && !alive && phase >= Phase::Live {
+        st.warnings.push(format!(
+            "{} change(s) wait in the change log and no follower runs: start `bluegreen sync --follow -m {}` (or run `bluegreen sync`)",
+            st.backlog,
+            m.path.display()
+        ));
+    }
+    if st.failed_changes > 0 {
+        st.warnings.push(format!(
+            "{} change(s) could not be followed (their keys do not fit green): fix the cause, then `bluegreen sync` retries them",
+            st.failed_changes
+        ));
+    }
+    if let Err(d) = runs::check_drift(conn, m).await {
+        st.warnings.push(d.message);
+    }
     for r in query(m, "SELECT at::text AS at, who, command, outcome FROM {events} WHERE migration = $1 ORDER BY id DESC LIMIT 10")
     .fetch_all(&mut *conn)
     .await
@@ -91,7 +168,33 @@ pub fn render(st: &Status) -> String {
             t.table, t.chunks_done, t.chunks, t.rows_copied, t.green_rows_estimate
         ));
     }
-    o.push_str(&format!("change-log backlog: {}\n", st.backlog));
+    o.push_str(&format!(
+        "change-log backlog: {}{}\n",
+        st.backlog,
+        st.lag_seconds
+            .map(|l| format!(" (oldest logged {l:.1} s ago)"))
+            .unwrap_or_default()
+    ));
+    if !st.rederive.is_empty() {
+        o.push_str(&format!(
+            "waiting for a full re-derive (TRUNCATE): {}\n",
+            st.rederive.join(", ")
+        ));
+    }
+    if st.followers.is_empty() {
+        o.push_str("followers: none\n");
+    }
+    for f in &st.followers {
+        o.push_str(&format!(
+            "follower {}:{} {} (heartbeat {:.1} s ago, {} change(s) applied, since {})\n",
+            f.host,
+            f.pid,
+            if f.alive { "alive" } else { "gone" },
+            f.heartbeat_age_seconds,
+            f.applied,
+            f.started_at
+        ));
+    }
     if st.failures_total == 0 {
         o.push_str("sync failures: none\n");
     } else {
@@ -105,6 +208,9 @@ pub fn render(st: &Status) -> String {
                 f.table, f.sync_key, f.error, f.failed_at
             ));
         }
+    }
+    for w in &st.warnings {
+        o.push_str(&format!("warning: {w}\n"));
     }
     if !st.events.is_empty() {
         o.push_str("recent events:\n");

@@ -45,26 +45,41 @@ async fn prepare_locked(
     let cat = control::load_catalog(conn, m).await?;
     static_gate(m, &cat)?;
 
-    // Capture: a trigger per event on every blue table read, under lock_timeout with retry.
+    // Capture: a trigger per event on every blue table read and on each of its partitions and
+    // inheritance children, under lock_timeout with retry.
     for (n, x) in m.blue_tables_read().iter().enumerate() {
-        exec(conn, &crate::plan::sync::capture_trigger_function(m, n)).await?;
-        let have: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgname LIKE 'bluegreen\\_sync\\_%'")
-            .bind(x.to_string())
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(db_error)?;
-        if have == 4 {
-            continue;
-        }
-        let stmts = steps::capture_triggers(m, x, n);
-        locking::run_locked(conn, lock_timeout_ms, std::slice::from_ref(x), async |tx| {
-            for s in &stmts {
-                exec(tx, s).await?;
+        exec(conn, &crate::plan::sync::capture_trigger_function(m, x, n)).await?;
+        let f = crate::names::sync_function(&m.control_schema, &m.migration, n);
+        let names: Vec<String> = crate::names::EVENTS
+            .iter()
+            .map(|(ev, _)| crate::names::sync_trigger(&m.migration, ev))
+            .collect();
+        for target in catalog::with_descendants(conn, x).await.map_err(db_error)? {
+            let have: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_catalog.pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = ANY ($2) AND tgenabled = 'A' AND tgfoid = to_regprocedure($3)")
+                .bind(target.to_string())
+                .bind(&names)
+                .bind(format!("{f}()"))
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(db_error)?;
+            if have == names.len() as i64 {
+                continue;
             }
-            Ok(())
-        })
-        .await?;
-        eprintln!("bluegreen: capturing changes on {}", x.display());
+            let stmts = steps::capture_triggers(m, &target, n);
+            locking::run_locked(
+                conn,
+                lock_timeout_ms,
+                std::slice::from_ref(&target),
+                async |tx| {
+                    for s in &stmts {
+                        exec(tx, s).await?;
+                    }
+                    Ok(())
+                },
+            )
+            .await?;
+            eprintln!("bluegreen: capturing changes on {}", target.display());
+        }
     }
     runs::mark_prepared(conn, m).await?;
     events::record(conn, m, "prepare", "done", serde_json::json!({})).await?;

@@ -7,6 +7,8 @@ CREATE TABLE IF NOT EXISTS {control}.runs (
     green_schema   text NOT NULL,
     previous_search_path jsonb,
     blue_fingerprint text,
+    -- the mapping's expressions as PostgreSQL resolved them at prepare (fully qualified)
+    resolved       jsonb,
     updated_at     timestamptz NOT NULL DEFAULT now()
 );
 CREATE TABLE IF NOT EXISTS {control}.deferred (
@@ -19,16 +21,6 @@ CREATE TABLE IF NOT EXISTS {control}.deferred (
     ref_table   text,               -- a foreign key's referenced table, quoted and qualified
     PRIMARY KEY (migration, kind, name)
 );
--- Control schemas made before `ref_table` existed get it (checked first: ALTER TABLE would lock).
-DO $upgrade$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
-                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                   WHERE n.nspname = {control_literal} AND c.relname = 'deferred' AND a.attname = 'ref_table' AND NOT a.attisdropped) THEN
-        ALTER TABLE {control}.deferred ADD COLUMN ref_table text;
-    END IF;
-END
-$upgrade$;
 CREATE TABLE IF NOT EXISTS {control}.chunks (
     migration   text NOT NULL,
     green_table text NOT NULL,
@@ -51,7 +43,10 @@ CREATE TABLE IF NOT EXISTS {control}.changes (
     old_row    jsonb,
     new_row    jsonb,
     txid       xid8 NOT NULL DEFAULT pg_current_xact_id(),
-    logged_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+    logged_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- true: re-derive every entry reading the table (capture before live, a row-local step that
+    -- gave way, TRUNCATE); false: only the entries the follower keeps.
+    all_entries boolean NOT NULL DEFAULT false
 );
 CREATE INDEX IF NOT EXISTS changes_migration_id ON {control}.changes (migration, id);
 CREATE TABLE IF NOT EXISTS {control}.sync_failures (
@@ -61,6 +56,39 @@ CREATE TABLE IF NOT EXISTS {control}.sync_failures (
     error       text NOT NULL,
     failed_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (migration, green_table, sync_key)
+);
+-- Change-log rows whose touched keys could not even be found (a key that does not fit its type):
+-- kept with their images as the failure record, out of the way of the rows behind them.
+CREATE TABLE IF NOT EXISTS {control}.failed_changes (
+    id          bigint NOT NULL,
+    migration   text NOT NULL,
+    green_table text NOT NULL,
+    blue_table  text NOT NULL,
+    op          char(1) NOT NULL,
+    old_row     jsonb,
+    new_row     jsonb,
+    all_entries boolean NOT NULL DEFAULT false,
+    error       text NOT NULL,
+    failed_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (id, green_table)
+);
+-- Entries to re-derive whole (a TRUNCATE of a table they read): pending until done.
+CREATE TABLE IF NOT EXISTS {control}.rederive (
+    migration    text NOT NULL,
+    green_table  text NOT NULL,
+    requested_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (migration, green_table)
+);
+-- Followers alive (heartbeat) and what they applied.
+CREATE TABLE IF NOT EXISTS {control}.followers (
+    migration    text NOT NULL,
+    host         text NOT NULL,
+    pid          int  NOT NULL,
+    backend_pid  int  NOT NULL,
+    started_at   timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at timestamptz NOT NULL DEFAULT now(),
+    applied      bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (migration, host, pid)
 );
 CREATE TABLE IF NOT EXISTS {control}.validations (
     id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -82,8 +110,26 @@ CREATE TABLE IF NOT EXISTS {control}.events (
     outcome   text NOT NULL,
     detail    jsonb
 );
+-- Columns added since a control schema may have been created: added in place (checked first, so
+-- a control schema that has them takes no lock).
+DO $upgrade$
+DECLARE
+    c record;
+BEGIN
+    FOR c IN SELECT * FROM (VALUES ('deferred', 'ref_table', 'text'),
+                                   ('changes', 'all_entries', 'boolean NOT NULL DEFAULT false'),
+                                   ('runs', 'resolved', 'jsonb')) AS v(tab, col, def)
+    LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class t ON t.oid = a.attrelid
+                       JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace
+                       WHERE n.nspname = {control_literal} AND t.relname = c.tab AND a.attname = c.col AND NOT a.attisdropped) THEN
+            EXECUTE pg_catalog.format('ALTER TABLE %I.%I ADD COLUMN %I %s', {control_literal}, c.tab, c.col, c.def);
+        END IF;
+    END LOOP;
+END
+$upgrade$;
 CREATE OR REPLACE FUNCTION {control}.unmapped_value(target text, value text) RETURNS text
-LANGUAGE plpgsql IMMUTABLE AS $fn$
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     IF value IS NULL THEN
         RETURN NULL;

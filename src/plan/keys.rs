@@ -37,18 +37,79 @@ pub fn sync_key(
     cols.map(|c| (c, "primary key"))
 }
 
-/// The green key an upsert conflicts on: the primary key or the first unique key whose columns
-/// are all mapped.
+/// The green key an upsert conflicts on: the primary key or the first other arbiter key
+/// (`catalog::Table::arbiter_keys`: never a nullable plain UNIQUE) whose columns are all mapped.
 pub fn upsert_key(e: &TableEntry, gt: &catalog::Table) -> Option<Vec<String>> {
-    gt.unique_keys()
+    gt.arbiter_keys()
         .into_iter()
         .find(|k| k.iter().all(|c| e.column(c).is_some()))
 }
 
-/// `alias.column` (either part optionally double-quoted) as a plain reference to a column of
-/// `alias`; returns the column's name.
+/// Whether every value of type `blue` becomes a distinct value of type `green` that casts back
+/// to itself (types as `format_type` prints them): the same type, or a widening one (`integer`
+/// to `bigint`, `character varying(n)` to a longer one or to `text`, `numeric(p,s)` to more
+/// precision at the same scale or to plain `numeric`). Keys that only widen stay row-local, and
+/// blue is looked up by the key cast back to blue's type, so blue's own index serves it.
+pub fn widening(blue: &str, green: &str) -> bool {
+    if blue == green {
+        return true;
+    }
+    let ints = ["smallint", "integer", "bigint"];
+    let rank = |t: &str| ints.iter().position(|i| *i == t);
+    if let (Some(b), Some(g)) = (rank(blue), rank(green)) {
+        return b < g;
+    }
+    if rank(blue).is_some() && green == "numeric" {
+        return true;
+    }
+    let modifier = |t: &str, base: &str| -> Option<Vec<u32>> {
+        let inner = t.strip_prefix(base)?.strip_prefix('(')?.strip_suffix(')')?;
+        inner.split(',').map(|n| n.trim().parse().ok()).collect()
+    };
+    let varchar = "character varying";
+    if blue.starts_with(varchar) && (green == "text" || green == varchar) {
+        return true;
+    }
+    if let (Some(b), Some(g)) = (modifier(blue, varchar), modifier(green, varchar)) {
+        return b[0] <= g[0];
+    }
+    if blue.starts_with("numeric") && green == "numeric" {
+        return true;
+    }
+    if let (Some(b), Some(g)) = (modifier(blue, "numeric"), modifier(green, "numeric")) {
+        // numeric(p,s): the integer digits p - s and the scale both fit.
+        let (bs, gs) = (
+            b.get(1).copied().unwrap_or(0),
+            g.get(1).copied().unwrap_or(0),
+        );
+        return bs == gs && b[0] <= g[0];
+    }
+    false
+}
+
+/// The blue column of `alias` a key expression reads, when the expression is that column alone
+/// or cast to a type it widens to: (column, blue type). Lookups of blue by such a key compare the
+/// column itself, so an index on it serves them.
+pub fn key_column(
+    expr: &str,
+    alias: &str,
+    blue: &catalog::Table,
+    green_type: &str,
+) -> Option<(String, String)> {
+    let col = plain_column_of(expr, alias).or_else(|| cast_of(expr, alias))?;
+    let bc = blue.column(&col)?;
+    widening(&bc.type_sql, green_type).then(|| (col, bc.type_sql.clone()))
+}
+
+/// `alias.column` (either part optionally double-quoted, the whole optionally parenthesised, as
+/// PostgreSQL deparses it) as a plain reference to a column of `alias`; returns the column's name.
 pub fn plain_column_of(expr: &str, alias: &str) -> Option<String> {
-    scan::qualified_column(expr)
+    let t = expr.trim();
+    let t = t
+        .strip_prefix('(')
+        .and_then(|x| x.strip_suffix(')'))
+        .unwrap_or(t);
+    scan::qualified_column(t)
         .filter(|(a, _)| a == alias)
         .map(|(_, c)| c)
 }
@@ -64,6 +125,12 @@ pub fn cast_of(expr: &str, alias: &str) -> Option<String> {
     };
     match toks.as_slice() {
         [a, dot, c, cast, ty @ ..] if cast.is_punct("::") && is_type(ty) => column(&[*a, *dot, *c]),
+        // `(a.c)::type`, as PostgreSQL deparses a cast.
+        [open, a, dot, c, close, cast, ty @ ..]
+            if open.is_punct("(") && close.is_punct(")") && cast.is_punct("::") && is_type(ty) =>
+        {
+            column(&[*a, *dot, *c])
+        }
         [kw, open, a, dot, c, as_, ty @ .., close]
             if kw.is_word("cast")
                 && open.is_punct("(")
@@ -206,7 +273,7 @@ mod tests {
         );
         assert_eq!(cast_of("l.tags::text[]", "l").as_deref(), Some("tags"));
         assert_eq!(cast_of("l.id::bigint + 1", "l"), None);
-        assert_eq!(cast_of("(l.id)::bigint", "l"), None);
+        assert_eq!(cast_of("(l.id)::bigint", "l").as_deref(), Some("id"));
         assert_eq!(cast_of("l.id", "l"), None);
         assert_eq!(cast_of("l.id::INT", "l").as_deref(), Some("id"));
         assert_eq!(cast_of("l.v::public.citext", "l").as_deref(), Some("v"));
@@ -217,5 +284,32 @@ mod tests {
             cast_of("l.x::character varying(20)", "l").as_deref(),
             Some("x")
         );
+        assert_eq!(cast_of("(l.aid)::bigint", "l").as_deref(), Some("aid"));
+        assert_eq!(plain_column_of("(l.aid)", "l").as_deref(), Some("aid"));
+    }
+
+    #[test]
+    fn widening_types_keep_every_value() {
+        for (b, g) in [
+            ("integer", "bigint"),
+            ("smallint", "integer"),
+            ("integer", "numeric"),
+            ("character varying(20)", "text"),
+            ("character varying(20)", "character varying(40)"),
+            ("numeric(10,2)", "numeric(12,2)"),
+            ("numeric(10,2)", "numeric"),
+            ("uuid", "uuid"),
+        ] {
+            assert!(widening(b, g), "{b} -> {g}");
+        }
+        for (b, g) in [
+            ("bigint", "integer"),
+            ("text", "character varying(20)"),
+            ("numeric(10,2)", "numeric(12,3)"),
+            ("integer", "text"),
+            ("timestamp without time zone", "date"),
+        ] {
+            assert!(!widening(b, g), "{b} -> {g}");
+        }
     }
 }

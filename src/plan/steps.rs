@@ -43,24 +43,32 @@ pub fn control_ddl(control: &str) -> String {
         .replace("{control}", &Ident::new(control).to_string())
 }
 
-/// The capture triggers on blue table `x` (the `n`th table the mapping reads): one statement-level
-/// trigger per event with its transition tables, and one for TRUNCATE, which row triggers never see.
-pub fn capture_triggers(m: &Mapping, x: &QName, n: usize) -> Vec<Sql> {
+/// The capture triggers on `target` (blue table `n` of the mapping, or one of its partitions or
+/// inheritance children, which call the same function): one statement-level trigger per event
+/// with its transition tables, and one for TRUNCATE, which row triggers never see. Each fires
+/// `ALWAYS`, so `session_replication_role = replica` (pg_restore, logical replication, a DBA's
+/// bulk fix) does not skip it.
+pub fn capture_triggers(m: &Mapping, target: &QName, n: usize) -> Vec<Sql> {
     let f = names::sync_function(&m.control_schema, &m.migration, n);
-    [
-        ("ins", "INSERT", "REFERENCING NEW TABLE AS new_rows "),
-        ("upd", "UPDATE", "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows "),
-        ("del", "DELETE", "REFERENCING OLD TABLE AS old_rows "),
-        ("trunc", "TRUNCATE", ""),
-    ]
-    .iter()
-    .map(|(ev, event, refs)| {
-        sql!(
-            "CREATE OR REPLACE TRIGGER {t} AFTER {event} ON {x} {refs}FOR EACH STATEMENT EXECUTE FUNCTION {f}()",
-            t = Ident::new(names::sync_trigger(ev))
-        )
-    })
-    .collect()
+    let refs = |ev: &str| match ev {
+        "ins" => "REFERENCING NEW TABLE AS new_rows ",
+        "upd" => "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows ",
+        "del" => "REFERENCING OLD TABLE AS old_rows ",
+        _ => "",
+    };
+    names::EVENTS
+        .iter()
+        .flat_map(|(ev, event)| {
+            let t = Ident::new(names::sync_trigger(&m.migration, ev));
+            [
+                sql!(
+                    "CREATE OR REPLACE TRIGGER {t} AFTER {event} ON {target} {}FOR EACH STATEMENT EXECUTE FUNCTION {f}()",
+                    refs(ev)
+                ),
+                sql!("ALTER TABLE {target} ENABLE ALWAYS TRIGGER {t}"),
+            ]
+        })
+        .collect()
 }
 
 /// What a deferral holds back.
@@ -216,7 +224,7 @@ pub fn all(m: &Mapping, cat: &Catalog, s: &EffectiveSettings) -> Vec<Step> {
                 "capture function for {} (logs changed rows until sync goes live)",
                 bt.display()
             ),
-            crate::plan::sync::capture_trigger_function(m, n).into_string(),
+            crate::plan::sync::capture_trigger_function(m, bt, n).into_string(),
             "none",
         ));
         let mut sql = vec![lt.clone()];

@@ -1,6 +1,11 @@
-//! Keeping green = M(blue) after the copy (DESIGN.md step 3 and 7): install the re-derivation
-//! functions rendered by `plan::sync`, replay the change log in batches (catch-up), then switch the
-//! capture triggers to live mode in one short transaction; `sync` replays or retries on demand.
+//! Keeping green = M(blue) after the copy (DESIGN.md steps 3 and 7): the live switch (`go_live`),
+//! `sync` (drain the change log once, retry failed keys) and the follower (`follow.rs`, which does
+//! that continuously). The re-derivation itself is the applier (`apply.rs`); the SQL is
+//! `plan::sync`.
+
+pub mod apply;
+pub mod fence;
+pub mod follow;
 
 use serde::Serialize;
 use sqlx::PgConnection;
@@ -8,93 +13,76 @@ use sqlx::PgConnection;
 use crate::control::{self, Phase, changes, deferred, events, runs, status};
 use crate::diag::Diagnostic;
 use crate::mapping::Mapping;
-use crate::names;
-use crate::pg::{exec, locking};
+use crate::pg::{db_error, exec, locking};
 use crate::plan::steps::add_foreign_key_not_valid;
-use crate::plan::sync::{catchup_function, live_trigger_function, retry_function, sync_entries};
-use crate::sql::sql;
+use crate::plan::sync::{live_trigger_function, sync_entries};
 
-/// Change-log rows replayed per catch-up transaction.
-pub const BATCH: i64 = 5_000;
-/// Backlog small enough to drain inside the live-switch transaction.
-pub const SWITCH_BACKLOG: i64 = 2_000;
+pub use apply::{Applied, Plan};
 
-/// (Re)create every re-derivation function. Refuses entries sync cannot key.
-pub async fn install_functions(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagnostic> {
-    let cat = control::load_catalog_for_sync(conn, m).await?;
-    let entries = sync_entries(m, &cat);
-    for e in &m.tables {
-        if !entries.iter().any(|s| s.entry.name == e.name) {
-            return Err(Diagnostic::error(
-                "no-upsert-key",
-                format!("green table {} has no primary or unique key made of mapped columns, so sync cannot update its rows", e.name),
-            )
-            .table(&e.name)
-            .hint("add a primary key to the green table and map its columns"));
-        }
-    }
-    for e in &entries {
-        exec(conn, &retry_function(m, e)).await?;
-    }
-    for (n, x) in m.blue_tables_read().iter().enumerate() {
-        exec(conn, &catchup_function(m, &entries, x, n)).await?;
-    }
-    Ok(())
-}
+/// Change-log rows one applier transaction claims at most.
+pub const BATCH: i64 = 1_000;
+/// Failed keys retried per transaction.
+pub const RETRY_BATCH: i64 = 500;
 
-/// Replay the change log in batches until at most `leave` rows remain. Each batch is one
-/// transaction that fixes its set of change-log ids first, replays exactly those (with the same
-/// locks as the live triggers, so it may run beside them) and deletes exactly those; a writer
-/// committing meanwhile is replayed by a later batch. Returns the rows replayed.
-pub async fn catch_up(conn: &mut PgConnection, m: &Mapping, leave: i64) -> Result<i64, Diagnostic> {
-    let tables = m.blue_tables_read();
-    let mut replayed = 0;
+/// Apply batches until no row with an id up to the highest at the start is left to claim (rows
+/// another applier holds are its own; rows logged meanwhile are the follower's). Returns what was
+/// applied.
+pub async fn drain(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    plan: &Plan,
+) -> Result<Applied, Diagnostic> {
+    let upto = changes::last_id(conn, m).await?;
+    let mut total = Applied::default();
     loop {
-        if changes::backlog(conn, m).await? <= leave {
-            return Ok(replayed);
+        let a = apply::apply_batch(conn, m, plan, BATCH, upto).await?;
+        total.changes += a.changes;
+        total.keys += a.keys;
+        total.failed += a.failed;
+        if a.deferred {
+            total.deferred = true;
+            // A writer holds rows an applier needs: give it a moment.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
         }
-        exec(conn, &sql!("BEGIN")).await?;
-        let result = async {
-            let ids = changes::oldest_ids(conn, m, BATCH).await?;
-            if ids.is_empty() {
-                return Ok(0);
-            }
-            let present = changes::tables_of(conn, m, &ids).await?;
-            for (n, x) in tables.iter().enumerate() {
-                if present.contains(&x.display()) {
-                    let f = names::catchup_function(&m.control_schema, &m.migration, n);
-                    changes::replay(conn, &f, &ids).await?;
-                }
-            }
-            changes::delete(conn, m, &ids).await?;
-            Ok::<i64, Diagnostic>(ids.len() as i64)
-        }
-        .await;
-        match result {
-            Ok(n) => {
-                exec(conn, &sql!("COMMIT")).await?;
-                replayed += n;
-                if n == 0 {
-                    return Ok(replayed);
-                }
-            }
-            Err(d) => {
-                let _ = exec(conn, &sql!("ROLLBACK")).await;
-                return Err(d);
-            }
+        if a.changes == 0 {
+            return Ok(total);
         }
     }
 }
 
-/// Catch up, then switch the triggers to live re-derivation in one short transaction that fences
-/// blue writes (SHARE ROW EXCLUSIVE, under lock_timeout with retry) while it drains the last of
-/// the log: after it commits, every write re-derives green inside its own transaction. Runs once
-/// the copy is done (phase `copied`), as the migration's one runner; a no-op when live.
+fn not_copied(m: &Mapping, phase: Phase) -> Diagnostic {
+    Diagnostic::error(
+        "not-copied",
+        format!(
+            "migration {} is in phase {phase}: copy has not finished",
+            m.migration
+        ),
+    )
+    .hint("run `bluegreen copy` first (it catches up and goes live by itself)")
+}
+
+/// The applier's plan for the migration as it stands (deferred foreign keys counted).
+pub async fn plan(conn: &mut PgConnection, m: &Mapping) -> Result<Plan, Diagnostic> {
+    let cat = control::load_catalog_for_sync(conn, m).await?;
+    Plan::new(m, &cat)
+}
+
+/// The live switch, once the copy is done (phase `copied`), as the migration's one runner; a
+/// no-op when live. It takes no lock on blue: replacing a trigger function is atomic, and every
+/// row a statement logged under the capture body is applied afterwards like any other.
+///
+/// 1. drain the change log the copy left;
+/// 2. put green's foreign keys back NOT VALID (green only; a child applied before its parent
+///    meanwhile is a 23503 failure, retried below);
+/// 3. replace each blue table's capture body with the live body: row-local entries re-derive in
+///    the writer's statement from now on, the others keep being logged for the follower;
+/// 4. drain again, retry failed keys, phase `live`.
 pub async fn go_live(url: &str, m: &Mapping, lock_timeout_ms: u64) -> Result<(), Diagnostic> {
     let mut conn = crate::pg::connect(url).await?;
     locking::runner_lock_wait(&mut conn, &m.migration)
         .await
-        .map_err(crate::pg::db_error)?;
+        .map_err(db_error)?;
     let r = switch(&mut conn, m, lock_timeout_ms).await;
     let _ = locking::runner_unlock(&mut conn, &m.migration, true).await;
     r
@@ -112,27 +100,19 @@ async fn switch(
     if phase < Phase::Copied {
         return Err(not_copied(m, phase));
     }
-    install_functions(conn, m).await?;
-    let n = catch_up(conn, m, SWITCH_BACKLOG).await?;
-    eprintln!("bluegreen: caught up {n} change(s); switching to live sync");
-    let cat = control::load_catalog_for_sync(conn, m).await?;
-    let entries = sync_entries(m, &cat);
-    let blue = m.blue_tables_read();
-    let lock = sql!(
-        "LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE",
-        crate::sql::join(blue.iter(), ", ")
+    let plan = plan(conn, m).await?;
+    let first = drain(conn, m, &plan).await?;
+    eprintln!(
+        "bluegreen: caught up {} change(s) ({} key(s)); switching to live sync",
+        first.changes, first.keys
     );
     let fks = deferred::pending_foreign_keys(conn, m).await?;
-    locking::run_locked(conn, lock_timeout_ms, &blue, async |tx| {
-        exec(tx, &lock).await?;
-        for (n, x) in blue.iter().enumerate() {
-            let ids = changes::ids_of(tx, m, &x.display()).await?;
-            if !ids.is_empty() {
-                let f = names::catchup_function(&m.control_schema, &m.migration, n);
-                changes::replay(tx, &f, &ids).await?;
-            }
-            exec(tx, &live_trigger_function(m, &entries, x, n)).await?;
-        }
+    let green: Vec<_> = m
+        .tables
+        .iter()
+        .map(|e| crate::sql::QName::new(&m.green, &e.name))
+        .collect();
+    locking::run_locked(conn, lock_timeout_ms, &green, async |tx| {
         for fk in &fks {
             exec(
                 tx,
@@ -140,27 +120,70 @@ async fn switch(
             )
             .await?;
         }
-        changes::delete_all(tx, m).await?;
-        runs::set_phase(tx, m, Phase::Live).await
+        Ok(())
     })
     .await?;
-    events::record(conn, m, "copy", "live", serde_json::json!({"caught_up": n})).await?;
-    eprintln!("bluegreen: live: every write to blue now re-derives green in its own transaction");
+    let cat = control::load_catalog_for_sync(conn, m).await?;
+    let entries = sync_entries(m, &cat);
+    for (n, x) in m.blue_tables_read().iter().enumerate() {
+        exec(conn, &live_trigger_function(m, &entries, x, n)).await?;
+    }
+    let second = drain(conn, m, &plan).await?;
+    let retried = retry_all(conn, m, &plan).await?;
+    runs::set_phase(conn, m, Phase::Live).await?;
+    events::record(
+        conn,
+        m,
+        "copy",
+        "live",
+        serde_json::json!({"caught_up": first.changes + second.changes, "failed": retried.failed}),
+    )
+    .await?;
+    let local: Vec<&str> = entries
+        .iter()
+        .filter(|e| e.row_local())
+        .map(|e| e.entry.name.as_str())
+        .collect();
+    eprintln!(
+        "bluegreen: live: {} re-derived in the writer's statement; the rest by the follower (run `bluegreen sync --follow`)",
+        if local.is_empty() {
+            "no entry".to_string()
+        } else {
+            local.join(", ")
+        }
+    );
     Ok(())
 }
 
-fn not_copied(m: &Mapping, phase: Phase) -> Diagnostic {
-    Diagnostic::error(
-        "not-copied",
-        format!(
-            "migration {} is in phase {phase}: copy has not finished",
-            m.migration
-        ),
-    )
-    .hint("run `bluegreen copy` first (it catches up and goes live by itself)")
+/// Retry every failed key, in small batches, until a round fixes none.
+pub async fn retry_all(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    plan: &Plan,
+) -> Result<Applied, Diagnostic> {
+    let mut last = i64::MAX;
+    let mut total = Applied::default();
+    loop {
+        let (left, _) = changes::failures(conn, m, 0).await?;
+        if left == 0 || left >= last {
+            return Ok(total);
+        }
+        last = left;
+        let mut done = 0;
+        while done < left {
+            let a = apply::retry_failures(conn, m, plan, RETRY_BATCH).await?;
+            total.keys += a.keys;
+            total.failed = a.failed;
+            done += RETRY_BATCH;
+            if a.keys == 0 {
+                break;
+            }
+        }
+    }
 }
 
-/// `sync`: replay the change log (before live) and retry keys whose re-derivation failed.
+/// `sync`: drain the change log once, re-derive what a TRUNCATE marked, retry failed keys and
+/// changes set aside.
 pub async fn sync(conn: &mut PgConnection, m: &Mapping) -> Result<SyncReport, Diagnostic> {
     let phase = runs::phase(conn, m).await?;
     if phase < Phase::Copied {
@@ -168,45 +191,58 @@ pub async fn sync(conn: &mut PgConnection, m: &Mapping) -> Result<SyncReport, Di
     }
     runs::check_mapping(conn, m).await?;
     runs::check_drift(conn, m).await?;
-    install_functions(conn, m).await?;
-    let replayed = catch_up(conn, m, 0).await?;
-    let cat = control::load_catalog_for_sync(conn, m).await?;
-    let mut retried = 0;
-    for e in sync_entries(m, &cat) {
-        let n = changes::failures_of(conn, m, &e.entry.name).await?;
-        if n > 0 {
-            exec(
-                conn,
-                &sql!(
-                    "SELECT {}()",
-                    names::retry_function(&m.control_schema, &m.migration, e.index, &e.entry.name)
-                ),
-            )
-            .await?;
-            retried += n;
-        }
-    }
+    let plan = plan(conn, m).await?;
+    let requeued = apply::requeue_failed_changes(conn, m).await?;
+    let started: String = sqlx::query_scalar("SELECT pg_catalog.clock_timestamp()::text")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db_error)?;
+    let drained = drain(conn, m, &plan).await?;
+    let rederived = apply::rederive_marked(conn, m, &plan).await?;
+    let retried = retry_all(conn, m, &plan).await?;
     let report = status::status(conn, m).await?;
+    // Rows logged before this sync started that are still there were held by another applier
+    // (or a writer): pending, not done.
+    let older: i64 = sqlx::query_scalar(
+        crate::sql::sql!(
+            "SELECT count(*) FROM {} WHERE migration = $1 AND logged_at < $2::timestamptz",
+            control::table(m, "changes")
+        )
+        .assert_safe(),
+    )
+    .bind(&m.migration)
+    .bind(&started)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db_error)?;
     events::record(
         conn,
         m,
         "sync",
         "done",
-        serde_json::json!({"replayed": replayed, "retried": retried}),
+        serde_json::json!({"replayed": drained.changes, "keys": drained.keys + rederived.keys, "retried": retried.keys, "requeued": requeued}),
     )
     .await?;
     Ok(SyncReport {
-        replayed,
-        retried,
-        failures_left: report.failures_total,
+        replayed: drained.changes as i64,
+        keys: (drained.keys + rederived.keys) as i64,
+        retried: retried.keys as i64,
+        failures_left: report.failures_total + report.failed_changes,
+        pending_left: older,
         status: report,
     })
 }
 
 #[derive(Debug, Serialize)]
 pub struct SyncReport {
+    /// Change-log rows applied.
     pub replayed: i64,
+    /// Keys re-derived for them.
+    pub keys: i64,
+    /// Failed keys retried.
     pub retried: i64,
     pub failures_left: i64,
+    /// Rows logged before this sync started and still in the log (another applier holds them).
+    pub pending_left: i64,
     pub status: status::Status,
 }

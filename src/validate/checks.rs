@@ -67,6 +67,10 @@ pub struct CheckResult {
     pub blue_value: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Failed in every snapshot tried, each with changes still pending: unverified (a check
+    /// comparing green with blue cannot tell lag from a difference).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub inconclusive: bool,
 }
 
 #[derive(Debug, Serialize, Clone)]
@@ -157,13 +161,40 @@ async fn scalar(conn: &mut PgConnection, sql: &str) -> Result<String, sqlx::Erro
 
 /// Run the checks in one REPEATABLE READ, read-only snapshot: a check comparing green with blue
 /// reads both at the same instant while the application writes.
-pub async fn run_checks(conn: &mut PgConnection, checks: &[Check]) -> Vec<CheckResult> {
+/// Run every check in one read-only snapshot. `probe` (a statement and its `$1`), when given,
+/// runs in the same snapshot first (validate counts the changes still pending there) and its
+/// value is returned.
+pub async fn run_checks(
+    conn: &mut PgConnection,
+    checks: &[Check],
+    probe: Option<(&Sql, &str)>,
+    fence: Option<crate::sync::fence::Fence>,
+) -> (Vec<CheckResult>, Option<i64>) {
     let mut out = Vec::new();
-    if let Err(e) = sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    let mut begin = sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .execute(&mut *conn)
         .await
-    {
-        return checks
+        .map(|_| ());
+    if let Some(f) = fence {
+        // In the fence's snapshot (green is exactly M(blue) there), then release the fence.
+        if begin.is_ok() {
+            begin = sqlx::query(
+                crate::sql::sql!(
+                    "SET TRANSACTION SNAPSHOT {}",
+                    crate::sql::Literal::new(&f.snapshot)
+                )
+                .assert_safe(),
+            )
+            .execute(&mut *conn)
+            .await
+            .map(|_| ());
+        }
+        if let Err(d) = f.release().await {
+            eprintln!("bluegreen: releasing the fence: {}", d.message);
+        }
+    }
+    if let Err(e) = begin {
+        let failed = checks
             .iter()
             .map(|c| CheckResult {
                 name: c.name.clone(),
@@ -172,13 +203,23 @@ pub async fn run_checks(conn: &mut PgConnection, checks: &[Check]) -> Vec<CheckR
                 expect: c.expect.clone(),
                 blue_value: None,
                 error: Some(e.to_string()),
+                inconclusive: false,
             })
             .collect();
+        return (failed, None);
+    }
+    let mut probed = None;
+    if let Some((p, arg)) = probe {
+        probed = sqlx::query_scalar::<_, i64>(p.assert_safe())
+            .bind(arg)
+            .fetch_one(&mut *conn)
+            .await
+            .ok();
     }
     let out_ref = &mut out;
     run_checks_in(conn, checks, out_ref).await;
     let _ = sqlx::raw_sql("COMMIT").execute(&mut *conn).await;
-    out
+    (out, probed)
 }
 
 async fn run_checks_in(conn: &mut PgConnection, checks: &[Check], out: &mut Vec<CheckResult>) {
@@ -190,6 +231,7 @@ async fn run_checks_in(conn: &mut PgConnection, checks: &[Check], out: &mut Vec<
             expect: c.expect.clone(),
             blue_value: None,
             error: None,
+            inconclusive: false,
         };
         let Some((op, want)) = parse_expect(&c.expect) else {
             r.error = Some(format!(

@@ -54,14 +54,24 @@ pub struct Difference {
     pub expected: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub found: Option<String>,
+    /// The sync keys of the rows involved (column texts), for the re-check of pending keys.
+    #[serde(skip)]
+    pub sync_keys: Vec<Vec<Option<String>>>,
 }
 
 type Keyed = HashMap<String, Vec<Vec<Option<String>>>>;
 
-async fn keyed_rows(conn: &mut PgConnection, sql: Sql) -> Result<Keyed, sqlx::Error> {
+async fn keyed_rows(
+    conn: &mut PgConnection,
+    sql: Sql,
+    binds: &[Vec<Option<String>>],
+) -> Result<Keyed, sqlx::Error> {
     let mut out: Keyed = HashMap::new();
-    let rows = sqlx::query(sql.assert_safe()).fetch_all(&mut *conn).await?;
-    for r in rows {
+    let mut q = sqlx::query(sql.assert_safe());
+    for b in binds {
+        q = q.bind(b);
+    }
+    for r in q.fetch_all(&mut *conn).await? {
         let k: String = r.try_get(0)?;
         let v: Vec<Option<String>> = r.try_get(1)?;
         out.entry(k).or_default().push(v);
@@ -69,13 +79,25 @@ async fn keyed_rows(conn: &mut PgConnection, sql: Sql) -> Result<Keyed, sqlx::Er
     Ok(out)
 }
 
-/// Name every difference of a chunk: keys missing, extra, duplicated, changed (with columns).
+/// Which rows of an entry to compare: a chunk's conditions, or a set of sync keys.
+pub(super) enum Rows<'a> {
+    Chunk(&'a Task),
+    /// The applier's key-restricted M(blue) and green condition, the keys as column arrays.
+    Keys {
+        blue: &'a Sql,
+        green_condition: &'a str,
+        keys: &'a [Vec<Option<String>>],
+    },
+}
+
+/// Name every difference of a chunk or key set: keys missing, extra, duplicated, changed (with
+/// columns).
 pub(super) async fn locate(
     conn: &mut PgConnection,
     m: &Mapping,
     e: &TableEntry,
     gt: &catalog::Table,
-    t: &Task,
+    rows: Rows<'_>,
     show_values: bool,
 ) -> Result<Vec<Difference>, sqlx::Error> {
     let key =
@@ -85,6 +107,12 @@ pub(super) async fn locate(
         .iter()
         .filter(|c| gt.column(&c.name).is_some())
         .map(|c| c.name.as_str())
+        .collect();
+    let sync_idx: Vec<usize> = crate::plan::sync_key(e, gt)
+        .map(|(k, _)| k)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|(c, _)| cols.iter().position(|x| x == c))
         .collect();
     let arr = |p: &str| {
         format!(
@@ -101,25 +129,33 @@ pub(super) async fn locate(
             join(key.iter().map(|c| format!("{p}.{}", Ident::new(c))), ", ")
         )
     };
+    let (green_cond, blue_from, binds): (String, String, &[Vec<Option<String>>]) = match rows {
+        Rows::Chunk(t) => (
+            t.green_cond.clone(),
+            blue_select(m, e, gt, &t.blue_cond).into_string(),
+            &[],
+        ),
+        Rows::Keys {
+            blue,
+            green_condition,
+            keys,
+        } => (green_condition.to_string(), blue.as_str().to_string(), keys),
+    };
     let green = keyed_rows(
         conn,
         sql!(
-            "SELECT {}, {} FROM {} AS g WHERE {}",
-            krow("g"),
-            arr("g"),
+            "SELECT {}, {} FROM {} AS bluegreen_g WHERE {green_cond}",
+            krow("bluegreen_g"),
+            arr("bluegreen_g"),
             gt.qname(),
-            t.green_cond
         ),
+        binds,
     )
     .await?;
     let blue = keyed_rows(
         conn,
-        sql!(
-            "SELECT {}, {} FROM ({}) AS b",
-            krow("b"),
-            arr("b"),
-            blue_select(m, e, gt, &t.blue_cond)
-        ),
+        sql!("SELECT {}, {} FROM ({blue_from}) AS b", krow("b"), arr("b")),
+        binds,
     )
     .await?;
     let mut keys: Vec<&String> = blue.keys().chain(green.keys()).collect();
@@ -134,6 +170,14 @@ pub(super) async fn locate(
     };
     for k in keys {
         let (b, g) = (blue.get(k), green.get(k));
+        let mut sync_keys: Vec<Vec<Option<String>>> = b
+            .into_iter()
+            .chain(g)
+            .flatten()
+            .map(|row| sync_idx.iter().map(|i| row[*i].clone()).collect())
+            .collect();
+        sync_keys.sort();
+        sync_keys.dedup();
         let diff = |kind: DifferenceKind,
                     columns: Vec<String>,
                     expected: Option<String>,
@@ -144,6 +188,7 @@ pub(super) async fn locate(
             columns,
             expected: expected.filter(|_| show_values),
             found: found.filter(|_| show_values),
+            sync_keys: sync_keys.clone(),
         };
         match (b, g) {
             (Some(b), None) => out.push(diff(

@@ -13,6 +13,7 @@
 
 pub mod checks;
 mod digest;
+mod lag;
 mod locate;
 pub mod report;
 
@@ -42,6 +43,11 @@ pub struct Options {
     pub chunk_rows: u64,
     pub max_diffs: usize,
     pub show_values: bool,
+    /// Keys still pending after every re-check round do not fail the validation.
+    pub allow_hot: bool,
+    /// A worker moves to a fresh snapshot between chunks once its snapshot is this old (a long
+    /// snapshot keeps the change log's dead rows from being vacuumed).
+    pub max_snapshot_age: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -58,6 +64,11 @@ pub struct TableResult {
     pub extra: u64,
     pub duplicated: u64,
     pub changed: u64,
+    /// Keys that differed in the snapshot while a change touching them was pending, and matched
+    /// once it was applied.
+    pub pending_rechecked: u64,
+    /// Keys still pending after every re-check round: neither verified nor found different.
+    pub unverified_hot: u64,
 }
 
 /// One chunk to compare: the same key range on both sides.
@@ -102,7 +113,7 @@ fn green_rows_sql(e: &TableEntry, gt: &catalog::Table, cond: &str) -> Sql {
         ", ",
     );
     sql!(
-        "SELECT ROW({cols})::text FROM {} AS g WHERE {cond}",
+        "SELECT ROW({cols})::text FROM {} AS bluegreen_g WHERE {cond}",
         gt.qname()
     )
 }
@@ -158,7 +169,9 @@ async fn filters_rows(
 }
 
 /// Plan the chunks of every entry from green's data, inside the snapshot: ranges of green's
-/// first key column, the blue side filtered on the expression that fills it (in green's type).
+/// first key column, the blue side filtered on the expression that fills it (in green's type),
+/// or, when that expression is a blue column (or a cast that keeps every value), on the column
+/// itself with the bounds in its own type, so blue's index serves the range.
 async fn plan_tasks(
     conn: &mut PgConnection,
     m: &Mapping,
@@ -188,17 +201,36 @@ async fn plan_tasks(
             });
             continue;
         };
-        let green_key = format!("g.{}", Ident::new(col));
-        let blue_key = format!("({})::{}", Expr(x), TypeName(ty));
+        let green_key = format!("bluegreen_g.{}", Ident::new(col));
+        let aliases: Vec<&str> = e
+            .from_clause
+            .items
+            .iter()
+            .map(|i| i.alias.as_str())
+            .collect();
+        let blue_column = match crate::sql::scan::referenced_aliases(x, &aliases).as_slice() {
+            [a] => e
+                .from_clause
+                .item_by_alias(a)
+                .and_then(|it| cat.table(&it.table))
+                .and_then(|bt| crate::plan::keys::key_column(x, a, bt, ty))
+                .map(|(c, bty)| (format!("{}.{}", Ident::new(*a), Ident::new(&c)), bty)),
+            _ => None,
+        };
+        let (blue_key, blue_type) = match &blue_column {
+            Some((k, bty)) => (k.clone(), bty.as_str()),
+            None => (format!("({})::{}", Expr(x), TypeName(ty)), ty),
+        };
         let rows = chunks::estimate_rows(conn, &gt.qname(), gt.reltuples).await?;
-        let source = format!("{} AS g", gt.qname());
+        let source = format!("{} AS bluegreen_g", gt.qname());
         let ranges = chunks::key_ranges(conn, &green_key, &source, count(rows, chunk_rows)).await?;
-        let bound = |v: &str| format!("{}::{}", Literal::new(v), TypeName(ty));
+        let green_bound = |v: &str| format!("{}::{}", Literal::new(v), TypeName(ty));
+        let blue_bound = |v: &str| format!("{}::{}", Literal::new(v), TypeName(blue_type));
         for r in ranges {
             tasks.push(Task {
                 entry: i,
-                green_cond: condition(&green_key, &r, bound),
-                blue_cond: condition(&blue_key, &r, bound),
+                green_cond: condition(&green_key, &r, green_bound),
+                blue_cond: condition(&blue_key, &r, blue_bound),
             });
         }
     }
@@ -265,10 +297,25 @@ pub async fn compare(url: &str, m: &Mapping, o: &Options) -> Result<Outcome, Dia
                 crate::plan::query::set_mapping_search_path(&m, true)
             ))
             .await?;
+            let mut snapshot_taken = std::time::Instant::now();
             loop {
                 let Some(t) = queue.lock().expect("queue").pop_front() else {
                     break;
                 };
+                if snapshot_taken.elapsed() > o.max_snapshot_age {
+                    // A chunk compares blue and green in one snapshot; between chunks a worker
+                    // may move to a fresh one, so no snapshot pins the change log's dead rows
+                    // for the whole run.
+                    exec(
+                        &mut c,
+                        &sql!(
+                            "COMMIT; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {}",
+                            crate::plan::query::set_mapping_search_path(&m, true)
+                        ),
+                    )
+                    .await?;
+                    snapshot_taken = std::time::Instant::now();
+                }
                 let e = &m.tables[t.entry];
                 let gt = cat.table(&QName::new(&m.green, &e.name)).expect("planned");
                 let green = stream_digest(&mut c, &green_rows_sql(e, gt, &t.green_cond))
@@ -278,7 +325,7 @@ pub async fn compare(url: &str, m: &Mapping, o: &Options) -> Result<Outcome, Dia
                     .await
                     .map_err(|err| chunk_err(e, &err))?;
                 let differences = if green != blue {
-                    locate::locate(&mut c, &m, e, gt, &t, o.show_values)
+                    locate::locate(&mut c, &m, e, gt, locate::Rows::Chunk(&t), o.show_values)
                         .await
                         .map_err(|err| chunk_err(e, &err))?
                 } else {
@@ -350,6 +397,8 @@ pub async fn compare(url: &str, m: &Mapping, o: &Options) -> Result<Outcome, Dia
             extra: count(DifferenceKind::Extra),
             duplicated: count(DifferenceKind::Duplicated),
             changed: count(DifferenceKind::Changed),
+            pending_rechecked: 0,
+            unverified_hot: 0,
         });
         all_diffs.extend(diffs);
     }
@@ -373,11 +422,35 @@ fn chunk_err(e: &TableEntry, err: &sqlx::Error) -> Diagnostic {
 /// record the result in the control schema for the cutover gate.
 pub async fn run(url: &str, m: &Mapping, o: &Options) -> Result<report::Report, Diagnostic> {
     let checks_file = m.checks.as_deref().map(checks::load).transpose()?;
-    let outcome = compare(url, m, o).await?;
+    let mut outcome = compare(url, m, o).await?;
+    // Differences of keys a pending change touches are not differences: apply, re-check, decide.
+    let settled = lag::settle(
+        url,
+        m,
+        std::mem::take(&mut outcome.differences),
+        o.show_values,
+    )
+    .await?;
+    for t in &mut outcome.tables {
+        let real: Vec<&Difference> = settled.real.iter().filter(|d| d.table == t.table).collect();
+        let count = |k: DifferenceKind| real.iter().filter(|d| d.kind == k).count() as u64;
+        t.missing = count(DifferenceKind::Missing);
+        t.extra = count(DifferenceKind::Extra);
+        t.duplicated = count(DifferenceKind::Duplicated);
+        t.changed = count(DifferenceKind::Changed);
+        t.pending_rechecked = settled.rechecked.get(&t.table).copied().unwrap_or(0);
+        t.unverified_hot = settled.hot.iter().filter(|d| d.table == t.table).count() as u64;
+        t.matches = real.is_empty() && (t.unverified_hot == 0 || o.allow_hot);
+    }
+    let (pending_applied, hot_total) = (settled.applied, settled.hot.len() as u64);
+    let pending_rechecked: u64 = settled.rechecked.values().sum();
+    let mut found = settled.real;
+    found.sort_by(|a, b| (&a.table, &a.kind, &a.key).cmp(&(&b.table, &b.kind, &b.key)));
+    outcome.differences = found;
     let mut conn = crate::pg::connect(url).await?;
     let (checks, performance) = match &checks_file {
         Some(f) => (
-            checks::run_checks(&mut conn, &f.checks).await,
+            lag::checks_when_caught_up(url, m, &f.checks).await?,
             checks::run_budgets(&mut conn, &f.performance).await,
         ),
         None => (Vec::new(), Vec::new()),
@@ -390,7 +463,9 @@ pub async fn run(url: &str, m: &Mapping, o: &Options) -> Result<report::Report, 
         .or_else(|_| std::env::var("LOGNAME"))
         .unwrap_or_else(|_| "unknown".into());
     let passed = outcome.tables.iter().all(|t| t.matches)
-        && checks.iter().all(|c| c.passed)
+        && checks
+            .iter()
+            .all(|c| c.passed || (c.inconclusive && o.allow_hot))
         && performance.iter().all(|p| p.passed);
     let total = outcome.differences.len();
     let mut differences = outcome.differences;
@@ -418,6 +493,10 @@ pub async fn run(url: &str, m: &Mapping, o: &Options) -> Result<report::Report, 
         tables: outcome.tables,
         differences_total: total,
         differences_shown: differences.len(),
+        pending_applied,
+        pending_rechecked,
+        unverified_hot: hot_total,
+        hot_allowed: o.allow_hot,
         differences,
         checks,
         performance,

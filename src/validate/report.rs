@@ -55,6 +55,14 @@ pub struct Report {
     pub tables: Vec<TableResult>,
     pub differences_total: usize,
     pub differences_shown: usize,
+    /// Change-log rows validate applied before re-checking pending keys.
+    pub pending_applied: u64,
+    /// Keys that differed while a change touching them was pending, and matched when re-checked.
+    pub pending_rechecked: u64,
+    /// Keys still pending after every re-check round (unverified).
+    pub unverified_hot: u64,
+    /// `--allow-hot`: unverified keys did not fail the validation.
+    pub hot_allowed: bool,
     pub differences: Vec<Difference>,
     pub checks: Vec<CheckResult>,
     pub performance: Vec<BudgetResult>,
@@ -139,6 +147,18 @@ pub fn markdown(r: &Report) -> String {
             &t.green_digest[..16]
         );
     }
+    let _ = writeln!(
+        o,
+        "\nPending changes: {} key(s) differed in the snapshot while a change touching them waited in the change log, and matched once it was applied ({} change(s) applied by validate); {} key(s) stayed pending through every re-check and are unverified (hot){}.",
+        r.pending_rechecked,
+        r.pending_applied,
+        r.unverified_hot,
+        if r.hot_allowed && r.unverified_hot > 0 {
+            ", allowed by --allow-hot"
+        } else {
+            ""
+        }
+    );
     if r.differences_total > 0 {
         let _ = writeln!(
             o,
@@ -245,7 +265,32 @@ pub fn summary(r: &Report) -> String {
                 first.join(", ")
             );
         }
+        if t.unverified_hot > 0 {
+            let _ = write!(o, "  {} key(s) unverified (hot)", t.unverified_hot);
+        }
+        if t.pending_rechecked > 0 {
+            let _ = write!(o, "  {} pending key(s) re-checked", t.pending_rechecked);
+        }
         o.push('\n');
+    }
+    if r.pending_rechecked > 0 || r.pending_applied > 0 {
+        let _ = writeln!(
+            o,
+            "  {} key(s) were pending at the snapshot and matched once applied ({} change(s) applied by validate)",
+            r.pending_rechecked, r.pending_applied
+        );
+    }
+    if r.unverified_hot > 0 {
+        let _ = writeln!(
+            o,
+            "  {} key(s) stayed pending through every re-check: unverified (hot){}",
+            r.unverified_hot,
+            if r.hot_allowed {
+                "; allowed by --allow-hot"
+            } else {
+                "; re-run when writes to them pause, or pass --allow-hot"
+            }
+        );
     }
     for c in r.checks.iter().filter(|c| !c.passed) {
         let _ = writeln!(

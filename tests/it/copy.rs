@@ -248,6 +248,8 @@ async fn a_write_green_rejects_still_commits_and_is_reported_then_retried() {
         .await
         .unwrap();
     assert_eq!(score, 500, "the application's write must commit");
+    // leads is the follower's: the failure is recorded when it applies the change.
+    crate::support::drain(&url, MAPPING).await;
     let st = crate::support::status_json(&url, MAPPING).await;
     let failures = st["failures"].as_array().unwrap();
     assert_eq!(failures.len(), 1, "{st}");
@@ -279,6 +281,7 @@ async fn a_write_green_rejects_still_commits_and_is_reported_then_retried() {
     // A green-only column written on green survives a later re-derivation of its row.
     exec(&mut c, "UPDATE carbot_v2.workshops SET timezone = 'Europe/Zurich' WHERE id = (SELECT min(id::text)::uuid FROM public.workshops)").await;
     exec(&mut c, "UPDATE public.workshops SET name = 'Renamed' WHERE id = (SELECT min(id::text)::uuid FROM public.workshops)").await;
+    crate::support::drain(&url, MAPPING).await;
     let (tz, name): (String, String) = sqlx::query_as("SELECT timezone, name FROM carbot_v2.workshops WHERE id = (SELECT min(id::text)::uuid FROM public.workshops)")
         .fetch_one(&mut c)
         .await

@@ -249,9 +249,10 @@ async fn digests_do_not_depend_on_server_settings() {
     assert_eq!(before, after);
 }
 
-/// The live fast path (an entry fed by one blue table through its unique key): a write green
-/// rejects commits on blue and is recorded with its key; the next good write clears it; deletes
-/// and key changes reach green.
+/// A row-local entry (fed by one blue table through its unique key): a write green rejects
+/// commits on blue; its step gives way to the change log and the applier records the failure
+/// with its key; after the next good write the retry clears it; deletes and key changes reach
+/// green.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_local_entries_sync_fails_safe_and_recovers() {
     let url = types_db("validate_fast").await;
@@ -261,12 +262,14 @@ async fn row_local_entries_sync_fails_safe_and_recovers() {
         "UPDATE public.items SET amount = -5000 WHERE id = 12",
     )
     .await;
+    crate::support::drain(&url, TYPES).await;
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM bluegreen.sync_failures WHERE green_table = 'items' AND sync_key = '[12]'")
         .fetch_one(&mut c)
         .await
         .unwrap();
     assert_eq!(n, 1, "the rejected write must be recorded with its key");
     exec(&mut c, "UPDATE public.items SET amount = 12 WHERE id = 12").await;
+    crate::support::drain(&url, TYPES).await;
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM bluegreen.sync_failures")
         .fetch_one(&mut c)
         .await
@@ -284,8 +287,8 @@ async fn row_local_entries_sync_fails_safe_and_recovers() {
     );
 }
 
-/// Keys the live fast path must not trust: a DEFERRABLE key (duplicates between statements), a
-/// key whose green type is narrower than blue's, a nullable key. The application's writes succeed
+/// Keys a row-local step must not trust: a DEFERRABLE key (duplicates between statements), a
+/// key whose green type is narrower than blue's, a nullable sync key. The application's writes succeed
 /// and green ends equal to M(blue) (or, for the key that does not fit, the failure is reported).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_the_fast_path_cannot_trust() {

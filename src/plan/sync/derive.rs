@@ -1,67 +1,158 @@
 //! The re-derivation statements of one entry: `M(blue)` restricted to a set of sync keys, the
-//! upsert of its rows (mapped columns only, only rows whose rendering changes) and the delete of
-//! the green rows of those keys that `M(blue)` no longer produces; the fast path's versions over
-//! the statement's transition tables.
+//! upsert of its rows (mapped columns only, key columns never in `SET`, only rows whose rendering
+//! changes) and the delete of the green rows of those keys that `M(blue)` no longer produces.
+//!
+//! Two renderings. The applier's ([`ApplierEntry`]) takes the keys as `$1..$n` text arrays, one per
+//! sync-key column, cast in the statement: to blue's type where the key is a blue column (so blue's
+//! index serves the lookup, whatever green's type), to green's type otherwise. The trigger's
+//! (row-local entries only) reads the keys from the statement's transition tables and the values
+//! from blue itself, by those keys: the writer holds those rows and sees its own latest version,
+//! even after an application trigger rewrote the row in a nested statement.
 
-use super::SyncEntry;
+use super::{Key, SyncEntry};
 use crate::mapping::Mapping;
-use crate::plan::query::{Shape, column_sql, mapped_columns, mapping_select};
-use crate::sql::{Expr, Ident, join};
+use crate::plan::query::{Shape, mapped_columns, mapping_select, mapping_select_typed};
+use crate::sql::{Expr, Ident, QName, Sql, join, sql};
+
+/// Everything an applier runs for one entry, rendered once.
+#[derive(Clone, Debug)]
+pub struct ApplierEntry {
+    pub index: usize,
+    /// The green table's name (the entry's name).
+    pub name: String,
+    pub green: QName,
+    pub row_local: bool,
+    /// Sync-key columns, and whether one of them is nullable.
+    pub nkeys: usize,
+    pub nullable: bool,
+    /// The green column names of the sync key, in key order.
+    pub key_columns: Vec<String>,
+    /// Per blue table the entry reads: the keys touched by the change-log rows `$1` (ids), as
+    /// text, one column per key column.
+    pub finders: Vec<(QName, Sql)>,
+    pub upsert: Sql,
+    /// Green rows of the non-NULL keys that M(blue) no longer produces.
+    pub delete: Sql,
+    /// The same for NULL keys (nullable sync keys only).
+    pub delete_null: Option<Sql>,
+    /// Row-local entries: the blue rows of the keys, `FOR SHARE` (a writer in flight on them
+    /// commits first, and none starts until the applier is done), then green's `FOR UPDATE`.
+    pub lock_blue: Option<Sql>,
+    pub lock_green: Option<Sql>,
+    /// Every key green holds or M(blue) produces (a full re-derive, after a TRUNCATE).
+    pub all_keys: Sql,
+    /// `(key text[], row text)` of M(blue) restricted to the keys, in green's types; and of green.
+    pub blue_rows: Sql,
+    pub green_rows: Sql,
+    /// M(blue) restricted to the keys `$1..`, cast to green's types, an unmapped value NULL
+    /// (validate's re-check).
+    pub blue_typed: Sql,
+    /// The condition on `bluegreen_g` (green) selecting the keys `$1..`.
+    pub green_key_condition: String,
+    /// Record keys `$1..$n` as failed with the errors `$n+1` (text[]); migration `$n+2`.
+    pub record_failures: Sql,
+    /// Clear the failures of keys `$1..$n`; migration `$n+1`.
+    pub clear_failures: Sql,
+}
 
 impl SyncEntry<'_> {
-    /// `M(blue)` restricted to the keys in the parameter arrays `k0..`: non-NULL keys through an
-    /// indexable IN, NULL keys in a second branch the planner skips when there are none.
-    pub(super) fn restricted_m(&self, m: &Mapping, prefix: &str) -> String {
-        let u = self.unnest(prefix);
-        let in_keys = format!(
-            "{} IN (SELECT {} FROM {u} WHERE {})",
-            self.key_tuple(),
-            join((0..self.keys.len()).map(|j| format!("u.k{j}")), ", "),
-            self.all_not_null()
-        );
-        let null_keys = format!(
-            "EXISTS (SELECT 1 FROM {u} WHERE ({}) AND {})",
-            self.any_null(),
-            join(
-                self.keys.iter().enumerate().map(|(j, (_, x, ty))| format!(
-                    "u.k{j} IS NOT DISTINCT FROM {}::{ty}",
-                    Expr(x)
-                )),
-                " AND "
-            )
-        );
-        let has_null = format!("EXISTS (SELECT 1 FROM {u} WHERE {})", self.any_null());
-        let one = |extra_where: Vec<String>| {
-            mapping_select(
-                self.entry,
-                self.green,
-                &m.control_schema,
-                &Shape {
-                    extra_where,
-                    ..Shape::default()
-                },
-            )
-            .into_string()
-        };
+    /// The key arrays as a relation `u(k0, ...)`, zipped (`ROWS FROM`: the multi-argument
+    /// `unnest` is syntax, not a function one can qualify).
+    fn key_params(&self) -> String {
         format!(
-            "{} UNION ALL {}",
-            one(vec![in_keys]),
-            one(vec![has_null, null_keys])
+            "ROWS FROM ({}) AS u({})",
+            join(
+                (1..=self.keys.len()).map(|j| format!("pg_catalog.unnest(${j}::text[])")),
+                ", "
+            ),
+            join((0..self.keys.len()).map(|j| format!("k{j}")), ", ")
         )
     }
-    pub(super) fn mapped(&self) -> Vec<&str> {
+    fn all_not_null(&self) -> String {
+        join(
+            (0..self.keys.len()).map(|j| format!("u.k{j} IS NOT NULL")),
+            " AND ",
+        )
+    }
+    fn any_null(&self) -> String {
+        join(
+            (0..self.keys.len()).map(|j| format!("u.k{j} IS NULL")),
+            " OR ",
+        )
+    }
+    /// `(blue side) IN (SELECT (key values) FROM u WHERE non-NULL)`: blue columns compared as
+    /// themselves with the key cast to their type; other keys compared as green values.
+    fn keys_in(&self) -> String {
+        let lhs = join(self.keys.iter().map(blue_side), ", ");
+        let rhs = join(
+            self.keys.iter().enumerate().map(|(j, k)| match &k.blue {
+                Some((_, _, bt)) => format!("u.k{j}::{bt}"),
+                None => format!("u.k{j}::{}", k.green_type),
+            }),
+            ", ",
+        );
+        format!(
+            "({lhs}) IN (SELECT {rhs} FROM {} WHERE {})",
+            self.key_params(),
+            self.all_not_null()
+        )
+    }
+    /// NULL keys: matched with IS NOT DISTINCT FROM, in a branch the planner skips when no key
+    /// is NULL.
+    fn null_keys(&self) -> Vec<String> {
+        let u = self.key_params();
+        vec![
+            format!("EXISTS (SELECT 1 FROM {u} WHERE {})", self.any_null()),
+            format!(
+                "EXISTS (SELECT 1 FROM {u} WHERE ({}) AND {})",
+                self.any_null(),
+                join(
+                    self.keys.iter().enumerate().map(|(j, k)| format!(
+                        "u.k{j}::{} IS NOT DISTINCT FROM ({})::{}",
+                        k.green_type,
+                        Expr(&k.expr),
+                        k.green_type
+                    )),
+                    " AND "
+                )
+            ),
+        ]
+    }
+    /// `M(blue)` restricted to the keys `$1..`.
+    fn restricted_m(&self, m: &Mapping, typed: bool) -> String {
+        let one = |extra_where: Vec<String>| {
+            let shape = Shape {
+                extra_where,
+                lenient: typed,
+                ..Shape::default()
+            };
+            if typed {
+                mapping_select_typed(self.entry, self.green, &m.control_schema, &shape)
+            } else {
+                mapping_select(self.entry, self.green, &m.control_schema, &shape)
+            }
+            .into_string()
+        };
+        let mut s = one(vec![self.keys_in()]);
+        if self.nullable {
+            s = format!("{s} UNION ALL {}", one(self.null_keys()));
+        }
+        s
+    }
+    fn mapped(&self) -> Vec<&str> {
         mapped_columns(self.entry, self.green)
     }
 
     /// `INSERT INTO green (mapped columns) SELECT * FROM (<select>) ON CONFLICT (green key)`,
-    /// updating only the mapped columns, and only rows whose rendering changes.
-    pub(super) fn upsert(&self, select: &str) -> String {
+    /// updating only the mapped columns that are not the conflict key, and only rows whose
+    /// rendering changes.
+    fn upsert(&self, select: &str) -> String {
         let cols = self.mapped();
         let overriding = cols
             .iter()
             .any(|c| self.green.column(c).is_some_and(|gc| gc.identity == "a"));
         format!(
-            "INSERT INTO {t} AS bluegreen_g ({cols}){ov}\n    SELECT * FROM ({select}) AS m\n    ON CONFLICT ({key}) {conflict};",
+            "INSERT INTO {t} AS bluegreen_g ({cols}){ov} SELECT * FROM ({select}) AS m ON CONFLICT ({key}) {conflict}",
             t = self.green.qname(),
             cols = join(cols.iter().map(|c| Ident::new(*c)), ", "),
             ov = if overriding {
@@ -74,121 +165,83 @@ impl SyncEntry<'_> {
         )
     }
 
-    /// The fast path's upsert: M(blue) over the changed rows themselves.
-    pub(super) fn fast_up_sql(&self, m: &Mapping, changed: &str) -> String {
-        let alias = self.entry.from_clause.driving().alias.as_str();
-        let shape = Shape {
-            replace: Some((alias, changed)),
-            ..Shape::default()
+    fn conflict_clause(&self) -> String {
+        let others: Vec<&str> = self
+            .mapped()
+            .into_iter()
+            .filter(|c| !self.upsert_key.iter().any(|k| k == c))
+            .collect();
+        if others.is_empty() {
+            return "DO NOTHING".to_string();
+        }
+        // Compare the rendered rows, not the values: 1.98 and 1.980 are equal numerics but
+        // different green rows to `validate`.
+        let list = |p: &str| {
+            join(
+                others.iter().map(|c| format!("{p}{}", Ident::new(*c))),
+                ", ",
+            )
         };
-        self.upsert(mapping_select(self.entry, self.green, &m.control_schema, &shape).as_str())
+        format!(
+            "DO UPDATE SET {} WHERE ROW({})::text IS DISTINCT FROM ROW({})::text",
+            join(
+                others
+                    .iter()
+                    .map(|c| format!("{0} = EXCLUDED.{0}", Ident::new(*c))),
+                ", "
+            ),
+            list("bluegreen_g."),
+            list("EXCLUDED.")
+        )
     }
 
-    /// `(bluegreen_g.k1, ...)`: the sync-key columns of the green row being deleted.
-    pub(super) fn green_key_tuple(&self) -> String {
+    /// `(bluegreen_g.k1, ...)`: the sync-key columns of a green row.
+    fn green_key_tuple(&self) -> String {
         format!(
             "({})",
             join(
                 self.keys
                     .iter()
-                    .map(|(c, _, _)| format!("bluegreen_g.{}", Ident::new(c))),
+                    .map(|k| format!("bluegreen_g.{}", Ident::new(&k.green))),
                 ", "
             )
         )
     }
-
-    /// The fast path's delete: green rows of the old rows' keys that the new rows (if any) no
-    /// longer produce.
-    pub(super) fn fast_del_sql(&self, m: &Mapping, old: &str, new: Option<&str>) -> String {
-        let alias = Ident::new(&self.entry.from_clause.driving().alias);
-        let green_key = self.green_key_tuple();
-        let old_keys = join(
-            self.keys
-                .iter()
-                .map(|(_, x, ty)| format!("{}::{ty}", Expr(x))),
-            ", ",
-        );
-        let produced = match new {
-            None => String::new(),
-            Some(new) => {
-                let eq = join(
-                    self.upsert_key.iter().filter_map(|c| {
-                        let col = self.entry.column(c)?;
-                        let gc = self.green.column(c)?;
-                        Some(format!(
-                            "({})::{} IS NOT DISTINCT FROM bluegreen_g.{}",
-                            column_sql(self.entry, col, gc, &m.control_schema, false),
-                            gc.type_sql,
-                            Ident::new(c)
-                        ))
-                    }),
-                    " AND ",
-                );
-                let w = self
-                    .entry
-                    .where_
-                    .as_ref()
-                    .map(|w| format!(" AND {}", Expr(&w.text)))
-                    .unwrap_or_default();
-                format!(" AND NOT EXISTS (SELECT 1 FROM {new} AS {alias} WHERE {eq}{w})")
-            }
-        };
+    fn green_keys_in(&self) -> String {
         format!(
-            "DELETE FROM {t} AS bluegreen_g WHERE {green_key} IN (SELECT {old_keys} FROM {old} AS {alias}){produced};",
-            t = self.green.qname()
+            "{} IN (SELECT {} FROM {} WHERE {})",
+            self.green_key_tuple(),
+            join(
+                self.keys
+                    .iter()
+                    .enumerate()
+                    .map(|(j, k)| format!("u.k{j}::{}", k.green_type)),
+                ", "
+            ),
+            self.key_params(),
+            self.all_not_null()
         )
     }
-
-    pub(super) fn conflict_clause(&self) -> String {
-        let cols = self.mapped();
-        let others: Vec<&str> = cols
-            .iter()
-            .copied()
-            .filter(|c| !self.upsert_key.iter().any(|k| k == c))
-            .collect();
-        if others.is_empty() {
-            "DO NOTHING".to_string()
-        } else {
-            // Compare the rendered rows, not the values: 1.98 and 1.980 are equal numerics but
-            // different green rows to `validate`.
-            format!(
-                "DO UPDATE SET {} WHERE ROW({})::text IS DISTINCT FROM ROW({})::text",
-                join(
-                    others
-                        .iter()
-                        .map(|c| format!("{0} = EXCLUDED.{0}", Ident::new(*c))),
-                    ", "
-                ),
-                join(
-                    others
-                        .iter()
-                        .map(|c| format!("bluegreen_g.{}", Ident::new(*c))),
-                    ", "
-                ),
-                join(
-                    others
-                        .iter()
-                        .map(|c| format!("EXCLUDED.{}", Ident::new(*c))),
-                    ", "
-                )
+    fn green_null_keys_in(&self) -> String {
+        format!(
+            "EXISTS (SELECT 1 FROM {} WHERE ({}) AND {})",
+            self.key_params(),
+            self.any_null(),
+            join(
+                self.keys.iter().enumerate().map(|(j, k)| format!(
+                    "u.k{j}::{} IS NOT DISTINCT FROM bluegreen_g.{}",
+                    k.green_type,
+                    Ident::new(&k.green)
+                )),
+                " AND "
             )
-        }
+        )
     }
-
-    /// The upsert over the key arrays `{prefix}0..` (inlined in trigger functions, so its plan is
-    /// cached there).
-    pub(super) fn up_sql(&self, m: &Mapping, prefix: &str) -> String {
-        self.upsert(&self.restricted_m(m, prefix))
-    }
-
-    /// The delete statements over the key arrays `{prefix}0..`: green rows of those keys that
-    /// M(blue) no longer produces.
-    pub(super) fn del_sql(&self, m: &Mapping, prefix: &str) -> String {
-        let green_key = self.green_key_tuple();
-        let u = self.unnest(prefix);
-        let produced = format!(
+    /// Not produced by M(blue) for the keys: compared on the arbiter key.
+    fn not_produced(&self, m: &Mapping) -> String {
+        format!(
             "NOT EXISTS (SELECT 1 FROM ({}) AS m WHERE {})",
-            self.restricted_m(m, prefix),
+            self.restricted_m(m, false),
             join(
                 self.upsert_key.iter().map(|c| {
                     let ty = self
@@ -196,40 +249,248 @@ impl SyncEntry<'_> {
                         .column(c)
                         .map(|g| g.type_sql.as_str())
                         .unwrap_or("");
-                    let nullable = self.green.column(c).is_none_or(|g| !g.not_null);
-                    if nullable {
-                        format!(
-                            "m.{0}::{ty} IS NOT DISTINCT FROM bluegreen_g.{0}",
-                            Ident::new(c)
-                        )
-                    } else {
-                        format!("m.{0}::{ty} = bluegreen_g.{0}", Ident::new(c))
-                    }
+                    format!(
+                        "m.{0}::{ty} IS NOT DISTINCT FROM bluegreen_g.{0}",
+                        Ident::new(c)
+                    )
                 }),
                 " AND "
             )
-        );
-        format!(
-            "DELETE FROM {t} AS bluegreen_g WHERE {green_key} IN (SELECT {ks} FROM {u} WHERE {nn}) AND {produced};{nulls}",
-            nulls = if self.nullable {
-                format!(
-                    "\n    IF EXISTS (SELECT 1 FROM {u} WHERE {anynull}) THEN\n        DELETE FROM {t} AS bluegreen_g WHERE EXISTS (SELECT 1 FROM {u} WHERE ({anynull}) AND {match}) AND {produced};\n    END IF;",
-                    t = self.green.qname(),
-                    anynull = self.any_null(),
-                    r#match = join(
-                        self.keys.iter().enumerate().map(|(j, (c, _, _))| format!(
-                            "u.k{j} IS NOT DISTINCT FROM bluegreen_g.{}",
-                            Ident::new(c)
-                        )),
-                        " AND "
-                    ),
-                )
-            } else {
-                String::new()
-            },
-            t = self.green.qname(),
-            ks = join((0..self.keys.len()).map(|j| format!("u.k{j}")), ", "),
-            nn = self.all_not_null(),
         )
+    }
+
+    /// `jsonb_build_array(u.k0::<green type>, ...)`: a key as `sync_failures` records it (typed,
+    /// as green holds it).
+    fn key_json(&self) -> String {
+        format!(
+            "pg_catalog.jsonb_build_array({})",
+            join(
+                self.keys
+                    .iter()
+                    .enumerate()
+                    .map(|(j, k)| format!("u.k{j}::{}", k.green_type)),
+                ", "
+            )
+        )
+    }
+
+    /// Everything the applier runs for this entry.
+    pub fn applier(&self, m: &Mapping) -> ApplierEntry {
+        let t = self.green.qname();
+        let key_text = join(
+            self.keys
+                .iter()
+                .map(|k| format!("bluegreen_g.{}::text", Ident::new(&k.green))),
+            ", ",
+        );
+        let rows = |p: &str| {
+            join(
+                self.mapped()
+                    .iter()
+                    .map(|c| format!("{p}.{}", Ident::new(*c))),
+                ", ",
+            )
+        };
+        let arr = |p: &str| {
+            format!(
+                "ARRAY[{}]::text[]",
+                join(
+                    self.keys
+                        .iter()
+                        .map(|k| format!("{p}.{}::text", Ident::new(&k.green))),
+                    ", "
+                )
+            )
+        };
+        let green_where = if self.nullable {
+            format!(
+                "({} OR {})",
+                self.green_keys_in(),
+                self.green_null_keys_in()
+            )
+        } else {
+            self.green_keys_in()
+        };
+        let (lock_blue, lock_green) = if self.row_local() {
+            let d = self.entry.from_clause.driving();
+            (
+                Some(sql!(
+                    "SELECT 1 FROM {} AS {} WHERE {} FOR SHARE",
+                    d.table,
+                    Ident::new(&d.alias),
+                    self.keys_in()
+                )),
+                Some(sql!(
+                    "SELECT 1 FROM {t} AS bluegreen_g WHERE {} FOR UPDATE",
+                    self.green_keys_in()
+                )),
+            )
+        } else {
+            (None, None)
+        };
+        ApplierEntry {
+            index: self.index,
+            name: self.entry.name.clone(),
+            green: t.clone(),
+            row_local: self.row_local(),
+            nkeys: self.keys.len(),
+            nullable: self.nullable,
+            key_columns: self.keys.iter().map(|k| k.green.clone()).collect(),
+            finders: self
+                .reads()
+                .into_iter()
+                .map(|(x, _)| (x.clone(), self.find_keys_in_log(m, x)))
+                .collect(),
+            upsert: sql!("{}", self.upsert(&self.restricted_m(m, false))),
+            delete: sql!(
+                "DELETE FROM {t} AS bluegreen_g WHERE {} AND {}",
+                self.green_keys_in(),
+                self.not_produced(m)
+            ),
+            delete_null: self.nullable.then(|| {
+                sql!(
+                    "DELETE FROM {t} AS bluegreen_g WHERE {} AND {}",
+                    self.green_null_keys_in(),
+                    self.not_produced(m)
+                )
+            }),
+            lock_blue,
+            lock_green,
+            all_keys: sql!(
+                "SELECT {key_text} FROM {t} AS bluegreen_g UNION {}",
+                self.all_keys_of_blue()
+            ),
+            blue_rows: sql!(
+                "SELECT {}, ROW({})::text FROM ({}) AS b",
+                arr("b"),
+                rows("b"),
+                self.restricted_m(m, true)
+            ),
+            blue_typed: sql!("{}", self.restricted_m(m, true)),
+            green_key_condition: green_where.clone(),
+            green_rows: sql!(
+                "SELECT {}, ROW({})::text FROM {t} AS bluegreen_g WHERE {green_where}",
+                arr("bluegreen_g"),
+                rows("bluegreen_g")
+            ),
+            record_failures: {
+                let n = self.keys.len();
+                sql!(
+                    "INSERT INTO {f} (migration, green_table, sync_key, error) SELECT ${m_}, {entry}, {kj}, u.e FROM ROWS FROM ({arrays}, pg_catalog.unnest(${e}::text[])) AS u({cols}, e) ON CONFLICT (migration, green_table, sync_key) DO UPDATE SET error = EXCLUDED.error, failed_at = pg_catalog.now()",
+                    f = QName::new(&m.control_schema, "sync_failures"),
+                    m_ = n + 2,
+                    e = n + 1,
+                    entry = crate::sql::Literal::new(&self.entry.name),
+                    kj = self.key_json(),
+                    arrays = join(
+                        (1..=n).map(|j| format!("pg_catalog.unnest(${j}::text[])")),
+                        ", "
+                    ),
+                    cols = join((0..n).map(|j| format!("k{j}")), ", "),
+                )
+            },
+            clear_failures: sql!(
+                "DELETE FROM {f} WHERE migration = ${m_} AND green_table = {entry} AND sync_key IN (SELECT {kj} FROM {u})",
+                f = QName::new(&m.control_schema, "sync_failures"),
+                m_ = self.keys.len() + 1,
+                entry = crate::sql::Literal::new(&self.entry.name),
+                kj = self.key_json(),
+                u = self.key_params(),
+            ),
+        }
+    }
+
+    /// The trigger's upsert of a row-local entry: M(blue) for the blue rows whose keys are in the
+    /// statement's `new_rows`.
+    pub(super) fn row_local_upsert(&self, m: &Mapping) -> String {
+        let d = self.entry.from_clause.driving();
+        let cols = self.blue_key_columns();
+        let keys = format!(
+            "({}) IN (SELECT {} FROM new_rows AS n)",
+            join(
+                cols.iter()
+                    .map(|c| format!("{}.{}", Ident::new(&d.alias), Ident::new(c))),
+                ", "
+            ),
+            join(cols.iter().map(|c| format!("n.{}", Ident::new(c))), ", ")
+        );
+        let select = mapping_select(
+            self.entry,
+            self.green,
+            &m.control_schema,
+            &Shape {
+                extra_where: vec![keys],
+                ..Shape::default()
+            },
+        );
+        self.upsert(select.as_str())
+    }
+
+    /// The trigger's delete of a row-local entry: the green rows of `old_rows`' keys whose blue
+    /// row is gone or no longer passes `where`.
+    pub(super) fn row_local_delete(&self) -> String {
+        let d = self.entry.from_clause.driving();
+        let alias = Ident::new(&d.alias);
+        let cols = self.blue_key_columns();
+        let old = join(
+            self.keys
+                .iter()
+                .zip(&cols)
+                .map(|(k, c)| format!("o.{}::{}", Ident::new(c), k.green_type)),
+            ", ",
+        );
+        let same = join(
+            cols.iter()
+                .map(|c| format!("{alias}.{0} = o.{0}", Ident::new(c))),
+            " AND ",
+        );
+        let w = self
+            .entry
+            .where_
+            .as_ref()
+            .map(|w| format!(" AND {}", Expr(&w.text)))
+            .unwrap_or_default();
+        format!(
+            "DELETE FROM {t} AS bluegreen_g WHERE {gk} IN (SELECT {old} FROM old_rows AS o WHERE NOT EXISTS (SELECT 1 FROM {x} AS {alias} WHERE {same}{w}))",
+            t = self.green.qname(),
+            gk = self.green_key_tuple(),
+            x = d.table,
+        )
+    }
+
+    /// The blue columns of a row-local entry's keys (they exist: that is what row-local means).
+    fn blue_key_columns(&self) -> Vec<String> {
+        self.keys
+            .iter()
+            .map(|k| {
+                k.blue
+                    .as_ref()
+                    .map(|(_, c, _)| c.clone())
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    /// The keys M(blue) produces, as text.
+    fn all_keys_of_blue(&self) -> String {
+        format!(
+            "SELECT {} FROM {}{}",
+            join(
+                self.keys
+                    .iter()
+                    .map(|k| format!("(({})::{})::text", Expr(&k.expr), k.green_type)),
+                ", "
+            ),
+            self.entry.from_clause.render(),
+            crate::plan::query::where_clause(self.entry, &[])
+        )
+    }
+}
+
+/// The blue side of a key comparison: the blue column itself where the key is one.
+fn blue_side(k: &Key) -> String {
+    match &k.blue {
+        Some((a, c, _)) => format!("{}.{}", Ident::new(a), Ident::new(c)),
+        None => format!("({})::{}", Expr(&k.expr), k.green_type),
     }
 }

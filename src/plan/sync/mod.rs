@@ -1,19 +1,21 @@
-//! The SQL that keeps `green.T = M(blue)`: re-derivation by sync key (DESIGN.md, "How the
-//! invariant is kept", step 3) rendered as plpgsql functions in the control schema.
+//! The SQL that keeps `green.T = M(blue)` (DESIGN.md, "How the invariant is kept", step 3), and
+//! which entries are kept in step how.
 //!
-//! Per entry E two statements over arrays of sync keys: an upsert of `M(blue)` restricted to those
-//! keys (mapped columns only, so green-only columns survive) and a delete of the green rows of those
-//! keys that `M(blue)` no longer produces. They are inlined in the per-blue-table functions: the
-//! trigger function (`capture` body during copy: log the changed rows; `live` body afterwards:
-//! re-derive inside the writer's transaction), `catchup_X(ids)` replaying change-log rows, and
-//! `retry_E()` for recorded failures. All find the touched keys with one rule: the entry's sync-key
-//! expressions evaluated over its `from`, with X's alias reading the changed rows. Upserts run
-//! parents first, deletes children first (green foreign keys). Each entry runs in its own
-//! subtransaction: a failure is recorded with its keys, never raised to the application. Writers
-//! are serialised on joined values and keys with transaction-level advisory locks; entries fed by
-//! one table through a strict key take a fast path straight from the transition tables.
+//! Every entry is re-derived by sync key: `M(blue)` restricted to the touched keys is upserted on
+//! the mapped columns (green-only columns survive), and the green rows of those keys that `M(blue)`
+//! no longer produces are deleted. Two ways, chosen per entry ([`Mode`]):
 //!
-//! Pure: mapping + catalog in, SQL text out.
+//! - **Row-local** entries (one blue row per green row through a strict unique key, no join, no
+//!   `group_by`, green's unique keys and foreign keys implied by blue's): re-derived inside the
+//!   writer's own statement by the trigger, from blue read by the keys of the transition tables.
+//!   The blue row lock the writer holds orders concurrent writers; nothing else is locked.
+//! - **Follower** entries (everything else): the trigger only appends the changed rows to the
+//!   change log; an applier (`crate::sync`) re-derives them after the writer committed, from
+//!   committed blue, holding the touched keys among appliers (never against the application).
+//!
+//! `derive.rs` renders the re-derivation statements (the applier's, with the keys as `$n` text
+//! arrays, and the trigger's, over transition tables); `keys.rs` finds the keys a change touches;
+//! `functions.rs` assembles the trigger functions. Pure: mapping + catalog in, SQL text out.
 
 mod derive;
 mod functions;
@@ -23,25 +25,20 @@ mod tests;
 
 use crate::catalog::{self, Catalog};
 use crate::mapping::{Mapping, TableEntry};
-use crate::plan::keys::{plain_column_of, sync_key, upsert_key};
-use crate::sql::{Expr, Literal, QName, join};
+use crate::plan::keys::{key_column, sync_key, upsert_key};
+use crate::sql::scan::referenced_aliases;
+use crate::sql::{Literal, QName};
 
-pub use functions::{
-    capture_trigger_function, catchup_function, live_trigger_function, retry_function,
-};
-pub use keys::join_equalities;
-
-/// Above this many keys in one statement, re-derivation locks the whole entry instead of each key.
-pub const MAX_KEY_LOCKS: usize = 32;
+pub use derive::ApplierEntry;
+pub use functions::{capture_trigger_function, live_trigger_function};
 
 /// Settings pinned on every generated function, so expressions evaluate as in `plan` and `copy`
 /// whatever the application session's settings are: the session settings every connection pins
-/// (`crate::session`), the mapping's search_path, and no parallel plans inside a trigger.
-fn function_settings(m: &Mapping) -> String {
-    let mut s = format!(
-        "SECURITY DEFINER SET search_path = {}",
-        crate::plan::query::mapping_search_path(m)
-    );
+/// (`crate::session`), a search_path an application role cannot put objects on (expressions are
+/// deparsed fully qualified at prepare; `pg_temp` last so a temporary object never shadows), and no
+/// parallel plans inside a trigger.
+fn function_settings() -> String {
+    let mut s = String::from("SECURITY DEFINER SET search_path = pg_catalog, pg_temp");
     for (name, value) in crate::session::function_settings() {
         s.push_str(&format!(" SET {name} = {}", Literal::new(value)));
     }
@@ -49,24 +46,74 @@ fn function_settings(m: &Mapping) -> String {
     s
 }
 
+/// One sync-key column.
+#[derive(Clone, Debug)]
+pub struct Key {
+    /// The green column.
+    pub green: String,
+    /// The expression that fills it (over the entry's `from`).
+    pub expr: String,
+    pub green_type: String,
+    /// The blue column the expression reads, alone or cast to a type it widens to: (alias,
+    /// column, blue type). Lookups of blue by this key compare that column, so its index serves.
+    pub blue: Option<(String, String, String)>,
+}
+
+/// How an entry is kept in step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// In the writer's statement. `infallible`: every value is a blue column (or a widening cast,
+    /// or a map with a default) into a green table with no CHECK, no foreign key and no unique key
+    /// but the arbiter, so the step cannot fail and runs without a subtransaction.
+    RowLocal { infallible: bool },
+    /// By the follower, after the writer committed; `reason` says why not row-local.
+    Follower { reason: String },
+}
+
 /// One entry with what sync needs about it.
 pub struct SyncEntry<'a> {
     pub index: usize,
     pub entry: &'a TableEntry,
     pub green: &'a catalog::Table,
-    /// (green column, expression, green type)
-    pub keys: Vec<(String, String, String)>,
-    /// The green columns `ON CONFLICT` uses: the primary key, or a unique key, fully mapped.
+    pub keys: Vec<Key>,
+    /// The green columns `ON CONFLICT` uses (an arbiter key, fully mapped).
     pub upsert_key: Vec<String>,
     /// Some sync-key column of green is nullable, so NULL keys need their own branch.
     pub nullable: bool,
-    /// One blue table, ungrouped, keyed by plain columns that include a unique key of it: each
-    /// green row comes from exactly one blue row, so a change re-derives from the changed rows
-    /// alone (the live fast path: no second read of blue, no key arrays).
-    pub row_local: bool,
+    pub mode: Mode,
 }
 
-/// The entries sync can key (a sync key and an upsert key), parents before children.
+impl SyncEntry<'_> {
+    pub fn row_local(&self) -> bool {
+        matches!(self.mode, Mode::RowLocal { .. })
+    }
+    /// The blue tables this entry reads, with the aliases that read each.
+    pub fn reads(&self) -> Vec<(&QName, Vec<&str>)> {
+        let mut out: Vec<(&QName, Vec<&str>)> = Vec::new();
+        for it in &self.entry.from_clause.items {
+            match out.iter_mut().find(|(t, _)| *t == &it.table) {
+                Some((_, a)) => a.push(&it.alias),
+                None => out.push((&it.table, vec![&it.alias])),
+            }
+        }
+        out
+    }
+    pub fn aliases_of(&self, x: &QName) -> Vec<&str> {
+        self.entry
+            .from_clause
+            .items
+            .iter()
+            .filter(|i| &i.table == x)
+            .map(|i| i.alias.as_str())
+            .collect()
+    }
+    pub fn driving(&self) -> &QName {
+        &self.entry.from_clause.driving().table
+    }
+}
+
+/// The entries sync can key (a sync key and an arbiter key), parents before children, each with
+/// its mode.
 pub fn sync_entries<'a>(m: &'a Mapping, cat: &'a Catalog) -> Vec<SyncEntry<'a>> {
     let mut out = Vec::new();
     for (index, e) in m.tables.iter().enumerate() {
@@ -79,36 +126,36 @@ pub fn sync_entries<'a>(m: &'a Mapping, cat: &'a Catalog) -> Vec<SyncEntry<'a>> 
         let Some(upsert_key) = upsert_key(e, gt) else {
             continue;
         };
-        let keys: Vec<(String, String, String)> = keys
+        let aliases: Vec<&str> = e
+            .from_clause
+            .items
+            .iter()
+            .map(|i| i.alias.as_str())
+            .collect();
+        let keys: Vec<Key> = keys
             .into_iter()
             .filter_map(|(c, x)| {
-                let ty = gt.column(&c)?.type_sql.clone();
-                Some((c, x, ty))
+                let green_type = gt.column(&c)?.type_sql.clone();
+                let blue = match referenced_aliases(&x, &aliases).as_slice() {
+                    [a] => e
+                        .from_clause
+                        .item_by_alias(a)
+                        .and_then(|it| cat.table(&it.table))
+                        .and_then(|bt| key_column(&x, a, bt, &green_type))
+                        .map(|(col, ty)| (a.to_string(), col, ty)),
+                    _ => None,
+                };
+                Some(Key {
+                    green: c,
+                    expr: x,
+                    green_type,
+                    blue,
+                })
             })
             .collect();
         let nullable = keys
             .iter()
-            .any(|(c, _, _)| gt.column(c).is_none_or(|gc| !gc.not_null));
-        let driving = e.from_clause.driving();
-        let key_cols: Option<Vec<String>> = keys
-            .iter()
-            .map(|(_, x, _)| plain_column_of(x, &driving.alias))
-            .collect();
-        // The fast path needs one green row per blue row: a strict blue key (valid, immediate,
-        // NOT NULL) inside the sync key, and key values that reach green unchanged (same type).
-        let row_local = e.group_by.is_empty()
-            && e.from_clause.items.len() == 1
-            && !nullable
-            && key_cols.as_ref().is_some_and(|cols| {
-                cat.table(&driving.table).is_some_and(|bt| {
-                    bt.strict_unique_keys()
-                        .iter()
-                        .any(|uk| uk.iter().all(|c| cols.contains(c)))
-                        && keys.iter().zip(cols.iter()).all(|((_, _, gty), bc)| {
-                            bt.column(bc).is_some_and(|b| &b.type_sql == gty)
-                        })
-                })
-            });
+            .any(|k| gt.column(&k.green).is_none_or(|gc| !gc.not_null));
         out.push(SyncEntry {
             index,
             entry: e,
@@ -116,10 +163,198 @@ pub fn sync_entries<'a>(m: &'a Mapping, cat: &'a Catalog) -> Vec<SyncEntry<'a>> 
             keys,
             upsert_key,
             nullable,
-            row_local,
+            mode: Mode::Follower {
+                reason: String::new(),
+            },
         });
     }
+    classify(&mut out, m, cat);
     order_by_foreign_keys(out, m)
+}
+
+/// Why `e` cannot be re-derived in the writer's statement on its own terms (shape, key, green
+/// unique keys), or None.
+fn own_reason(e: &SyncEntry, cat: &Catalog) -> Option<String> {
+    let d = e.entry.from_clause.driving();
+    if !e.entry.group_by.is_empty() {
+        return Some("it groups blue rows (group_by)".into());
+    }
+    if e.entry.from_clause.items.len() > 1 {
+        let joined: Vec<String> = e.entry.from_clause.items[1..]
+            .iter()
+            .map(|i| i.table.display())
+            .collect();
+        return Some(format!("it reads {} through a join", joined.join(", ")));
+    }
+    let Some(bt) = cat.table(&d.table) else {
+        return Some("its driving table is not in the catalog".into());
+    };
+    let mut cols = Vec::new();
+    for k in &e.keys {
+        match &k.blue {
+            Some((a, c, _)) if *a == d.alias => cols.push(c.clone()),
+            _ => {
+                return Some(format!(
+                    "sync key {} (`{}`) is not a column of {} (or a cast that keeps every value)",
+                    k.green,
+                    k.expr,
+                    bt.qname().display()
+                ));
+            }
+        }
+    }
+    if !bt
+        .strict_unique_keys()
+        .iter()
+        .any(|uk| uk.iter().all(|c| cols.contains(c)))
+    {
+        return Some(format!(
+            "its sync key ({}) does not contain a unique NOT NULL key of {}",
+            cols.join(", "),
+            bt.qname().display()
+        ));
+    }
+    // Every green unique key must be implied by a blue one through plain column mappings, or two
+    // writers could wait for each other on green's index in an order they never waited in blue.
+    for ix in e.green.indexes.iter().filter(|ix| ix.unique) {
+        let blue_cols: Option<Vec<String>> = ix
+            .columns
+            .iter()
+            .map(|c| {
+                let c = c.as_ref()?;
+                let col = e.entry.column(c)?;
+                let gt = &e.green.column(c)?.type_sql;
+                if col.value_map.is_some() {
+                    return None;
+                }
+                key_column(&col.expr.text, &d.alias, bt, gt).map(|(b, _)| b)
+            })
+            .collect();
+        let implied = !ix.partial
+            && blue_cols.is_some_and(|bc| {
+                bt.strict_unique_keys()
+                    .iter()
+                    .any(|uk| uk.iter().all(|c| bc.contains(c)))
+            });
+        if !implied {
+            return Some(format!(
+                "green unique key {} is not implied by a unique key of {}",
+                ix.name,
+                bt.qname().display()
+            ));
+        }
+    }
+    None
+}
+
+/// Decide each entry's mode. Row-local also needs every green foreign key between the entry's
+/// table and another entry's table to connect row-local entries whose blue driving tables carry a
+/// foreign key the same way (DESIGN.md, rules from the design review, H1): otherwise the
+/// in-statement step would meet a parent the follower has not written yet.
+fn classify(entries: &mut [SyncEntry], m: &Mapping, cat: &Catalog) {
+    let mut reasons: Vec<Option<String>> = entries.iter().map(|e| own_reason(e, cat)).collect();
+    loop {
+        let mut changed = false;
+        for i in 0..entries.len() {
+            if reasons[i].is_some() {
+                continue;
+            }
+            if let Some(r) = foreign_key_reason(i, entries, &reasons, m, cat) {
+                reasons[i] = Some(r);
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    for (e, r) in entries.iter_mut().zip(reasons) {
+        e.mode = match r {
+            Some(reason) => Mode::Follower { reason },
+            None => Mode::RowLocal {
+                infallible: infallible(e, cat),
+            },
+        };
+    }
+}
+
+fn foreign_key_reason(
+    i: usize,
+    entries: &[SyncEntry],
+    reasons: &[Option<String>],
+    m: &Mapping,
+    cat: &Catalog,
+) -> Option<String> {
+    let me = &entries[i];
+    for (j, other) in entries.iter().enumerate() {
+        if j == i {
+            continue;
+        }
+        // (child, parent, fk name) for foreign keys in either direction between the two.
+        let mut links = Vec::new();
+        for fk in &me.green.foreign_keys {
+            if fk.ref_table == other.green.qname() {
+                links.push((me, other, fk.name.as_str()));
+            }
+        }
+        for fk in &other.green.foreign_keys {
+            if fk.ref_table == me.green.qname() {
+                links.push((other, me, fk.name.as_str()));
+            }
+        }
+        for (child, parent, name) in links {
+            if reasons[j].is_some() {
+                return Some(format!(
+                    "green foreign key {name} links it to {}, which the follower keeps",
+                    other.entry.name
+                ));
+            }
+            let enforced = cat.table(child.driving()).is_some_and(|bt| {
+                bt.foreign_keys
+                    .iter()
+                    .any(|f| &f.ref_table == parent.driving() && f.validated)
+            });
+            if !enforced {
+                return Some(format!(
+                    "green foreign key {name} is not enforced in blue between {} and {}",
+                    child.driving().display(),
+                    parent.driving().display()
+                ));
+            }
+        }
+    }
+    let _ = m;
+    None
+}
+
+/// A row-local step that cannot fail (see [`Mode::RowLocal`]).
+fn infallible(e: &SyncEntry, cat: &Catalog) -> bool {
+    let d = e.entry.from_clause.driving();
+    let Some(bt) = cat.table(&d.table) else {
+        return false;
+    };
+    let gt = e.green;
+    let no_constraints = gt.checks.is_empty()
+        && gt.foreign_keys.is_empty()
+        && cat
+            .tables
+            .values()
+            .all(|t| t.foreign_keys.iter().all(|f| f.ref_table != gt.qname()))
+        && gt.indexes.iter().filter(|ix| ix.unique).count() <= 1;
+    no_constraints
+        && e.entry.columns.iter().all(|c| {
+            let Some(gc) = gt.column(&c.name) else {
+                return true;
+            };
+            match &c.value_map {
+                Some(vm) => matches!(&vm.default, Some(d) if d.is_some() || !gc.not_null),
+                None => {
+                    key_column(&c.expr.text, &d.alias, bt, &gc.type_sql).is_some_and(|(col, _)| {
+                        !gc.not_null || bt.column(&col).is_some_and(|b| b.not_null)
+                    })
+                }
+            }
+        })
 }
 
 /// Parents before children among the green tables (green foreign keys); ties keep mapping order.
@@ -139,37 +374,4 @@ fn order_by_foreign_keys<'a>(mut entries: Vec<SyncEntry<'a>>, m: &Mapping) -> Ve
         ordered.push(entries.remove(pos));
     }
     ordered
-}
-
-impl SyncEntry<'_> {
-    pub(super) fn unnest(&self, prefix: &str) -> String {
-        format!(
-            "unnest({}) AS u({})",
-            join((0..self.keys.len()).map(|j| format!("{prefix}{j}")), ", "),
-            join((0..self.keys.len()).map(|j| format!("k{j}")), ", ")
-        )
-    }
-    pub(super) fn all_not_null(&self) -> String {
-        join(
-            (0..self.keys.len()).map(|j| format!("u.k{j} IS NOT NULL")),
-            " AND ",
-        )
-    }
-    pub(super) fn any_null(&self) -> String {
-        join(
-            (0..self.keys.len()).map(|j| format!("u.k{j} IS NULL")),
-            " OR ",
-        )
-    }
-    pub(super) fn key_tuple(&self) -> String {
-        format!(
-            "({})",
-            join(
-                self.keys
-                    .iter()
-                    .map(|(_, x, ty)| format!("{}::{ty}", Expr(x))),
-                ", "
-            )
-        )
-    }
 }

@@ -1,0 +1,779 @@
+//! The applier: re-derives the keys the change log touches, for the follower, `sync`, the
+//! catch-up at the live switch and validate's re-checks (DESIGN.md, rules from the design review:
+//! appliers).
+//!
+//! One batch is one READ COMMITTED transaction:
+//! 1. claim change-log rows `FOR UPDATE SKIP LOCKED` (several appliers share the log; ids are not
+//!    commit order, so rows are claimed and deleted by id, never up to a watermark);
+//! 2. find the keys they touch, per entry (coalesced: a key touched by many changes is re-derived
+//!    once); a row whose keys cannot even be found is set aside with its images as the failure;
+//! 3. take the keys' stripes (advisory locks, bounded per transaction, in one sorted statement,
+//!    so appliers serialise per key and never deadlock among themselves; the application never
+//!    takes them);
+//! 4. in new statements, so they see every commit before the locks: re-derive, upserts parents
+//!    first, deletes children first, each entry in a savepoint; a failure is narrowed to its keys
+//!    by halving and recorded with the database's error, never blocking the other keys;
+//! 5. delete exactly the claimed rows, commit.
+//!
+//! Row-local entries (which writers re-derive in their own statements) are applied holding their
+//! blue rows `FOR SHARE` and their green rows `FOR UPDATE` first, under a short `lock_timeout`: a
+//! writer in flight on a key commits before the applier reads it, and none overwrites the
+//! applier's work with older values. Blue before green is the writers' own order; a timeout (a
+//! writer holding rows in another order) leaves the batch in the log for a later try.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use sqlx::{Connection, PgConnection, Row};
+
+use crate::catalog::Catalog;
+use crate::control::table;
+use crate::diag::Diagnostic;
+use crate::mapping::Mapping;
+use crate::names;
+use crate::pg::{db_error, exec};
+use crate::plan::sync::{ApplierEntry, sync_entries};
+use crate::sql::{QName, Sql, sql};
+
+/// One key: its sync-key column values as text (NULL as None).
+pub type Key = Vec<Option<String>>;
+
+/// Keys re-derived per transaction at most; a larger fan-out is split.
+pub const KEYS_PER_TRANSACTION: usize = 2_000;
+/// How long a row-local apply may wait for a writer's row (below any deadlock_timeout).
+const ROW_LOCAL_LOCK_TIMEOUT: &str = "100ms";
+
+/// What the applier runs, for a mapping and the catalog.
+pub struct Plan {
+    pub entries: Vec<ApplierEntry>,
+}
+
+impl Plan {
+    /// Refuses a mapping with an entry sync cannot key.
+    pub fn new(m: &Mapping, cat: &Catalog) -> Result<Plan, Diagnostic> {
+        let entries = sync_entries(m, cat);
+        for e in &m.tables {
+            if !entries.iter().any(|s| s.entry.name == e.name) {
+                return Err(Diagnostic::error(
+                    "no-upsert-key",
+                    format!("green table {} has no primary key or NOT NULL unique key made of mapped columns, so sync cannot update its rows", e.name),
+                )
+                .table(&e.name)
+                .hint("add a primary key to the green table and map its columns"));
+            }
+        }
+        Ok(Plan {
+            entries: entries.iter().map(|e| e.applier(m)).collect(),
+        })
+    }
+    pub fn entry(&self, name: &str) -> Option<&ApplierEntry> {
+        self.entries.iter().find(|e| e.name == name)
+    }
+    /// The plan for an applier inside a fence on blue writes: no writer can be in flight, so
+    /// row-local keys need not (and must not: the fence holds the table) have their blue rows
+    /// locked.
+    pub fn fenced(&self) -> Plan {
+        Plan {
+            entries: self
+                .entries
+                .iter()
+                .cloned()
+                .map(|mut e| {
+                    e.lock_blue = None;
+                    e
+                })
+                .collect(),
+        }
+    }
+}
+
+/// What one call applied.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Applied {
+    /// Change-log rows consumed.
+    pub changes: usize,
+    /// Keys re-derived.
+    pub keys: usize,
+    /// Keys (or change rows) recorded as failed.
+    pub failed: usize,
+    /// A row-local apply gave way to a writer: the rows stay in the log for a later try.
+    pub deferred: bool,
+}
+
+impl Applied {
+    fn add(&mut self, o: Applied) {
+        self.changes += o.changes;
+        self.keys += o.keys;
+        self.failed += o.failed;
+        self.deferred |= o.deferred;
+    }
+}
+
+fn is_transient(d: &Diagnostic) -> bool {
+    crate::pg::locking::is_transient(d)
+}
+
+/// Start an applier transaction: READ COMMITTED, holding the appliers' lock shared.
+async fn begin(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagnostic> {
+    exec(conn, &sql!("BEGIN ISOLATION LEVEL READ COMMITTED")).await?;
+    sqlx::query("SELECT pg_catalog.pg_advisory_xact_lock_shared($1)")
+        .bind(names::appliers_lock(&m.migration))
+        .execute(&mut *conn)
+        .await
+        .map_err(db_error)?;
+    Ok(())
+}
+
+async fn rollback(conn: &mut PgConnection) {
+    let _ = exec(conn, &sql!("ROLLBACK")).await;
+}
+
+/// Claim up to `limit` change-log rows with ids up to `upto` and apply them, in one transaction
+/// (two or more when the keys they touch exceed [`KEYS_PER_TRANSACTION`]).
+pub async fn apply_batch(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    plan: &Plan,
+    limit: i64,
+    upto: i64,
+) -> Result<Applied, Diagnostic> {
+    begin(conn, m).await?;
+    match claim_and_apply(conn, m, plan, limit, upto).await {
+        Ok((applied, None)) => {
+            exec(conn, &sql!("COMMIT")).await?;
+            Ok(applied)
+        }
+        Ok((_, Some((ids, keys)))) => {
+            // Too many keys for one transaction: release the claim, apply in bounded
+            // transactions, then delete the rows (re-deriving twice is harmless).
+            exec(conn, &sql!("COMMIT")).await?;
+            let mut applied = apply_keys_bounded(conn, m, plan, &keys).await?;
+            if !applied.deferred {
+                begin(conn, m).await?;
+                delete_changes(conn, m, &ids).await?;
+                exec(conn, &sql!("COMMIT")).await?;
+                applied.changes = ids.len();
+            }
+            Ok(applied)
+        }
+        Err(d) => {
+            rollback(conn).await;
+            Err(d)
+        }
+    }
+}
+
+type Oversized = Option<(Vec<i64>, BTreeMap<usize, BTreeSet<Key>>)>;
+
+async fn claim_and_apply(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    plan: &Plan,
+    limit: i64,
+    upto: i64,
+) -> Result<(Applied, Oversized), Diagnostic> {
+    let rows = sqlx::query(sql!(
+        "SELECT id, blue_table, op, all_entries FROM {} WHERE migration = $1 AND id <= $3 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+        table(m, "changes")
+    ).assert_safe())
+    .bind(&m.migration)
+    .bind(limit)
+    .bind(upto)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    if rows.is_empty() {
+        return Ok((Applied::default(), None));
+    }
+    let mut ids = Vec::new();
+    // blue table -> (every id, ids for every entry)
+    let mut by_table: BTreeMap<String, (Vec<i64>, Vec<i64>)> = BTreeMap::new();
+    let mut truncated: BTreeSet<String> = BTreeSet::new();
+    for r in &rows {
+        let id: i64 = r.get("id");
+        let t: String = r.get("blue_table");
+        ids.push(id);
+        if r.get::<String, _>("op") == "T" {
+            truncated.insert(t);
+            continue;
+        }
+        let e = by_table.entry(t).or_default();
+        e.0.push(id);
+        if r.get::<bool, _>("all_entries") {
+            e.1.push(id);
+        }
+    }
+    for t in &truncated {
+        for e in &plan.entries {
+            if e.finders.iter().any(|(x, _)| &x.display() == t) {
+                request_rederive(conn, m, &e.name).await?;
+            }
+        }
+    }
+    let mut applied = Applied {
+        changes: ids.len(),
+        ..Applied::default()
+    };
+    let mut keys: BTreeMap<usize, BTreeSet<Key>> = BTreeMap::new();
+    for (pos, e) in plan.entries.iter().enumerate() {
+        for (x, finder) in &e.finders {
+            let Some((all, every)) = by_table.get(&x.display()) else {
+                continue;
+            };
+            let these = if e.row_local { every } else { all };
+            if these.is_empty() {
+                continue;
+            }
+            let (found, failed) = find_keys(conn, m, e, x, finder, these).await?;
+            applied.failed += failed;
+            keys.entry(pos).or_default().extend(found);
+        }
+    }
+    let total: usize = keys.values().map(BTreeSet::len).sum();
+    if total > KEYS_PER_TRANSACTION {
+        return Ok((applied, Some((ids, keys))));
+    }
+    let o = apply_keys(conn, m, plan, &keys, Phases::Both).await?;
+    applied.keys = o.keys;
+    applied.failed += o.failed;
+    applied.deferred = o.deferred;
+    if !o.deferred {
+        delete_changes(conn, m, &ids).await?;
+    } else {
+        applied.changes = 0;
+    }
+    Ok((applied, None))
+}
+
+async fn delete_changes(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    ids: &[i64],
+) -> Result<(), Diagnostic> {
+    crate::control::changes::delete(conn, m, ids).await
+}
+
+async fn request_rederive(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    entry: &str,
+) -> Result<(), Diagnostic> {
+    sqlx::query(sql!(
+        "INSERT INTO {} (migration, green_table) VALUES ($1, $2) ON CONFLICT (migration, green_table) DO UPDATE SET requested_at = pg_catalog.clock_timestamp()",
+        table(m, "rederive")
+    ).assert_safe())
+    .bind(&m.migration)
+    .bind(entry)
+    .execute(conn)
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+async fn savepoint(conn: &mut PgConnection, name: &str) -> Result<(), Diagnostic> {
+    exec(conn, &sql!("SAVEPOINT {name}")).await
+}
+async fn release(conn: &mut PgConnection, name: &str) -> Result<(), Diagnostic> {
+    exec(conn, &sql!("RELEASE SAVEPOINT {name}")).await
+}
+async fn rollback_to(conn: &mut PgConnection, name: &str) -> Result<(), Diagnostic> {
+    exec(conn, &sql!("ROLLBACK TO SAVEPOINT {name}")).await
+}
+
+async fn run_finder(
+    conn: &mut PgConnection,
+    e: &ApplierEntry,
+    finder: &Sql,
+    ids: &[i64],
+) -> Result<Vec<Key>, Diagnostic> {
+    let rows = sqlx::query(finder.assert_safe())
+        .bind(ids)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db_error)?;
+    rows.iter()
+        .map(|r| {
+            (0..e.nkeys)
+                .map(|j| r.try_get::<Option<String>, _>(j).map_err(db_error))
+                .collect()
+        })
+        .collect()
+}
+
+/// The keys the rows `ids` of table `x` touch for entry `e`. A row whose keys cannot be found
+/// (its key does not fit the green type) is moved to `failed_changes` for this entry.
+async fn find_keys(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    e: &ApplierEntry,
+    x: &QName,
+    finder: &Sql,
+    ids: &[i64],
+) -> Result<(Vec<Key>, usize), Diagnostic> {
+    savepoint(conn, "bluegreen_find").await?;
+    match run_finder(conn, e, finder, ids).await {
+        Ok(k) => {
+            release(conn, "bluegreen_find").await?;
+            return Ok((k, 0));
+        }
+        Err(_) => rollback_to(conn, "bluegreen_find").await?,
+    }
+    // One row at a time, to set aside only the rows that fail.
+    let mut keys = Vec::new();
+    let mut failed = 0;
+    for id in ids {
+        savepoint(conn, "bluegreen_find1").await?;
+        match run_finder(conn, e, finder, std::slice::from_ref(id)).await {
+            Ok(k) => {
+                release(conn, "bluegreen_find1").await?;
+                keys.extend(k);
+            }
+            Err(d) => {
+                rollback_to(conn, "bluegreen_find1").await?;
+                set_aside(conn, m, e, x, *id, &d).await?;
+                failed += 1;
+            }
+        }
+    }
+    Ok((keys, failed))
+}
+
+async fn set_aside(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    e: &ApplierEntry,
+    x: &QName,
+    id: i64,
+    d: &Diagnostic,
+) -> Result<(), Diagnostic> {
+    eprintln!(
+        "bluegreen: {}: a change to {} cannot be followed: {}",
+        e.name,
+        x.display(),
+        d.message
+    );
+    sqlx::query(sql!(
+        "INSERT INTO {} (id, migration, green_table, blue_table, op, old_row, new_row, all_entries, error) SELECT id, migration, $3, blue_table, op, old_row, new_row, all_entries, $4 FROM {} WHERE migration = $1 AND id = $2 ON CONFLICT (id, green_table) DO UPDATE SET error = EXCLUDED.error, failed_at = pg_catalog.now()",
+        table(m, "failed_changes"),
+        table(m, "changes")
+    ).assert_safe())
+    .bind(&m.migration)
+    .bind(id)
+    .bind(&e.name)
+    .bind(error_text(d))
+    .execute(conn)
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+fn error_text(d: &Diagnostic) -> String {
+    match d.sqlstate() {
+        Some(code) => format!("{code}: {}", d.message),
+        None => d.message.clone(),
+    }
+}
+
+/// Which half of a re-derivation to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phases {
+    /// Upserts (parents first), then deletes (children first).
+    Both,
+    Upserts,
+    Deletes,
+}
+
+/// Apply `keys` (per entry position) in bounded transactions of their own. One transaction when
+/// they fit; else the upserts of every entry (parents first), then the deletes (children first),
+/// each entry's keys in transactions of [`KEYS_PER_TRANSACTION`], so a child is never written
+/// before its parent nor a parent deleted before its children.
+pub async fn apply_keys_bounded(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    plan: &Plan,
+    keys: &BTreeMap<usize, BTreeSet<Key>>,
+) -> Result<Applied, Diagnostic> {
+    let total: usize = keys.values().map(BTreeSet::len).sum();
+    if total <= KEYS_PER_TRANSACTION {
+        return in_transaction(conn, m, plan, keys, Phases::Both).await;
+    }
+    let mut applied = Applied::default();
+    let order: Vec<usize> = (0..plan.entries.len()).collect();
+    for (phase, positions) in [
+        (Phases::Upserts, order.clone()),
+        (Phases::Deletes, order.into_iter().rev().collect::<Vec<_>>()),
+    ] {
+        for pos in positions {
+            let Some(ks) = keys.get(&pos) else { continue };
+            let ks: Vec<&Key> = ks.iter().collect();
+            for chunk in ks.chunks(KEYS_PER_TRANSACTION) {
+                let mut one = BTreeMap::new();
+                one.insert(pos, chunk.iter().map(|k| (*k).clone()).collect());
+                let o = in_transaction(conn, m, plan, &one, phase).await?;
+                applied.add(o);
+                if o.deferred {
+                    return Ok(applied);
+                }
+            }
+        }
+    }
+    Ok(applied)
+}
+
+async fn in_transaction(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    plan: &Plan,
+    keys: &BTreeMap<usize, BTreeSet<Key>>,
+    phases: Phases,
+) -> Result<Applied, Diagnostic> {
+    begin(conn, m).await?;
+    match apply_keys(conn, m, plan, keys, phases).await {
+        Ok(o) => {
+            exec(conn, &sql!("COMMIT")).await?;
+            Ok(o)
+        }
+        Err(d) => {
+            rollback(conn).await;
+            Err(d)
+        }
+    }
+}
+
+/// Re-derive `keys` (per entry position) in the caller's transaction: stripes, then upserts
+/// parents first and deletes children first (or the one half `phases` names).
+pub async fn apply_keys(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    plan: &Plan,
+    keys: &BTreeMap<usize, BTreeSet<Key>>,
+    phases: Phases,
+) -> Result<Applied, Diagnostic> {
+    let mut stripes: Vec<i64> = keys
+        .iter()
+        .flat_map(|(p, ks)| {
+            let name = &plan.entries[*p].name;
+            ks.iter()
+                .map(move |k| names::stripe_lock(&m.migration, name, names::stripe_of(k)))
+        })
+        .collect();
+    stripes.sort_unstable();
+    stripes.dedup();
+    if stripes.is_empty() {
+        return Ok(Applied::default());
+    }
+    sqlx::query("SELECT pg_catalog.pg_advisory_xact_lock(s) FROM (SELECT pg_catalog.unnest($1::int8[]) AS s ORDER BY 1) AS x")
+        .bind(&stripes)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_error)?;
+    let mut applied = Applied::default();
+    let mut failures: BTreeMap<usize, Vec<(Key, Diagnostic)>> = BTreeMap::new();
+    for pos in keys.keys() {
+        failures.insert(*pos, Vec::new());
+        applied.keys += keys[pos].len();
+    }
+    for (pos, e) in plan.entries.iter().enumerate() {
+        if phases == Phases::Deletes {
+            break;
+        }
+        let Some(ks) = keys.get(&pos) else { continue };
+        let ks: Vec<Key> = ks.iter().cloned().collect();
+        let mut up = vec![];
+        if e.row_local {
+            exec(
+                conn,
+                &sql!("SET LOCAL lock_timeout = '{ROW_LOCAL_LOCK_TIMEOUT}'"),
+            )
+            .await?;
+            up.extend(e.lock_blue.clone());
+            up.extend(e.lock_green.clone());
+        }
+        up.push(e.upsert.clone());
+        let f = failures.entry(pos).or_default();
+        let transient = phase(conn, e, &up, &ks, f).await?;
+        if e.row_local {
+            exec(conn, &sql!("SET LOCAL lock_timeout = DEFAULT")).await?;
+        }
+        if transient {
+            applied.deferred = true;
+            return Ok(applied);
+        }
+    }
+    for (pos, e) in plan.entries.iter().enumerate().rev() {
+        if phases == Phases::Upserts {
+            break;
+        }
+        let Some(ks) = keys.get(&pos) else { continue };
+        let failed: BTreeSet<&Key> = failures[&pos].iter().map(|(k, _)| k).collect();
+        let ks: Vec<Key> = ks.iter().filter(|k| !failed.contains(k)).cloned().collect();
+        let mut del = vec![];
+        // A delete in a transaction of its own takes the row locks the upsert took.
+        let lock = e.row_local && phases == Phases::Deletes;
+        if lock {
+            exec(
+                conn,
+                &sql!("SET LOCAL lock_timeout = '{ROW_LOCAL_LOCK_TIMEOUT}'"),
+            )
+            .await?;
+            del.extend(e.lock_blue.clone());
+            del.extend(e.lock_green.clone());
+        }
+        del.push(e.delete.clone());
+        del.extend(e.delete_null.clone());
+        let f = failures.entry(pos).or_default();
+        let transient = phase(conn, e, &del, &ks, f).await?;
+        if lock {
+            exec(conn, &sql!("SET LOCAL lock_timeout = DEFAULT")).await?;
+        }
+        if transient {
+            applied.deferred = true;
+            return Ok(applied);
+        }
+    }
+    for (pos, e) in plan.entries.iter().enumerate() {
+        let Some(ks) = keys.get(&pos) else { continue };
+        let failed = &failures[&pos];
+        applied.failed += failed.len();
+        record_failures(conn, m, e, ks, failed).await?;
+    }
+    Ok(applied)
+}
+
+/// Run `stmts` for `keys` in a savepoint; on a failure, halve the keys until the failing ones
+/// are alone and record them in `failures`. Returns true when a lock wait gave way (transient).
+async fn phase(
+    conn: &mut PgConnection,
+    e: &ApplierEntry,
+    stmts: &[Sql],
+    keys: &[Key],
+    failures: &mut Vec<(Key, Diagnostic)>,
+) -> Result<bool, Diagnostic> {
+    if keys.is_empty() {
+        return Ok(false);
+    }
+    let mut todo: Vec<&[Key]> = vec![keys];
+    while let Some(ks) = todo.pop() {
+        savepoint(conn, "bluegreen_apply").await?;
+        match run_statements(conn, e, stmts, ks).await {
+            Ok(()) => release(conn, "bluegreen_apply").await?,
+            Err(d) => {
+                rollback_to(conn, "bluegreen_apply").await?;
+                if is_transient(&d) {
+                    return Ok(true);
+                }
+                if ks.len() == 1 {
+                    failures.push((ks[0].clone(), d));
+                } else {
+                    let (a, b) = ks.split_at(ks.len() / 2);
+                    todo.push(a);
+                    todo.push(b);
+                }
+            }
+        }
+    }
+    Ok(false)
+}
+
+async fn run_statements(
+    conn: &mut PgConnection,
+    e: &ApplierEntry,
+    stmts: &[Sql],
+    keys: &[Key],
+) -> Result<(), Diagnostic> {
+    let columns: Vec<Vec<Option<String>>> = (0..e.nkeys)
+        .map(|j| keys.iter().map(|k| k[j].clone()).collect())
+        .collect();
+    for s in stmts {
+        let mut q = sqlx::query(s.assert_safe());
+        for c in &columns {
+            q = q.bind(c);
+        }
+        q.execute(&mut *conn).await.map_err(db_error)?;
+    }
+    Ok(())
+}
+
+/// A key as recorded in `sync_failures.sync_key` (a JSON array of the column texts).
+pub fn parse_key(json: &str) -> Option<Key> {
+    match serde_json::from_str::<serde_json::Value>(json).ok()? {
+        serde_json::Value::Array(vs) => vs
+            .into_iter()
+            .map(|v| match v {
+                serde_json::Value::Null => Some(None),
+                serde_json::Value::String(s) => Some(Some(s)),
+                other => Some(Some(other.to_string())),
+            })
+            .collect(),
+        _ => None,
+    }
+}
+
+/// Record the keys that failed, and clear the ones that applied.
+async fn record_failures(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    e: &ApplierEntry,
+    keys: &BTreeSet<Key>,
+    failed: &[(Key, Diagnostic)],
+) -> Result<(), Diagnostic> {
+    let bad: BTreeSet<&Key> = failed.iter().map(|(k, _)| k).collect();
+    let good: Vec<&Key> = keys.iter().filter(|k| !bad.contains(k)).collect();
+    let columns = |ks: &[&Key]| -> Vec<Vec<Option<String>>> {
+        (0..e.nkeys)
+            .map(|j| ks.iter().map(|k| k[j].clone()).collect())
+            .collect()
+    };
+    if !good.is_empty() {
+        let mut q = sqlx::query(e.clear_failures.assert_safe());
+        for c in columns(&good) {
+            q = q.bind(c);
+        }
+        q.bind(&m.migration)
+            .execute(&mut *conn)
+            .await
+            .map_err(db_error)?;
+    }
+    if !failed.is_empty() {
+        let ks: Vec<&Key> = failed.iter().map(|(k, _)| k).collect();
+        let errors: Vec<String> = failed.iter().map(|(_, d)| error_text(d)).collect();
+        let mut q = sqlx::query(e.record_failures.assert_safe());
+        for c in columns(&ks) {
+            q = q.bind(c);
+        }
+        q.bind(errors)
+            .bind(&m.migration)
+            .execute(&mut *conn)
+            .await
+            .map_err(db_error)?;
+    }
+    Ok(())
+}
+
+/// Re-derive up to `limit` keys recorded as failed (small batches: the blue rows of row-local
+/// keys are held `FOR SHARE` while they are applied).
+pub async fn retry_failures(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    plan: &Plan,
+    limit: i64,
+) -> Result<Applied, Diagnostic> {
+    let rows = sqlx::query(sql!(
+        "SELECT green_table, sync_key::text AS k FROM {} WHERE migration = $1 ORDER BY failed_at LIMIT $2",
+        table(m, "sync_failures")
+    ).assert_safe())
+    .bind(&m.migration)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    let mut keys: BTreeMap<usize, BTreeSet<Key>> = BTreeMap::new();
+    for r in rows {
+        let name: String = r.get("green_table");
+        let Some(pos) = plan.entries.iter().position(|e| e.name == name) else {
+            continue;
+        };
+        if let Some(k) = parse_key(&r.get::<String, _>("k"))
+            && k.len() == plan.entries[pos].nkeys
+        {
+            keys.entry(pos).or_default().insert(k);
+        }
+    }
+    if keys.is_empty() {
+        return Ok(Applied::default());
+    }
+    apply_keys_bounded(conn, m, plan, &keys).await
+}
+
+/// Put change-log rows set aside earlier back into the log, for another try.
+pub async fn requeue_failed_changes(
+    conn: &mut PgConnection,
+    m: &Mapping,
+) -> Result<u64, Diagnostic> {
+    let mut tx = conn.begin().await.map_err(db_error)?;
+    let f = table(m, "failed_changes");
+    let c = table(m, "changes");
+    let n = sqlx::query(sql!(
+        "INSERT INTO {c} (migration, blue_table, op, old_row, new_row, all_entries) SELECT DISTINCT ON (id) migration, blue_table, op, old_row, new_row, true FROM {f} WHERE migration = $1 ORDER BY id"
+    ).assert_safe())
+    .bind(&m.migration)
+    .execute(&mut *tx)
+    .await
+    .map_err(db_error)?
+    .rows_affected();
+    sqlx::query(sql!("DELETE FROM {f} WHERE migration = $1").assert_safe())
+        .bind(&m.migration)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    tx.commit().await.map_err(db_error)?;
+    Ok(n)
+}
+
+/// Re-derive whole every entry a TRUNCATE marked: all keys green holds or M(blue) produces, in
+/// bounded transactions; the mark goes only if no newer TRUNCATE renewed it meanwhile.
+pub async fn rederive_marked(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    plan: &Plan,
+) -> Result<Applied, Diagnostic> {
+    let marks = sqlx::query(
+        sql!(
+            "SELECT green_table, requested_at::text AS at FROM {} WHERE migration = $1",
+            table(m, "rederive")
+        )
+        .assert_safe(),
+    )
+    .bind(&m.migration)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    let mut applied = Applied::default();
+    for r in marks {
+        let name: String = r.get("green_table");
+        let at: String = r.get("at");
+        let Some(pos) = plan.entries.iter().position(|e| e.name == name) else {
+            continue;
+        };
+        let e = &plan.entries[pos];
+        let keys = run_all_keys(conn, e).await?;
+        eprintln!(
+            "bluegreen: {name}: re-deriving all {} key(s) after a TRUNCATE",
+            keys.len()
+        );
+        let mut map = BTreeMap::new();
+        map.insert(pos, keys);
+        let o = apply_keys_bounded(conn, m, plan, &map).await?;
+        applied.add(o);
+        if o.deferred {
+            continue;
+        }
+        sqlx::query(sql!(
+            "DELETE FROM {} WHERE migration = $1 AND green_table = $2 AND requested_at <= $3::timestamptz",
+            table(m, "rederive")
+        ).assert_safe())
+        .bind(&m.migration)
+        .bind(&name)
+        .bind(&at)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_error)?;
+    }
+    Ok(applied)
+}
+
+async fn run_all_keys(
+    conn: &mut PgConnection,
+    e: &ApplierEntry,
+) -> Result<BTreeSet<Key>, Diagnostic> {
+    let rows = sqlx::query(e.all_keys.assert_safe())
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db_error)?;
+    rows.iter()
+        .map(|r| {
+            (0..e.nkeys)
+                .map(|j| r.try_get::<Option<String>, _>(j).map_err(db_error))
+                .collect()
+        })
+        .collect()
+}

@@ -1,0 +1,95 @@
+//! A brief fence on blue writes, to get a snapshot in which green is exactly M(blue): lock the blue
+//! tables the mapping reads `EXCLUSIVE` (reads go on; no writer is in flight once granted, so the
+//! change log is frozen), drain the log with an applier on another connection, export a snapshot,
+//! let the caller import it, release. Writes wait only while the fence is held, which is bounded
+//! by `budget`; the lock is taken under a `lock_timeout` below `deadlock_timeout`, in one fixed
+//! order, and retried, so the fence gives way rather than the application (DESIGN.md, the cutover
+//! fence, steps 1 and 2). Used by validate for the checks that compare green with blue.
+
+use std::time::Duration;
+
+use sqlx::{Connection, PgConnection};
+
+use super::{Plan, drain};
+use crate::diag::Diagnostic;
+use crate::mapping::Mapping;
+use crate::pg::locking::{ATTEMPTS, attempt_timeout_ms, deadlock_timeout_ms, is_transient};
+use crate::pg::{db_error, exec};
+use crate::sql::{join, sql};
+
+/// A held fence: the transaction holding the locks, and the snapshot it exported.
+pub struct Fence {
+    conn: PgConnection,
+    pub snapshot: String,
+}
+
+impl Fence {
+    /// Release the locks (after the caller imported the snapshot).
+    pub async fn release(mut self) -> Result<(), Diagnostic> {
+        exec(&mut self.conn, &sql!("COMMIT")).await?;
+        self.conn.close().await.map_err(db_error)
+    }
+}
+
+/// Fence blue writes, drain, export a snapshot. None when the lock is not granted after the
+/// retries or the drain does not finish within `budget` (nothing is held then).
+pub async fn fenced_snapshot(
+    url: &str,
+    m: &Mapping,
+    plan: &Plan,
+    lock_timeout_ms: u64,
+    budget: Duration,
+) -> Result<Option<Fence>, Diagnostic> {
+    let mut f = crate::pg::connect(url).await?;
+    let mut tables = m.blue_tables_read();
+    tables.sort();
+    let lock = sql!("LOCK TABLE {} IN EXCLUSIVE MODE", join(tables.iter(), ", "));
+    let timeout = attempt_timeout_ms(lock_timeout_ms, deadlock_timeout_ms(&mut f).await?);
+    let mut granted = false;
+    let mut delay = Duration::from_millis(50);
+    for _ in 0..ATTEMPTS {
+        exec(&mut f, &sql!("BEGIN")).await?;
+        exec(&mut f, &sql!("SET LOCAL lock_timeout = '{timeout}ms'")).await?;
+        match exec(&mut f, &lock).await {
+            Ok(()) => {
+                granted = true;
+                break;
+            }
+            Err(d) if is_transient(&d) => {
+                exec(&mut f, &sql!("ROLLBACK")).await?;
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(d) => {
+                let _ = exec(&mut f, &sql!("ROLLBACK")).await;
+                return Err(d);
+            }
+        }
+    }
+    if !granted {
+        return Ok(None);
+    }
+    // No blue writer is in flight, so the applier need not hold blue rows: its FOR SHARE would
+    // wait for this very fence.
+    let fenced = plan.fenced();
+    let mut a = crate::pg::connect(url).await?;
+    match tokio::time::timeout(budget, drain(&mut a, m, &fenced)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(d)) => {
+            let _ = exec(&mut f, &sql!("ROLLBACK")).await;
+            return Err(d);
+        }
+        Err(_) => {
+            // Over budget: let the writers go; the applier's transaction dies with its
+            // connection.
+            drop(a);
+            exec(&mut f, &sql!("ROLLBACK")).await?;
+            return Ok(None);
+        }
+    }
+    let snapshot: String = sqlx::query_scalar("SELECT pg_catalog.pg_export_snapshot()")
+        .fetch_one(&mut f)
+        .await
+        .map_err(db_error)?;
+    Ok(Some(Fence { conn: f, snapshot }))
+}
