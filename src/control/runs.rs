@@ -8,6 +8,7 @@ use super::{Phase, exists, query, scalar, table};
 use crate::diag::Diagnostic;
 use crate::mapping::Mapping;
 use crate::pg::db_error;
+use crate::probe::resolve::Resolved;
 use crate::sql::{Ident, sql};
 
 /// The current phase: `new` when nothing was prepared; an error for a phase this version does
@@ -81,6 +82,49 @@ pub async fn register(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagno
     .bind(Phase::New.as_str())
     .bind(&m.blue)
     .bind(&m.green)
+    .execute(conn)
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+/// The mapping with its expressions as PostgreSQL resolved them at prepare (stored in `runs`, so
+/// every later command runs exactly those texts); resolved now, and stored, for a migration
+/// prepared before they were kept.
+pub async fn resolved_mapping(conn: &mut PgConnection, m: &Mapping) -> Result<Mapping, Diagnostic> {
+    if m.resolved {
+        return Ok(m.clone());
+    }
+    let stored = if exists(conn, m).await? {
+        field(conn, m, "resolved").await?
+    } else {
+        None
+    };
+    let r = match stored.and_then(|t| serde_json::from_str::<Resolved>(&t).ok()) {
+        Some(r) => r,
+        None => {
+            let r = crate::probe::resolve::resolve(conn, m).await?;
+            store_resolved(conn, m, &r).await?;
+            r
+        }
+    };
+    Ok(crate::probe::resolve::apply(m, &r))
+}
+
+/// Keep the resolved expressions with the run (a no-op before the run's row exists).
+pub async fn store_resolved(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    r: &Resolved,
+) -> Result<(), Diagnostic> {
+    if !exists(conn, m).await? {
+        return Ok(());
+    }
+    query(
+        m,
+        "UPDATE {runs} SET resolved = $2::jsonb WHERE migration = $1",
+    )
+    .bind(serde_json::to_string(r).expect("serialises"))
     .execute(conn)
     .await
     .map_err(db_error)?;

@@ -122,6 +122,7 @@ pub async fn copy(url: &str, m: &Mapping, o: &Options) -> Result<(), Diagnostic>
         return Ok(());
     }
     locking::try_runner_lock(&mut conn, &m.migration, false).await?;
+    let m = &runs::resolved_mapping(&mut conn, m).await?;
     let cat = Arc::new(control::load_catalog(&mut conn, m).await?);
     prepare::static_gate(m, &cat)?;
     if phase == Phase::Prepared {

@@ -38,6 +38,8 @@ async fn prepare_locked(
         return Ok(());
     }
     runs::register(conn, m).await?;
+    // The expressions as PostgreSQL resolves them now, kept for every later command.
+    runs::resolved_mapping(conn, m).await?;
     events::record(conn, m, "prepare", "started", serde_json::json!({})).await?;
     green_ddl(conn, m, lock_timeout_ms).await?;
 

@@ -42,6 +42,10 @@ pub struct Mapping {
     pub checks: Option<PathBuf>,
     pub settings: Settings,
     pub tables: Vec<TableEntry>,
+    /// The expressions are PostgreSQL's fully qualified renderings (`probe::resolve`), to run
+    /// under `search_path = pg_catalog, pg_temp`; false: as written, with blue on the path.
+    #[serde(skip)]
+    pub resolved: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -311,6 +315,7 @@ impl Converter<'_> {
             return Err(Rejected(self.diags));
         }
         Ok(Mapping {
+            resolved: false,
             path: self.path.to_path_buf(),
             source: source.to_string(),
             migration,

@@ -49,7 +49,13 @@ pub fn column_sql(
 /// The `search_path` mapping SQL is evaluated with everywhere (plan, copy, sync functions,
 /// validate): built-ins first, then the blue schema for unqualified user functions.
 pub fn mapping_search_path(m: &crate::mapping::Mapping) -> String {
-    format!("pg_catalog, {}", Ident::new(&m.blue))
+    if m.resolved {
+        // Every name in the expressions is qualified: nothing an application role can create
+        // on a search path is consulted, and `pg_temp` comes last so it never shadows.
+        "pg_catalog, pg_temp".to_string()
+    } else {
+        format!("pg_catalog, {}", Ident::new(&m.blue))
+    }
 }
 
 /// `SET [LOCAL] search_path` to [`mapping_search_path`].

@@ -19,6 +19,7 @@ mod compile;
 mod ddl;
 mod deps;
 mod profile;
+pub mod resolve;
 
 use std::collections::BTreeMap;
 

@@ -95,6 +95,8 @@ async fn run(
     done: &mut Followed,
 ) -> Result<(), Diagnostic> {
     let mut conn = crate::pg::connect(url).await?;
+    crate::control::runs::check_mapping(&mut conn, m).await?;
+    let m = &crate::control::runs::resolved_mapping(&mut conn, m).await?;
     let plan: Plan = super::plan(&mut conn, m).await?;
     register(&mut conn, m).await?;
     let mut last_beat = Instant::now();
@@ -152,7 +154,17 @@ pub async fn follow(url: &str, m: &Mapping, stop: Arc<AtomicBool>) -> Result<Fol
     loop {
         match run(url, m, &stop, &mut done).await {
             Ok(()) => return Ok(done),
-            Err(d) if d.code == "no-upsert-key" || d.code == "not-copied" => return Err(d),
+            Err(d)
+                if [
+                    "no-upsert-key",
+                    "not-copied",
+                    "mapping-changed",
+                    "unknown-phase",
+                ]
+                .contains(&d.code) =>
+            {
+                return Err(d);
+            }
             Err(d) => {
                 if stop.load(Ordering::Relaxed) {
                     return Ok(done);

@@ -97,6 +97,7 @@ async fn switch(
     if phase >= Phase::Live {
         return Ok(());
     }
+    let m = &runs::resolved_mapping(conn, m).await?;
     if phase < Phase::Copied {
         return Err(not_copied(m, phase));
     }
@@ -191,6 +192,7 @@ pub async fn sync(conn: &mut PgConnection, m: &Mapping) -> Result<SyncReport, Di
     }
     runs::check_mapping(conn, m).await?;
     runs::check_drift(conn, m).await?;
+    let m = &runs::resolved_mapping(conn, m).await?;
     let plan = plan(conn, m).await?;
     let requeued = apply::requeue_failed_changes(conn, m).await?;
     let started: String = sqlx::query_scalar("SELECT pg_catalog.clock_timestamp()::text")

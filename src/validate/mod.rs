@@ -422,6 +422,16 @@ fn chunk_err(e: &TableEntry, err: &sqlx::Error) -> Diagnostic {
 /// record the result in the control schema for the cutover gate.
 pub async fn run(url: &str, m: &Mapping, o: &Options) -> Result<report::Report, Diagnostic> {
     let checks_file = m.checks.as_deref().map(checks::load).transpose()?;
+    let m = &{
+        let mut c = crate::pg::connect(url).await?;
+        if control::exists(&mut c, m).await?
+            && runs::phase(&mut c, m).await? >= control::Phase::Prepared
+        {
+            runs::resolved_mapping(&mut c, m).await?
+        } else {
+            m.clone()
+        }
+    };
     let mut outcome = compare(url, m, o).await?;
     // Differences of keys a pending change touches are not differences: apply, re-check, decide.
     let settled = lag::settle(
