@@ -38,6 +38,11 @@ pub struct Table {
     pub schema: String,
     pub name: String,
     pub partitioned: bool,
+    /// Inheritance children (not partitions): the parent's keys do not span them.
+    pub inherited: bool,
+    /// A logical-replication subscription writes it (its apply worker fires no statement
+    /// triggers).
+    pub subscribed: bool,
     /// `pg_class.reltuples`: -1 when never analysed.
     pub reltuples: f64,
     pub total_bytes: i64,
@@ -48,6 +53,8 @@ pub struct Table {
     pub checks: Vec<Check>,
     pub foreign_keys: Vec<ForeignKey>,
     pub indexes: Vec<Index>,
+    /// Exclusion constraints.
+    pub exclusions: Vec<Key>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -162,6 +169,10 @@ impl Table {
     /// Keys that hold at every statement's end: unique, valid, not deferrable, not partial, on
     /// plain NOT NULL columns.
     pub fn strict_unique_keys(&self) -> Vec<Vec<String>> {
+        if self.inherited {
+            // A key of the parent holds within the parent only; children may repeat its values.
+            return Vec::new();
+        }
         self.indexes
             .iter()
             .filter(|ix| {
@@ -295,6 +306,8 @@ pub async fn load(conn: &mut PgConnection, schemas: &[&str]) -> Result<Catalog, 
             schema: get(&r, "schema")?,
             name: get(&r, "name")?,
             partitioned: get::<String>(&r, "kind")? == "p",
+            inherited: get(&r, "inherited")?,
+            subscribed: get(&r, "subscribed")?,
             reltuples: get(&r, "reltuples")?,
             total_bytes: get(&r, "total_bytes")?,
             heap_bytes: get(&r, "heap_bytes")?,
@@ -304,6 +317,7 @@ pub async fn load(conn: &mut PgConnection, schemas: &[&str]) -> Result<Catalog, 
             checks: Vec::new(),
             foreign_keys: Vec::new(),
             indexes: Vec::new(),
+            exclusions: Vec::new(),
         };
         by_oid.insert(t.oid, t);
     }
@@ -342,6 +356,7 @@ pub async fn load(conn: &mut PgConnection, schemas: &[&str]) -> Result<Catalog, 
         match get::<String>(&r, "kind")?.as_str() {
             "p" => t.primary_key = Some(Key { name, columns }),
             "u" => t.unique.push(Key { name, columns }),
+            "x" => t.exclusions.push(Key { name, columns }),
             "c" => t.checks.push(Check {
                 name,
                 expr: get::<Option<String>>(&r, "check_expr")?.unwrap_or_default(),

@@ -2,7 +2,7 @@
 //! interrupted command knows where it stopped), the blue fingerprint that detects DDL drift, and
 //! the digest of the mapping it was prepared with.
 
-use sqlx::PgConnection;
+use sqlx::{Connection, PgConnection};
 
 use super::{Phase, exists, query, scalar, table};
 use crate::diag::Diagnostic;
@@ -176,6 +176,16 @@ pub async fn blue_fingerprint(conn: &mut PgConnection, m: &Mapping) -> Result<St
         .iter()
         .map(|(ev, _)| crate::names::sync_trigger(&m.migration, ev))
         .collect();
+    // Under search_path = pg_catalog every name prints schema-qualified, whatever the session's
+    // search_path (the fingerprint must not depend on who computes it, or where).
+    // (Inside a caller's transaction `begin` is a savepoint: the setting is put back by hand.)
+    let mut tx = conn.begin().await.map_err(db_error)?;
+    let old: String = sqlx::query_scalar(
+        "SELECT pg_catalog.current_setting('search_path'), pg_catalog.set_config('search_path', 'pg_catalog', true)",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db_error)?;
     let text: Option<String> = sqlx::query_scalar(
         "WITH RECURSIVE t(oid) AS (
              SELECT to_regclass(n)::oid FROM pg_catalog.unnest($1::text[]) n
@@ -194,9 +204,15 @@ pub async fn blue_fingerprint(conn: &mut PgConnection, m: &Mapping) -> Result<St
     )
     .bind(&names)
     .bind(&triggers)
-    .fetch_one(&mut *conn)
+    .fetch_one(&mut *tx)
     .await
     .map_err(db_error)?;
+    sqlx::query("SELECT pg_catalog.set_config('search_path', $1, true)")
+        .bind(&old)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    tx.commit().await.map_err(db_error)?;
     Ok(text.unwrap_or_default())
 }
 

@@ -14,7 +14,7 @@ use crate::sql::QName;
 /// Failures listed at most (the total is always given).
 const FAILURES_SHOWN: i64 = 100;
 
-/// A follower counts as alive while its heartbeat is this recent.
+/// A follower counts as alive while its session is connected and its heartbeat this recent.
 pub const ALIVE_SECONDS: f64 = 5.0;
 
 #[derive(Debug, Serialize)]
@@ -117,7 +117,7 @@ pub async fn status(conn: &mut PgConnection, m: &Mapping) -> Result<Status, Diag
     .fetch_all(&mut *conn)
     .await
     .map_err(db_error)?;
-    for r in query(m, "SELECT host, pid, started_at::text AS s, heartbeat_at::text AS h, extract(epoch FROM pg_catalog.now() - heartbeat_at)::float8 AS age, applied FROM {followers} WHERE migration = $1 ORDER BY host, pid")
+    for r in query(m, "SELECT host, pid, started_at::text AS s, heartbeat_at::text AS h, extract(epoch FROM pg_catalog.now() - heartbeat_at)::float8 AS age, applied, EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = f.backend_pid AND a.backend_start <= f.started_at) AS connected FROM {followers} f WHERE migration = $1 ORDER BY host, pid")
         .fetch_all(&mut *conn)
         .await
         .map_err(db_error)?
@@ -129,7 +129,8 @@ pub async fn status(conn: &mut PgConnection, m: &Mapping) -> Result<Status, Diag
             started_at: r.get("s"),
             heartbeat_at: r.get("h"),
             heartbeat_age_seconds: age,
-            alive: age <= ALIVE_SECONDS,
+            // A killed follower's session is gone at once; a hung one stops beating.
+            alive: age <= ALIVE_SECONDS && r.get::<bool, _>("connected"),
             applied: r.get("applied"),
         });
     }

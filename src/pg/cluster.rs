@@ -133,7 +133,8 @@ impl Cluster {
         let opts = format!(
             "-c listen_addresses='' -c unix_socket_directories='{}' -c fsync=off \
              -c synchronous_commit=off -c full_page_writes=off -c max_connections=200 \
-             -c shared_buffers=256MB -c max_wal_size=4GB -c password_encryption=scram-sha-256",
+             -c shared_buffers=256MB -c max_wal_size=4GB -c password_encryption=scram-sha-256 \
+             -c log_line_prefix='%m [%p] db=%d '",
             cluster.dir.display()
         );
         cluster.run(

@@ -7,7 +7,7 @@ use crate::diag::{Diagnostic, did_you_mean};
 use crate::mapping::{Mapping, Reverse};
 use crate::sql::QName;
 
-use super::keys::sync_key;
+use super::keys::{sync_key, upsert_key};
 
 pub fn static_checks(m: &Mapping, cat: &Catalog) -> Vec<Diagnostic> {
     let mut out = Vec::new();
@@ -20,6 +20,17 @@ pub fn static_checks(m: &Mapping, cat: &Catalog) -> Vec<Diagnostic> {
         .collect();
     for e in &m.tables {
         for item in &e.from_clause.items {
+            if cat.table(&item.table).is_some_and(|t| t.subscribed) {
+                out.push(
+                    Diagnostic::error(
+                        "subscribed-blue-table",
+                        format!("blue table {} is written by a logical-replication subscription", item.table.display()),
+                    )
+                    .at(Some(e.from.span.clone()))
+                    .table(&e.name)
+                    .hint("the subscription's apply worker fires no statement triggers, so sync would miss its writes: migrate on the publisher, or stop the subscription's writes first"),
+                );
+            }
             if cat.table(&item.table).is_none() {
                 let wanted = item.table.display();
                 out.push(
@@ -102,6 +113,17 @@ pub fn static_checks(m: &Mapping, cat: &Catalog) -> Vec<Diagnostic> {
                     .hint("map it in `columns`, or give it a DEFAULT in the green DDL"),
                 );
             }
+        }
+        if upsert_key(e, gt).is_none() {
+            out.push(
+                Diagnostic::error(
+                    "no-upsert-key",
+                    format!("green table {}.{} has no primary key or NOT NULL unique key made of mapped columns, so sync cannot update its rows", m.green, e.name),
+                )
+                .at(Some(e.span.clone()))
+                .table(&e.name)
+                .hint("add a primary key to the green table and map its columns (a nullable unique key matches no row whose key is NULL)"),
+            );
         }
         match sync_key(e, gt) {
             None => out.push(

@@ -31,6 +31,20 @@ pub use settings::{EffectiveSettings, Options, ProfileMode, effective_settings};
 /// the 2-core reference machine with deferred indexes; see BENCHMARKS.md).
 pub const ROWS_PER_SECOND_PER_JOB: f64 = 100_000.0;
 
+/// How live sync keeps a green table (`plan` prints it per table).
+#[derive(Clone, Debug, Serialize)]
+pub struct SyncMode {
+    /// `row-local`: re-derived in the writer's own statement; `follower`: logged by the writer,
+    /// re-derived by `bluegreen sync --follow` after it commits; `none`: sync cannot key it.
+    pub mode: &'static str,
+    /// Why not row-local.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// A row-local step that could fail runs in a subtransaction (its rows go to the change log
+    /// if it fails).
+    pub subtransaction: bool,
+}
+
 /// What `probe` learned about one entry from the live database.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct EntryFacts {
@@ -96,6 +110,8 @@ pub struct TablePlan {
     pub sync_key_source: String,
     pub sync_key_indexed: bool,
     pub reverse: ReversePlan,
+    /// How live sync keeps the table: `row-local` (in the writer's statement) or `follower`.
+    pub sync: SyncMode,
     pub defaults: Vec<String>,
     pub profile: Option<Profile>,
 }
@@ -110,6 +126,24 @@ pub fn build(
     mut diagnostics: Vec<Diagnostic>,
 ) -> Plan {
     let settings = effective_settings(m, opts);
+    let sync_modes: Vec<(String, SyncMode)> = sync::sync_entries(m, cat)
+        .iter()
+        .map(|e| {
+            let mode = match &e.mode {
+                sync::Mode::RowLocal { infallible } => SyncMode {
+                    mode: "row-local",
+                    reason: None,
+                    subtransaction: !infallible,
+                },
+                sync::Mode::Follower { reason } => SyncMode {
+                    mode: "follower",
+                    reason: Some(reason.clone()),
+                    subtransaction: false,
+                },
+            };
+            (e.entry.name.clone(), mode)
+        })
+        .collect();
     let mut tables = Vec::new();
     for e in &m.tables {
         let Some(gt) = cat.table(&QName::new(&m.green, &e.name)) else {
@@ -252,6 +286,15 @@ pub fn build(
             sync_key_source: source.into(),
             sync_key_indexed,
             reverse,
+            sync: sync_modes
+                .iter()
+                .find(|(n, _)| n == &e.name)
+                .map(|(_, s)| s.clone())
+                .unwrap_or(SyncMode {
+                    mode: "none",
+                    reason: Some("sync cannot key this table (no arbiter key)".into()),
+                    subtransaction: false,
+                }),
             defaults,
             profile: f.profile.clone(),
         });

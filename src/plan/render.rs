@@ -168,6 +168,20 @@ pub fn text(plan: &Plan) -> String {
             ));
         }
         lines.push(format!("chunked on {}", tp.chunk_key.describe()));
+        lines.push(match (tp.sync.mode, &tp.sync.reason) {
+            ("row-local", _) => format!(
+                "live sync: row-local, in the writer's statement{}",
+                if tp.sync.subtransaction {
+                    " (in a subtransaction: a failing step goes to the change log)"
+                } else {
+                    ""
+                }
+            ),
+            (mode, Some(r)) => {
+                format!("live sync: {mode}, because {r}; run `bluegreen sync --follow`")
+            }
+            (mode, None) => format!("live sync: {mode}"),
+        });
         let _ = writeln!(o, "{}:", tp.name);
         for l in lines {
             let _ = writeln!(o, "  {l}");
@@ -311,13 +325,13 @@ pub fn markdown(plan: &Plan) -> String {
     let _ = writeln!(o, "\n## Steps\n");
     let steps = [
         (
-            "Prepare: control schema, green schema, change capture (brief SHARE ROW EXCLUSIVE lock per blue table).",
+            "Prepare: the checks `plan` runs, then control schema, green schema, change capture (brief SHARE ROW EXCLUSIVE lock per blue table, below deadlock_timeout, retried).",
             format!("bluegreen prepare {m}"),
             "under a minute".to_string(),
         ),
         (
-            "Copy blue into green in parallel chunks, build indexes and foreign keys, catch up, switch sync to live.",
-            format!("bluegreen copy {m} --jobs {}", plan.settings.jobs),
+            "Copy blue into green in parallel chunks, build indexes and foreign keys, catch up, switch sync to live; then stay as the follower that keeps the non-row-local tables in step (keep it running until finalize; a second follower elsewhere is welcome: `bluegreen sync --follow`).",
+            format!("bluegreen copy {m} --jobs {} --follow", plan.settings.jobs),
             human_seconds(plan.estimates.copy_seconds),
         ),
         (

@@ -39,12 +39,15 @@ pub type Key = Vec<Option<String>>;
 
 /// Keys re-derived per transaction at most; a larger fan-out is split.
 pub const KEYS_PER_TRANSACTION: usize = 2_000;
-/// How long a row-local apply may wait for a writer's row (below any deadlock_timeout).
-const ROW_LOCAL_LOCK_TIMEOUT: &str = "100ms";
+/// How long a row-local apply may wait for a writer's row, at most: below the server's
+/// `deadlock_timeout` too (`Plan::lock_timeout_ms`), so in a lock cycle the applier gives way.
+const ROW_LOCAL_LOCK_TIMEOUT_MS: u64 = 100;
 
 /// What the applier runs, for a mapping and the catalog.
 pub struct Plan {
     pub entries: Vec<ApplierEntry>,
+    /// The row-local lock wait (ms), clamped below `deadlock_timeout`.
+    pub lock_timeout_ms: u64,
 }
 
 impl Plan {
@@ -63,6 +66,7 @@ impl Plan {
         }
         Ok(Plan {
             entries: entries.iter().map(|e| e.applier(m)).collect(),
+            lock_timeout_ms: ROW_LOCAL_LOCK_TIMEOUT_MS,
         })
     }
     pub fn entry(&self, name: &str) -> Option<&ApplierEntry> {
@@ -82,6 +86,7 @@ impl Plan {
                     e
                 })
                 .collect(),
+            lock_timeout_ms: self.lock_timeout_ms,
         }
     }
 }
@@ -95,17 +100,6 @@ pub struct Applied {
     pub keys: usize,
     /// Keys (or change rows) recorded as failed.
     pub failed: usize,
-    /// A row-local apply gave way to a writer: the rows stay in the log for a later try.
-    pub deferred: bool,
-}
-
-impl Applied {
-    fn add(&mut self, o: Applied) {
-        self.changes += o.changes;
-        self.keys += o.keys;
-        self.failed += o.failed;
-        self.deferred |= o.deferred;
-    }
 }
 
 fn is_transient(d: &Diagnostic) -> bool {
@@ -147,12 +141,10 @@ pub async fn apply_batch(
             // transactions, then delete the rows (re-deriving twice is harmless).
             exec(conn, &sql!("COMMIT")).await?;
             let mut applied = apply_keys_bounded(conn, m, plan, &keys).await?;
-            if !applied.deferred {
-                begin(conn, m).await?;
-                delete_changes(conn, m, &ids).await?;
-                exec(conn, &sql!("COMMIT")).await?;
-                applied.changes = ids.len();
-            }
+            begin(conn, m).await?;
+            delete_changes(conn, m, &ids).await?;
+            exec(conn, &sql!("COMMIT")).await?;
+            applied.changes = ids.len();
             Ok(applied)
         }
         Err(d) => {
@@ -171,9 +163,13 @@ async fn claim_and_apply(
     limit: i64,
     upto: i64,
 ) -> Result<(Applied, Oversized), Diagnostic> {
+    // The oldest rows, and every other row their transactions logged: a statement that deletes a
+    // parent and its children is applied in one batch, in foreign-key order.
     let rows = sqlx::query(sql!(
-        "SELECT id, blue_table, op, all_entries FROM {} WHERE migration = $1 AND id <= $3 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
-        table(m, "changes")
+        "WITH first AS (SELECT id, txid FROM {c} WHERE migration = $1 AND id <= $3 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED),
+              rest AS (SELECT c.id FROM {c} AS c WHERE c.migration = $1 AND c.txid IN (SELECT txid FROM first) AND c.id NOT IN (SELECT id FROM first) FOR UPDATE SKIP LOCKED)
+         SELECT id, blue_table, op, all_entries FROM {c} WHERE id IN (SELECT id FROM first UNION ALL SELECT id FROM rest) ORDER BY id",
+        c = table(m, "changes")
     ).assert_safe())
     .bind(&m.migration)
     .bind(limit)
@@ -232,15 +228,10 @@ async fn claim_and_apply(
     if total > KEYS_PER_TRANSACTION {
         return Ok((applied, Some((ids, keys))));
     }
-    let o = apply_keys(conn, m, plan, &keys, Phases::Both).await?;
+    let o = apply_keys(conn, m, plan, &keys, Phases::Both, &mut Failed::new()).await?;
     applied.keys = o.keys;
     applied.failed += o.failed;
-    applied.deferred = o.deferred;
-    if !o.deferred {
-        delete_changes(conn, m, &ids).await?;
-    } else {
-        applied.changes = 0;
-    }
+    delete_changes(conn, m, &ids).await?;
     Ok((applied, None))
 }
 
@@ -300,7 +291,8 @@ async fn run_finder(
 }
 
 /// The keys the rows `ids` of table `x` touch for entry `e`. A row whose keys cannot be found
-/// (its key does not fit the green type) is moved to `failed_changes` for this entry.
+/// (its key does not fit the green type) is moved to `failed_changes` for this entry, if blue
+/// still holds that row (else a later change replaced it, and that one is followed instead).
 async fn find_keys(
     conn: &mut PgConnection,
     m: &Mapping,
@@ -352,7 +344,7 @@ async fn set_aside(
         d.message
     );
     sqlx::query(sql!(
-        "INSERT INTO {} (id, migration, green_table, blue_table, op, old_row, new_row, all_entries, error) SELECT id, migration, $3, blue_table, op, old_row, new_row, all_entries, $4 FROM {} WHERE migration = $1 AND id = $2 ON CONFLICT (id, green_table) DO UPDATE SET error = EXCLUDED.error, failed_at = pg_catalog.now()",
+        "INSERT INTO {} (id, migration, green_table, blue_table, op, old_row, new_row, all_entries, error) SELECT id, migration, $3, blue_table, op, old_row, new_row, all_entries, $4 FROM {} AS r WHERE migration = $1 AND id = $2 AND EXISTS (SELECT 1 FROM {x} AS b WHERE pg_catalog.to_jsonb(b) = COALESCE(r.new_row, r.old_row)) ON CONFLICT (id, green_table) DO UPDATE SET error = EXCLUDED.error, failed_at = pg_catalog.now()",
         table(m, "failed_changes"),
         table(m, "changes")
     ).assert_safe())
@@ -385,7 +377,8 @@ pub enum Phases {
 /// Apply `keys` (per entry position) in bounded transactions of their own. One transaction when
 /// they fit; else the upserts of every entry (parents first), then the deletes (children first),
 /// each entry's keys in transactions of [`KEYS_PER_TRANSACTION`], so a child is never written
-/// before its parent nor a parent deleted before its children.
+/// before its parent nor a parent deleted before its children. A key whose upsert failed is
+/// neither deleted nor cleared of its failure by the later transactions.
 pub async fn apply_keys_bounded(
     conn: &mut PgConnection,
     m: &Mapping,
@@ -393,8 +386,9 @@ pub async fn apply_keys_bounded(
     keys: &BTreeMap<usize, BTreeSet<Key>>,
 ) -> Result<Applied, Diagnostic> {
     let total: usize = keys.values().map(BTreeSet::len).sum();
+    let mut failed = Failed::new();
     if total <= KEYS_PER_TRANSACTION {
-        return in_transaction(conn, m, plan, keys, Phases::Both).await;
+        return in_transaction(conn, m, plan, keys, Phases::Both, &mut failed).await;
     }
     let mut applied = Applied::default();
     let order: Vec<usize> = (0..plan.entries.len()).collect();
@@ -408,16 +402,19 @@ pub async fn apply_keys_bounded(
             for chunk in ks.chunks(KEYS_PER_TRANSACTION) {
                 let mut one = BTreeMap::new();
                 one.insert(pos, chunk.iter().map(|k| (*k).clone()).collect());
-                let o = in_transaction(conn, m, plan, &one, phase).await?;
-                applied.add(o);
-                if o.deferred {
-                    return Ok(applied);
+                let o = in_transaction(conn, m, plan, &one, phase, &mut failed).await?;
+                if phase == Phases::Upserts {
+                    applied.keys += o.keys;
                 }
+                applied.failed += o.failed;
             }
         }
     }
     Ok(applied)
 }
+
+/// Keys (per entry position) that failed earlier in the same re-derivation.
+pub type Failed = BTreeMap<usize, BTreeSet<Key>>;
 
 async fn in_transaction(
     conn: &mut PgConnection,
@@ -425,11 +422,14 @@ async fn in_transaction(
     plan: &Plan,
     keys: &BTreeMap<usize, BTreeSet<Key>>,
     phases: Phases,
+    failed: &mut Failed,
 ) -> Result<Applied, Diagnostic> {
     begin(conn, m).await?;
-    match apply_keys(conn, m, plan, keys, phases).await {
+    let mut f = failed.clone();
+    match apply_keys(conn, m, plan, keys, phases, &mut f).await {
         Ok(o) => {
             exec(conn, &sql!("COMMIT")).await?;
+            *failed = f;
             Ok(o)
         }
         Err(d) => {
@@ -439,14 +439,22 @@ async fn in_transaction(
     }
 }
 
+/// Lock waits that give way in one call before the remaining keys are set aside untried (each
+/// costs the plan's lock timeout).
+const WAITS_PER_CALL: usize = 8;
+
 /// Re-derive `keys` (per entry position) in the caller's transaction: stripes, then upserts
-/// parents first and deletes children first (or the one half `phases` names).
+/// parents first and deletes children first (or the one half `phases` names). A key that fails,
+/// or whose rows an application transaction holds past the lock timeout, is recorded in
+/// `sync_failures` (and added to `failed`) and retried later; the others apply. Keys already in
+/// `failed` are not deleted, and their failures stay.
 pub async fn apply_keys(
     conn: &mut PgConnection,
     m: &Mapping,
     plan: &Plan,
     keys: &BTreeMap<usize, BTreeSet<Key>>,
     phases: Phases,
+    failed: &mut Failed,
 ) -> Result<Applied, Diagnostic> {
     let mut stripes: Vec<i64> = keys
         .iter()
@@ -468,10 +476,13 @@ pub async fn apply_keys(
         .map_err(db_error)?;
     let mut applied = Applied::default();
     let mut failures: BTreeMap<usize, Vec<(Key, Diagnostic)>> = BTreeMap::new();
+    let mut waits = 0;
     for pos in keys.keys() {
         failures.insert(*pos, Vec::new());
         applied.keys += keys[pos].len();
     }
+    let lock_timeout = sql!("SET LOCAL lock_timeout = '{}ms'", plan.lock_timeout_ms);
+    let no_lock_timeout = sql!("SET LOCAL lock_timeout = DEFAULT");
     for (pos, e) in plan.entries.iter().enumerate() {
         if phases == Phases::Deletes {
             break;
@@ -480,23 +491,16 @@ pub async fn apply_keys(
         let ks: Vec<Key> = ks.iter().cloned().collect();
         let mut up = vec![];
         if e.row_local {
-            exec(
-                conn,
-                &sql!("SET LOCAL lock_timeout = '{ROW_LOCAL_LOCK_TIMEOUT}'"),
-            )
-            .await?;
+            exec(conn, &lock_timeout).await?;
             up.extend(e.lock_blue.clone());
             up.extend(e.lock_green.clone());
         }
         up.push(e.upsert.clone());
+        up.extend(e.unique_update.clone());
         let f = failures.entry(pos).or_default();
-        let transient = phase(conn, e, &up, &ks, f).await?;
+        phase(conn, e, &up, &ks, f, &mut waits).await?;
         if e.row_local {
-            exec(conn, &sql!("SET LOCAL lock_timeout = DEFAULT")).await?;
-        }
-        if transient {
-            applied.deferred = true;
-            return Ok(applied);
+            exec(conn, &no_lock_timeout).await?;
         }
     }
     for (pos, e) in plan.entries.iter().enumerate().rev() {
@@ -504,62 +508,78 @@ pub async fn apply_keys(
             break;
         }
         let Some(ks) = keys.get(&pos) else { continue };
-        let failed: BTreeSet<&Key> = failures[&pos].iter().map(|(k, _)| k).collect();
-        let ks: Vec<Key> = ks.iter().filter(|k| !failed.contains(k)).cloned().collect();
+        let skip: BTreeSet<&Key> = failures[&pos]
+            .iter()
+            .map(|(k, _)| k)
+            .chain(failed.get(&pos).into_iter().flatten())
+            .collect();
+        let ks: Vec<Key> = ks.iter().filter(|k| !skip.contains(k)).cloned().collect();
         let mut del = vec![];
         // A delete in a transaction of its own takes the row locks the upsert took.
         let lock = e.row_local && phases == Phases::Deletes;
         if lock {
-            exec(
-                conn,
-                &sql!("SET LOCAL lock_timeout = '{ROW_LOCAL_LOCK_TIMEOUT}'"),
-            )
-            .await?;
+            exec(conn, &lock_timeout).await?;
             del.extend(e.lock_blue.clone());
             del.extend(e.lock_green.clone());
         }
         del.push(e.delete.clone());
         del.extend(e.delete_null.clone());
         let f = failures.entry(pos).or_default();
-        let transient = phase(conn, e, &del, &ks, f).await?;
+        phase(conn, e, &del, &ks, f, &mut waits).await?;
         if lock {
-            exec(conn, &sql!("SET LOCAL lock_timeout = DEFAULT")).await?;
-        }
-        if transient {
-            applied.deferred = true;
-            return Ok(applied);
+            exec(conn, &no_lock_timeout).await?;
         }
     }
     for (pos, e) in plan.entries.iter().enumerate() {
         let Some(ks) = keys.get(&pos) else { continue };
-        let failed = &failures[&pos];
-        applied.failed += failed.len();
-        record_failures(conn, m, e, ks, failed).await?;
+        let new = &failures[&pos];
+        applied.failed += new.len();
+        let before = failed.entry(pos).or_default();
+        // Keys that failed earlier keep their failure.
+        let clear: BTreeSet<Key> = ks
+            .iter()
+            .filter(|k| !before.contains(*k))
+            .cloned()
+            .collect();
+        record_failures(conn, m, e, &clear, new).await?;
+        before.extend(new.iter().map(|(k, _)| k.clone()));
     }
     Ok(applied)
 }
 
 /// Run `stmts` for `keys` in a savepoint; on a failure, halve the keys until the failing ones
-/// are alone and record them in `failures`. Returns true when a lock wait gave way (transient).
+/// are alone and record them in `failures`. A lock wait that gives way (an application
+/// transaction holds a row past the lock timeout) is narrowed the same way, up to
+/// [`WAITS_PER_CALL`] waits (`waits` counts them across the call); past that the keys left are
+/// recorded with it untried.
 async fn phase(
     conn: &mut PgConnection,
     e: &ApplierEntry,
     stmts: &[Sql],
     keys: &[Key],
     failures: &mut Vec<(Key, Diagnostic)>,
-) -> Result<bool, Diagnostic> {
+    waits: &mut usize,
+) -> Result<(), Diagnostic> {
     if keys.is_empty() {
-        return Ok(false);
+        return Ok(());
     }
     let mut todo: Vec<&[Key]> = vec![keys];
+    let mut gave_way: Option<Diagnostic> = None;
     while let Some(ks) = todo.pop() {
+        if let Some(d) = &gave_way
+            && *waits >= WAITS_PER_CALL
+        {
+            failures.extend(ks.iter().map(|k| (k.clone(), d.clone())));
+            continue;
+        }
         savepoint(conn, "bluegreen_apply").await?;
         match run_statements(conn, e, stmts, ks).await {
             Ok(()) => release(conn, "bluegreen_apply").await?,
             Err(d) => {
                 rollback_to(conn, "bluegreen_apply").await?;
                 if is_transient(&d) {
-                    return Ok(true);
+                    *waits += 1;
+                    gave_way = Some(d.clone());
                 }
                 if ks.len() == 1 {
                     failures.push((ks[0].clone(), d));
@@ -571,7 +591,7 @@ async fn phase(
             }
         }
     }
-    Ok(false)
+    Ok(())
 }
 
 async fn run_statements(
@@ -684,14 +704,35 @@ pub async fn retry_failures(
     apply_keys_bounded(conn, m, plan, &keys).await
 }
 
-/// Put change-log rows set aside earlier back into the log, for another try.
+/// Put change-log rows set aside earlier back into the log, for another try; first drop those
+/// whose row image blue no longer holds: that version of the row was updated or deleted since,
+/// and the change that replaced it was logged (and is applied) on its own. A row that cannot be
+/// followed thus stops counting once the application fixes it.
 pub async fn requeue_failed_changes(
     conn: &mut PgConnection,
     m: &Mapping,
+    plan: &Plan,
 ) -> Result<u64, Diagnostic> {
     let mut tx = conn.begin().await.map_err(db_error)?;
     let f = table(m, "failed_changes");
     let c = table(m, "changes");
+    let mut blue: Vec<&QName> = plan
+        .entries
+        .iter()
+        .flat_map(|e| e.finders.iter().map(|(x, _)| x))
+        .collect();
+    blue.sort_by_key(|x| x.display());
+    blue.dedup();
+    for x in blue {
+        sqlx::query(sql!(
+            "DELETE FROM {f} AS r WHERE r.migration = $1 AND r.blue_table = $2 AND r.op <> 'T' AND NOT EXISTS (SELECT 1 FROM {x} AS b WHERE pg_catalog.to_jsonb(b) = COALESCE(r.new_row, r.old_row))"
+        ).assert_safe())
+        .bind(&m.migration)
+        .bind(x.display())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    }
     let n = sqlx::query(sql!(
         "INSERT INTO {c} (migration, blue_table, op, old_row, new_row, all_entries) SELECT DISTINCT ON (id) migration, blue_table, op, old_row, new_row, true FROM {f} WHERE migration = $1 ORDER BY id"
     ).assert_safe())
@@ -727,26 +768,29 @@ pub async fn rederive_marked(
     .fetch_all(&mut *conn)
     .await
     .map_err(db_error)?;
-    let mut applied = Applied::default();
+    // Every marked entry at once, so parents are written before children and children deleted
+    // before parents across them.
+    let mut map = BTreeMap::new();
+    let mut done = Vec::new();
     for r in marks {
         let name: String = r.get("green_table");
         let at: String = r.get("at");
         let Some(pos) = plan.entries.iter().position(|e| e.name == name) else {
             continue;
         };
-        let e = &plan.entries[pos];
-        let keys = run_all_keys(conn, e).await?;
+        let keys = run_all_keys(conn, &plan.entries[pos]).await?;
         eprintln!(
             "bluegreen: {name}: re-deriving all {} key(s) after a TRUNCATE",
             keys.len()
         );
-        let mut map = BTreeMap::new();
         map.insert(pos, keys);
-        let o = apply_keys_bounded(conn, m, plan, &map).await?;
-        applied.add(o);
-        if o.deferred {
-            continue;
-        }
+        done.push((name, at));
+    }
+    if map.is_empty() {
+        return Ok(Applied::default());
+    }
+    let applied = apply_keys_bounded(conn, m, plan, &map).await?;
+    for (name, at) in done {
         sqlx::query(sql!(
             "DELETE FROM {} WHERE migration = $1 AND green_table = $2 AND requested_at <= $3::timestamptz",
             table(m, "rederive")

@@ -96,6 +96,7 @@ async fn run(
 ) -> Result<(), Diagnostic> {
     let mut conn = crate::pg::connect(url).await?;
     crate::control::runs::check_mapping(&mut conn, m).await?;
+    crate::control::runs::check_drift(&mut conn, m).await?;
     let m = &crate::control::runs::resolved_mapping(&mut conn, m).await?;
     let plan: Plan = super::plan(&mut conn, m).await?;
     register(&mut conn, m).await?;
@@ -112,10 +113,17 @@ async fn run(
         since_report.keys += a.keys;
         let r = apply::rederive_marked(&mut conn, m, &plan).await?;
         done.keys += r.keys as u64;
-        if last_retry.elapsed() >= RETRY_EVERY {
+        // Failed keys are retried now and then, and as soon as the log is drained (a 23503 met
+        // across batches is "not yet", and the log being drained is when it should be gone).
+        let idle = a.changes == 0 && last_retry.elapsed() >= Duration::from_secs(1);
+        if last_retry.elapsed() >= RETRY_EVERY || idle {
             let f = apply::retry_failures(&mut conn, m, &plan, RETRY_BATCH).await?;
             done.keys += f.keys as u64;
             last_retry = Instant::now();
+            // A trigger disabled or blue altered meanwhile: writes may be going uncaptured.
+            if let Err(d) = crate::control::runs::check_drift(&mut conn, m).await {
+                eprintln!("bluegreen: follower: {}", d.message);
+            }
         }
         if last_beat.elapsed() >= HEARTBEAT {
             heartbeat(&mut conn, m, done.changes).await?;
@@ -134,7 +142,7 @@ async fn run(
             last_report = Instant::now();
             since_report = Applied::default();
         }
-        if a.changes == 0 || a.deferred {
+        if a.changes == 0 {
             tokio::time::sleep(IDLE).await;
         }
     }
@@ -160,6 +168,7 @@ pub async fn follow(url: &str, m: &Mapping, stop: Arc<AtomicBool>) -> Result<Fol
                     "not-copied",
                     "mapping-changed",
                     "unknown-phase",
+                    "ddl-drift",
                 ]
                 .contains(&d.code) =>
             {

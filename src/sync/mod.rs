@@ -39,12 +39,6 @@ pub async fn drain(
         total.changes += a.changes;
         total.keys += a.keys;
         total.failed += a.failed;
-        if a.deferred {
-            total.deferred = true;
-            // A writer holds rows an applier needs: give it a moment.
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
-        }
         if a.changes == 0 {
             return Ok(total);
         }
@@ -65,7 +59,10 @@ fn not_copied(m: &Mapping, phase: Phase) -> Diagnostic {
 /// The applier's plan for the migration as it stands (deferred foreign keys counted).
 pub async fn plan(conn: &mut PgConnection, m: &Mapping) -> Result<Plan, Diagnostic> {
     let cat = control::load_catalog_for_sync(conn, m).await?;
-    Plan::new(m, &cat)
+    let mut plan = Plan::new(m, &cat)?;
+    let deadlock = crate::pg::locking::deadlock_timeout_ms(conn).await?;
+    plan.lock_timeout_ms = plan.lock_timeout_ms.min(deadlock / 2).max(1);
+    Ok(plan)
 }
 
 /// The live switch, once the copy is done (phase `copied`), as the migration's one runner; a
@@ -194,7 +191,7 @@ pub async fn sync(conn: &mut PgConnection, m: &Mapping) -> Result<SyncReport, Di
     runs::check_drift(conn, m).await?;
     let m = &runs::resolved_mapping(conn, m).await?;
     let plan = plan(conn, m).await?;
-    let requeued = apply::requeue_failed_changes(conn, m).await?;
+    let requeued = apply::requeue_failed_changes(conn, m, &plan).await?;
     let started: String = sqlx::query_scalar("SELECT pg_catalog.clock_timestamp()::text")
         .fetch_one(&mut *conn)
         .await

@@ -427,6 +427,9 @@ pub async fn run(url: &str, m: &Mapping, o: &Options) -> Result<report::Report, 
         if control::exists(&mut c, m).await?
             && runs::phase(&mut c, m).await? >= control::Phase::Prepared
         {
+            // Blue changed shape, or a sync trigger was dropped or disabled: nothing validated
+            // now would say anything about the rows written since.
+            runs::check_drift(&mut c, m).await?;
             runs::resolved_mapping(&mut c, m).await?
         } else {
             m.clone()

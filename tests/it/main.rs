@@ -2,7 +2,9 @@
 
 mod copy;
 mod plan;
+mod random;
 mod refuse;
+mod review;
 mod shapes;
 mod support;
 mod validate;

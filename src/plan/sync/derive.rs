@@ -1,6 +1,6 @@
 //! The re-derivation statements of one entry: `M(blue)` restricted to a set of sync keys, the
-//! upsert of its rows (mapped columns only, key columns never in `SET`, only rows whose rendering
-//! changes) and the delete of the green rows of those keys that `M(blue)` no longer produces.
+//! upsert of its rows (mapped columns only, no unique key's columns in `SET`, only rows whose
+//! rendering changes; other unique keys' changed values in an `UPDATE` of their own) and the delete of the green rows of those keys that `M(blue)` no longer produces.
 //!
 //! Two renderings. The applier's ([`ApplierEntry`]) takes the keys as `$1..$n` text arrays, one per
 //! sync-key column, cast in the statement: to blue's type where the key is a blue column (so blue's
@@ -31,12 +31,16 @@ pub struct ApplierEntry {
     /// text, one column per key column.
     pub finders: Vec<(QName, Sql)>,
     pub upsert: Sql,
+    /// The changed values of green's other unique keys (see `unique_others`).
+    pub unique_update: Option<Sql>,
     /// Green rows of the non-NULL keys that M(blue) no longer produces.
     pub delete: Sql,
     /// The same for NULL keys (nullable sync keys only).
     pub delete_null: Option<Sql>,
     /// Row-local entries: the blue rows of the keys, `FOR SHARE` (a writer in flight on them
-    /// commits first, and none starts until the applier is done), then green's `FOR UPDATE`.
+    /// commits first, and none starts until the applier is done), then green's
+    /// `FOR NO KEY UPDATE` (a writer's step on them commits first; a foreign-key check holding
+    /// them `FOR KEY SHARE` is no conflict).
     pub lock_blue: Option<Sql>,
     pub lock_green: Option<Sql>,
     /// Every key green holds or M(blue) produces (a full re-derive, after a TRUNCATE).
@@ -165,12 +169,66 @@ impl SyncEntry<'_> {
         )
     }
 
-    fn conflict_clause(&self) -> String {
-        let others: Vec<&str> = self
-            .mapped()
+    /// Mapped columns of a green unique index other than the conflict key: never in the upsert's
+    /// `SET`, where they would make PostgreSQL lock the row `FOR UPDATE` (waiting on every
+    /// foreign-key check holding it `FOR KEY SHARE`) even when they do not change.
+    fn unique_others(&self) -> Vec<&str> {
+        self.mapped()
             .into_iter()
             .filter(|c| !self.upsert_key.iter().any(|k| k == c))
-            .collect();
+            .filter(|c| {
+                self.green
+                    .indexes
+                    .iter()
+                    .any(|ix| ix.unique && ix.columns.iter().flatten().any(|x| x == c))
+            })
+            .collect()
+    }
+
+    /// The mapped columns the upsert's `SET` writes: neither the conflict key nor another unique
+    /// key's.
+    fn set_columns(&self) -> Vec<&str> {
+        let unique = self.unique_others();
+        self.mapped()
+            .into_iter()
+            .filter(|c| !self.upsert_key.iter().any(|k| k == c) && !unique.contains(c))
+            .collect()
+    }
+
+    /// Whether the upsert is `DO NOTHING`: it then leaves an existing green row unlocked, so the
+    /// trigger locks the rows first (an applier must not delete a row the writer re-derives).
+    fn upsert_locks_nothing(&self) -> bool {
+        self.set_columns().is_empty()
+    }
+
+    /// `UPDATE` of the other unique-key columns of existing rows, where they changed (the only
+    /// rows it locks `FOR UPDATE`).
+    fn unique_update(&self, select: &str) -> Option<String> {
+        let cols = self.unique_others();
+        if cols.is_empty() {
+            return None;
+        }
+        let list = |p: &str| join(cols.iter().map(|c| format!("{p}{}", Ident::new(*c))), ", ");
+        Some(format!(
+            "UPDATE {t} AS bluegreen_g SET {set} FROM ({select}) AS m WHERE {on} AND ROW({g})::text IS DISTINCT FROM ROW({n})::text",
+            t = self.green.qname(),
+            set = join(
+                cols.iter().map(|c| format!("{0} = m.{0}", Ident::new(*c))),
+                ", "
+            ),
+            on = join(
+                self.upsert_key
+                    .iter()
+                    .map(|c| format!("bluegreen_g.{0} = m.{0}", Ident::new(c))),
+                " AND "
+            ),
+            g = list("bluegreen_g."),
+            n = list("m."),
+        ))
+    }
+
+    fn conflict_clause(&self) -> String {
+        let others = self.set_columns();
         if others.is_empty() {
             return "DO NOTHING".to_string();
         }
@@ -321,7 +379,7 @@ impl SyncEntry<'_> {
                     self.keys_in()
                 )),
                 Some(sql!(
-                    "SELECT 1 FROM {t} AS bluegreen_g WHERE {} FOR UPDATE",
+                    "SELECT 1 FROM {t} AS bluegreen_g WHERE {} FOR NO KEY UPDATE",
                     self.green_keys_in()
                 )),
             )
@@ -342,6 +400,9 @@ impl SyncEntry<'_> {
                 .map(|(x, _)| (x.clone(), self.find_keys_in_log(m, x)))
                 .collect(),
             upsert: sql!("{}", self.upsert(&self.restricted_m(m, false))),
+            unique_update: self
+                .unique_update(&self.restricted_m(m, false))
+                .map(|u| sql!("{}", u)),
             delete: sql!(
                 "DELETE FROM {t} AS bluegreen_g WHERE {} AND {}",
                 self.green_keys_in(),
@@ -401,8 +462,10 @@ impl SyncEntry<'_> {
     }
 
     /// The trigger's upsert of a row-local entry: M(blue) for the blue rows whose keys are in the
-    /// statement's `new_rows`.
-    pub(super) fn row_local_upsert(&self, m: &Mapping) -> String {
+    /// statement's `new_rows`. A `DO NOTHING` upsert is preceded by locking the existing green
+    /// rows of those keys: otherwise an applier re-deriving a key (it cannot see the writer's
+    /// uncommitted blue row) could delete the green row the writer's upsert skipped.
+    pub(super) fn row_local_upsert(&self, m: &Mapping) -> Vec<String> {
         let d = self.entry.from_clause.driving();
         let cols = self.blue_key_columns();
         let keys = format!(
@@ -423,7 +486,24 @@ impl SyncEntry<'_> {
                 ..Shape::default()
             },
         );
-        self.upsert(select.as_str())
+        let mut out = Vec::new();
+        if self.upsert_locks_nothing() {
+            let gk = join(
+                self.keys
+                    .iter()
+                    .zip(&cols)
+                    .map(|(k, c)| format!("n.{}::{}", Ident::new(c), k.green_type)),
+                ", ",
+            );
+            out.push(format!(
+                "PERFORM 1 FROM {t} AS bluegreen_g WHERE {g} IN (SELECT {gk} FROM new_rows AS n) FOR NO KEY UPDATE",
+                t = self.green.qname(),
+                g = self.green_key_tuple(),
+            ));
+        }
+        out.push(self.upsert(select.as_str()));
+        out.extend(self.unique_update(select.as_str()));
+        out
     }
 
     /// The trigger's delete of a row-local entry: the green rows of `old_rows`' keys whose blue

@@ -12,8 +12,10 @@ use crate::names;
 use crate::sql::{Literal, QName, Sql, sql};
 
 /// How long a row-local step inside the writer's statement may wait for a lock (an applier's
-/// short transaction) before it gives way to the change log.
-pub const STEP_LOCK_TIMEOUT: &str = "50ms";
+/// short transaction) before it gives way to the change log: 50 ms, or half the session's
+/// `deadlock_timeout` when that is shorter (in a lock cycle the step gives way, never the
+/// writer).
+pub const STEP_LOCK_TIMEOUT: &str = "GREATEST(1, LEAST(50, pg_catalog.floor(pg_catalog.date_part('epoch', pg_catalog.current_setting('deadlock_timeout')::pg_catalog.interval) * 500)))::pg_catalog.int4::pg_catalog.text || 'ms'";
 
 /// The change-log statements for the statement's transition tables. `all_entries`: every entry
 /// reading the table re-derives the rows (capture, a row-local step that gave way), or only the
@@ -107,7 +109,7 @@ pub fn live_trigger_function(m: &Mapping, entries: &[SyncEntry], x: &QName, n: u
 fn guarded(m: &Mapping, x: &QName, local: &[&SyncEntry], indent: &str) -> String {
     let inner = format!("{indent}    ");
     format!(
-        "{indent}BEGIN\n{inner}lt := pg_catalog.current_setting('lock_timeout');\n{inner}PERFORM pg_catalog.set_config('lock_timeout', '{STEP_LOCK_TIMEOUT}', true);\n{}{inner}PERFORM pg_catalog.set_config('lock_timeout', lt, true);\n{indent}EXCEPTION WHEN OTHERS THEN\n{inner}-- Never the writer's failure: the rows go to the change log, pending.\n{}{indent}END;\n",
+        "{indent}BEGIN\n{inner}lt := pg_catalog.current_setting('lock_timeout');\n{inner}PERFORM pg_catalog.set_config('lock_timeout', {STEP_LOCK_TIMEOUT}, true);\n{}{inner}PERFORM pg_catalog.set_config('lock_timeout', lt, true);\n{indent}EXCEPTION WHEN OTHERS THEN\n{inner}-- Never the writer's failure: the rows go to the change log, pending.\n{}{indent}END;\n",
         row_local_steps(m, local, &inner),
         log_rows(m, x, true, &inner)
     )
@@ -115,7 +117,7 @@ fn guarded(m: &Mapping, x: &QName, local: &[&SyncEntry], indent: &str) -> String
 
 /// Upserts parents first, deletes children first (green foreign keys), by statement kind.
 fn row_local_steps(m: &Mapping, local: &[&SyncEntry], indent: &str) -> String {
-    let ups: Vec<String> = local.iter().map(|e| e.row_local_upsert(m)).collect();
+    let ups: Vec<String> = local.iter().flat_map(|e| e.row_local_upsert(m)).collect();
     let dels: Vec<String> = local.iter().rev().map(|e| e.row_local_delete()).collect();
     let lines = |v: &[String]| {
         v.iter()

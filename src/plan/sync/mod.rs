@@ -189,6 +189,17 @@ fn own_reason(e: &SyncEntry, cat: &Catalog) -> Option<String> {
     let Some(bt) = cat.table(&d.table) else {
         return Some("its driving table is not in the catalog".into());
     };
+    if bt.inherited {
+        return Some(format!(
+            "{} has inheritance children: its keys do not hold across them",
+            bt.qname().display()
+        ));
+    }
+    // An exclusion constraint can make one writer wait for (or deadlock with) another on green
+    // where blue has no such wait.
+    if let Some(x) = e.green.exclusions.first() {
+        return Some(format!("green exclusion constraint {}", x.name));
+    }
     let mut cols = Vec::new();
     for k in &e.keys {
         match &k.blue {
@@ -340,6 +351,7 @@ fn infallible(e: &SyncEntry, cat: &Catalog) -> bool {
             .tables
             .values()
             .all(|t| t.foreign_keys.iter().all(|f| f.ref_table != gt.qname()))
+        && gt.exclusions.is_empty()
         && gt.indexes.iter().filter(|ix| ix.unique).count() <= 1;
     no_constraints
         && e.entry.columns.iter().all(|c| {

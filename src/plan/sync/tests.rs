@@ -235,27 +235,15 @@ fn live_function_of_a_row_local_table() {
     check(
         live_trigger_function(&m, &entries, &x, 1),
         expect![[r#"
-        CREATE OR REPLACE FUNCTION "bluegreen"."bluegreen_m_sync_1"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'iso_8601' SET extra_float_digits = '3' SET bytea_output = 'hex' SET standard_conforming_strings = 'on' SET max_parallel_workers_per_gather = 0 AS $fn$
-        DECLARE
-            lt text;
-        BEGIN
-            IF TG_OP = 'TRUNCATE' THEN
-                INSERT INTO "bluegreen"."changes" (migration, blue_table, op, all_entries) VALUES ('m', 'public.accounts', 'T', true);
-                RETURN NULL;
-            END IF;
-            IF pg_catalog.current_setting('transaction_isolation') = 'read committed' THEN
-                IF TG_OP = 'INSERT' THEN
-                    INSERT INTO "v2"."accounts" AS bluegreen_g ("id", "balance") SELECT * FROM (SELECT (a.aid::bigint) AS "id", (a.abalance) AS "balance" FROM "public"."accounts" AS "a" WHERE ("a"."aid") IN (SELECT n."aid" FROM new_rows AS n)) AS m ON CONFLICT ("id") DO UPDATE SET "balance" = EXCLUDED."balance" WHERE ROW(bluegreen_g."balance")::text IS DISTINCT FROM ROW(EXCLUDED."balance")::text;
-                ELSIF TG_OP = 'UPDATE' THEN
-                    INSERT INTO "v2"."accounts" AS bluegreen_g ("id", "balance") SELECT * FROM (SELECT (a.aid::bigint) AS "id", (a.abalance) AS "balance" FROM "public"."accounts" AS "a" WHERE ("a"."aid") IN (SELECT n."aid" FROM new_rows AS n)) AS m ON CONFLICT ("id") DO UPDATE SET "balance" = EXCLUDED."balance" WHERE ROW(bluegreen_g."balance")::text IS DISTINCT FROM ROW(EXCLUDED."balance")::text;
-                    DELETE FROM "v2"."accounts" AS bluegreen_g WHERE (bluegreen_g."id") IN (SELECT o."aid"::bigint FROM old_rows AS o WHERE NOT EXISTS (SELECT 1 FROM "public"."accounts" AS "a" WHERE "a"."aid" = o."aid"));
-                ELSIF TG_OP = 'DELETE' THEN
-                    DELETE FROM "v2"."accounts" AS bluegreen_g WHERE (bluegreen_g."id") IN (SELECT o."aid"::bigint FROM old_rows AS o WHERE NOT EXISTS (SELECT 1 FROM "public"."accounts" AS "a" WHERE "a"."aid" = o."aid"));
+            CREATE OR REPLACE FUNCTION "bluegreen"."bluegreen_m_sync_1"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'iso_8601' SET extra_float_digits = '3' SET bytea_output = 'hex' SET standard_conforming_strings = 'on' SET max_parallel_workers_per_gather = 0 AS $fn$
+            DECLARE
+                lt text;
+            BEGIN
+                IF TG_OP = 'TRUNCATE' THEN
+                    INSERT INTO "bluegreen"."changes" (migration, blue_table, op, all_entries) VALUES ('m', 'public.accounts', 'T', true);
+                    RETURN NULL;
                 END IF;
-            ELSE
-                BEGIN
-                    lt := pg_catalog.current_setting('lock_timeout');
-                    PERFORM pg_catalog.set_config('lock_timeout', '50ms', true);
+                IF pg_catalog.current_setting('transaction_isolation') = 'read committed' THEN
                     IF TG_OP = 'INSERT' THEN
                         INSERT INTO "v2"."accounts" AS bluegreen_g ("id", "balance") SELECT * FROM (SELECT (a.aid::bigint) AS "id", (a.abalance) AS "balance" FROM "public"."accounts" AS "a" WHERE ("a"."aid") IN (SELECT n."aid" FROM new_rows AS n)) AS m ON CONFLICT ("id") DO UPDATE SET "balance" = EXCLUDED."balance" WHERE ROW(bluegreen_g."balance")::text IS DISTINCT FROM ROW(EXCLUDED."balance")::text;
                     ELSIF TG_OP = 'UPDATE' THEN
@@ -264,22 +252,34 @@ fn live_function_of_a_row_local_table() {
                     ELSIF TG_OP = 'DELETE' THEN
                         DELETE FROM "v2"."accounts" AS bluegreen_g WHERE (bluegreen_g."id") IN (SELECT o."aid"::bigint FROM old_rows AS o WHERE NOT EXISTS (SELECT 1 FROM "public"."accounts" AS "a" WHERE "a"."aid" = o."aid"));
                     END IF;
-                    PERFORM pg_catalog.set_config('lock_timeout', lt, true);
-                EXCEPTION WHEN OTHERS THEN
-                    -- Never the writer's failure: the rows go to the change log, pending.
-                    IF TG_OP = 'INSERT' THEN
-                        INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.accounts', 'I', NULL, pg_catalog.to_jsonb(r), true FROM new_rows AS r;
-                    ELSIF TG_OP = 'UPDATE' THEN
-                        INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.accounts', 'U', pg_catalog.to_jsonb(r), NULL, true FROM old_rows AS r;
-                        INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.accounts', 'U', NULL, pg_catalog.to_jsonb(r), true FROM new_rows AS r;
-                    ELSIF TG_OP = 'DELETE' THEN
-                        INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.accounts', 'D', pg_catalog.to_jsonb(r), NULL, true FROM old_rows AS r;
-                    END IF;
-                END;
-            END IF;
-            RETURN NULL;
-        END
-        $fn$"#]],
+                ELSE
+                    BEGIN
+                        lt := pg_catalog.current_setting('lock_timeout');
+                        PERFORM pg_catalog.set_config('lock_timeout', GREATEST(1, LEAST(50, pg_catalog.floor(pg_catalog.date_part('epoch', pg_catalog.current_setting('deadlock_timeout')::pg_catalog.interval) * 500)))::pg_catalog.int4::pg_catalog.text || 'ms', true);
+                        IF TG_OP = 'INSERT' THEN
+                            INSERT INTO "v2"."accounts" AS bluegreen_g ("id", "balance") SELECT * FROM (SELECT (a.aid::bigint) AS "id", (a.abalance) AS "balance" FROM "public"."accounts" AS "a" WHERE ("a"."aid") IN (SELECT n."aid" FROM new_rows AS n)) AS m ON CONFLICT ("id") DO UPDATE SET "balance" = EXCLUDED."balance" WHERE ROW(bluegreen_g."balance")::text IS DISTINCT FROM ROW(EXCLUDED."balance")::text;
+                        ELSIF TG_OP = 'UPDATE' THEN
+                            INSERT INTO "v2"."accounts" AS bluegreen_g ("id", "balance") SELECT * FROM (SELECT (a.aid::bigint) AS "id", (a.abalance) AS "balance" FROM "public"."accounts" AS "a" WHERE ("a"."aid") IN (SELECT n."aid" FROM new_rows AS n)) AS m ON CONFLICT ("id") DO UPDATE SET "balance" = EXCLUDED."balance" WHERE ROW(bluegreen_g."balance")::text IS DISTINCT FROM ROW(EXCLUDED."balance")::text;
+                            DELETE FROM "v2"."accounts" AS bluegreen_g WHERE (bluegreen_g."id") IN (SELECT o."aid"::bigint FROM old_rows AS o WHERE NOT EXISTS (SELECT 1 FROM "public"."accounts" AS "a" WHERE "a"."aid" = o."aid"));
+                        ELSIF TG_OP = 'DELETE' THEN
+                            DELETE FROM "v2"."accounts" AS bluegreen_g WHERE (bluegreen_g."id") IN (SELECT o."aid"::bigint FROM old_rows AS o WHERE NOT EXISTS (SELECT 1 FROM "public"."accounts" AS "a" WHERE "a"."aid" = o."aid"));
+                        END IF;
+                        PERFORM pg_catalog.set_config('lock_timeout', lt, true);
+                    EXCEPTION WHEN OTHERS THEN
+                        -- Never the writer's failure: the rows go to the change log, pending.
+                        IF TG_OP = 'INSERT' THEN
+                            INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.accounts', 'I', NULL, pg_catalog.to_jsonb(r), true FROM new_rows AS r;
+                        ELSIF TG_OP = 'UPDATE' THEN
+                            INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.accounts', 'U', pg_catalog.to_jsonb(r), NULL, true FROM old_rows AS r;
+                            INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.accounts', 'U', NULL, pg_catalog.to_jsonb(r), true FROM new_rows AS r;
+                        ELSIF TG_OP = 'DELETE' THEN
+                            INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.accounts', 'D', pg_catalog.to_jsonb(r), NULL, true FROM old_rows AS r;
+                        END IF;
+                    END;
+                END IF;
+                RETURN NULL;
+            END
+            $fn$"#]],
     );
 }
 
@@ -333,7 +333,7 @@ fn applier_of_a_widened_key_looks_blue_up_by_blue_s_own_type() {
     );
     expect![[r#"
         SELECT 1 FROM "public"."accounts" AS "a" WHERE ("a"."aid") IN (SELECT u.k0::integer FROM ROWS FROM (pg_catalog.unnest($1::text[])) AS u(k0) WHERE u.k0 IS NOT NULL) FOR SHARE
-        SELECT 1 FROM "v2"."accounts" AS bluegreen_g WHERE (bluegreen_g."id") IN (SELECT u.k0::bigint FROM ROWS FROM (pg_catalog.unnest($1::text[])) AS u(k0) WHERE u.k0 IS NOT NULL) FOR UPDATE
+        SELECT 1 FROM "v2"."accounts" AS bluegreen_g WHERE (bluegreen_g."id") IN (SELECT u.k0::bigint FROM ROWS FROM (pg_catalog.unnest($1::text[])) AS u(k0) WHERE u.k0 IS NOT NULL) FOR NO KEY UPDATE
         INSERT INTO "v2"."accounts" AS bluegreen_g ("id", "balance") SELECT * FROM (SELECT (a.aid::bigint) AS "id", (a.abalance) AS "balance" FROM "public"."accounts" AS "a" WHERE ("a"."aid") IN (SELECT u.k0::integer FROM ROWS FROM (pg_catalog.unnest($1::text[])) AS u(k0) WHERE u.k0 IS NOT NULL)) AS m ON CONFLICT ("id") DO UPDATE SET "balance" = EXCLUDED."balance" WHERE ROW(bluegreen_g."balance")::text IS DISTINCT FROM ROW(EXCLUDED."balance")::text
         DELETE FROM "v2"."accounts" AS bluegreen_g WHERE (bluegreen_g."id") IN (SELECT u.k0::bigint FROM ROWS FROM (pg_catalog.unnest($1::text[])) AS u(k0) WHERE u.k0 IS NOT NULL) AND NOT EXISTS (SELECT 1 FROM (SELECT (a.aid::bigint) AS "id", (a.abalance) AS "balance" FROM "public"."accounts" AS "a" WHERE ("a"."aid") IN (SELECT u.k0::integer FROM ROWS FROM (pg_catalog.unnest($1::text[])) AS u(k0) WHERE u.k0 IS NOT NULL)) AS m WHERE m."id"::bigint IS NOT DISTINCT FROM bluegreen_g."id")"#]].assert_eq(&text);
 }
