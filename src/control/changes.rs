@@ -9,6 +9,17 @@ use crate::mapping::Mapping;
 use crate::pg::db_error;
 use crate::sql::{QName, sql};
 
+/// Work still pending (bound: migration `$1`): change-log rows, full re-derives, and keys failed
+/// "not yet" rather than failed: a row an application transaction held past the applier's lock
+/// timeout (55P03), a lock cycle the applier gave way in (40P01, 40001), a green parent not
+/// written yet (23503). Those are retried: pending work, not a difference.
+pub fn pending_work(m: &Mapping) -> crate::sql::Sql {
+    super::statement(
+        m,
+        "SELECT (SELECT count(*) FROM {changes} WHERE migration = $1) + (SELECT count(*) FROM {rederive} WHERE migration = $1) + (SELECT count(*) FROM {sync_failures} WHERE migration = $1 AND error ~ '^(55P03|40P01|40001|23503)')",
+    )
+}
+
 /// Change-log rows waiting to be replayed.
 pub async fn backlog(conn: &mut PgConnection, m: &Mapping) -> Result<i64, Diagnostic> {
     scalar(m, "SELECT count(*) FROM {changes} WHERE migration = $1")

@@ -48,6 +48,8 @@ pub struct Plan {
     pub entries: Vec<ApplierEntry>,
     /// The row-local lock wait (ms), clamped below `deadlock_timeout`.
     pub lock_timeout_ms: u64,
+    /// The applier of a fence, which holds blue writes and the other appliers off.
+    pub fenced: bool,
 }
 
 impl Plan {
@@ -67,14 +69,15 @@ impl Plan {
         Ok(Plan {
             entries: entries.iter().map(|e| e.applier(m)).collect(),
             lock_timeout_ms: ROW_LOCAL_LOCK_TIMEOUT_MS,
+            fenced: false,
         })
     }
     pub fn entry(&self, name: &str) -> Option<&ApplierEntry> {
         self.entries.iter().find(|e| e.name == name)
     }
-    /// The plan for an applier inside a fence on blue writes: no writer can be in flight, so
+    /// The plan for the applier of a fence on blue writes: no writer can be in flight, so
     /// row-local keys need not (and must not: the fence holds the table) have their blue rows
-    /// locked.
+    /// locked; no other applier runs (the fence holds their lock).
     pub fn fenced(&self) -> Plan {
         Plan {
             entries: self
@@ -87,6 +90,7 @@ impl Plan {
                 })
                 .collect(),
             lock_timeout_ms: self.lock_timeout_ms,
+            fenced: true,
         }
     }
 }
@@ -106,9 +110,13 @@ fn is_transient(d: &Diagnostic) -> bool {
     crate::pg::locking::is_transient(d)
 }
 
-/// Start an applier transaction: READ COMMITTED, holding the appliers' lock shared.
-async fn begin(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagnostic> {
+/// Start an applier transaction: READ COMMITTED, holding the appliers' lock shared (a fence
+/// holds it exclusively, and its own applier runs without).
+async fn begin(conn: &mut PgConnection, m: &Mapping, plan: &Plan) -> Result<(), Diagnostic> {
     exec(conn, &sql!("BEGIN ISOLATION LEVEL READ COMMITTED")).await?;
+    if plan.fenced {
+        return Ok(());
+    }
     sqlx::query("SELECT pg_catalog.pg_advisory_xact_lock_shared($1)")
         .bind(names::appliers_lock(&m.migration))
         .execute(&mut *conn)
@@ -130,7 +138,7 @@ pub async fn apply_batch(
     limit: i64,
     upto: i64,
 ) -> Result<Applied, Diagnostic> {
-    begin(conn, m).await?;
+    begin(conn, m, plan).await?;
     match claim_and_apply(conn, m, plan, limit, upto).await {
         Ok((applied, None)) => {
             exec(conn, &sql!("COMMIT")).await?;
@@ -141,7 +149,7 @@ pub async fn apply_batch(
             // transactions, then delete the rows (re-deriving twice is harmless).
             exec(conn, &sql!("COMMIT")).await?;
             let mut applied = apply_keys_bounded(conn, m, plan, &keys).await?;
-            begin(conn, m).await?;
+            begin(conn, m, plan).await?;
             delete_changes(conn, m, &ids).await?;
             exec(conn, &sql!("COMMIT")).await?;
             applied.changes = ids.len();
@@ -424,7 +432,7 @@ async fn in_transaction(
     phases: Phases,
     failed: &mut Failed,
 ) -> Result<Applied, Diagnostic> {
-    begin(conn, m).await?;
+    begin(conn, m, plan).await?;
     let mut f = failed.clone();
     match apply_keys(conn, m, plan, keys, phases, &mut f).await {
         Ok(o) => {

@@ -1,12 +1,12 @@
-//! A brief fence on blue writes, to get a snapshot in which green is exactly M(blue): lock the blue
-//! tables the mapping reads `EXCLUSIVE` (reads go on; no writer is in flight once granted, so the
-//! change log is frozen), drain the log with an applier on another connection, export a snapshot,
-//! let the caller import it, release. Writes wait only while the fence is held, which is bounded
+//! A brief fence on blue writes, to get a snapshot in which green is exactly M(blue): pause the
+//! other appliers (their lock, exclusively), lock the blue tables the mapping reads `EXCLUSIVE`
+//! (reads go on; no writer is in flight once granted, so the change log is frozen), drain the log
+//! with an applier on another connection, export a snapshot, let the caller import it, release. Writes wait only while the fence is held, which is bounded
 //! by `budget`; the lock is taken under a `lock_timeout` below `deadlock_timeout`, in one fixed
 //! order, and retried, so the fence gives way rather than the application (DESIGN.md, the cutover
 //! fence, steps 1 and 2). Used by validate for the checks that compare green with blue.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::{Connection, PgConnection};
 
@@ -21,13 +21,16 @@ use crate::sql::{join, sql};
 pub struct Fence {
     conn: PgConnection,
     pub snapshot: String,
+    granted: Instant,
 }
 
 impl Fence {
-    /// Release the locks (after the caller imported the snapshot).
-    pub async fn release(mut self) -> Result<(), Diagnostic> {
+    /// Release the locks (after the caller imported the snapshot); how long they were held.
+    pub async fn release(mut self) -> Result<Duration, Diagnostic> {
         exec(&mut self.conn, &sql!("COMMIT")).await?;
-        self.conn.close().await.map_err(db_error)
+        let held = self.granted.elapsed();
+        self.conn.close().await.map_err(db_error)?;
+        Ok(held)
     }
 }
 
@@ -49,6 +52,13 @@ pub async fn fenced_snapshot(
     let mut delay = Duration::from_millis(50);
     for _ in 0..ATTEMPTS {
         exec(&mut f, &sql!("BEGIN")).await?;
+        // Other appliers first (their transactions in flight finish; new ones wait): the fence's
+        // drain then runs alone, and none of them is left waiting on the fenced tables.
+        sqlx::query("SELECT pg_catalog.pg_advisory_xact_lock($1)")
+            .bind(crate::names::appliers_lock(&m.migration))
+            .execute(&mut f)
+            .await
+            .map_err(db_error)?;
         exec(&mut f, &sql!("SET LOCAL lock_timeout = '{timeout}ms'")).await?;
         match exec(&mut f, &lock).await {
             Ok(()) => {
@@ -67,13 +77,15 @@ pub async fn fenced_snapshot(
         }
     }
     if !granted {
+        eprintln!("bluegreen: fence: blue's writers held the tables through every lock attempt");
         return Ok(None);
     }
+    let granted_at = Instant::now();
     // No blue writer is in flight, so the applier need not hold blue rows: its FOR SHARE would
     // wait for this very fence.
     let fenced = plan.fenced();
     let mut a = crate::pg::connect(url).await?;
-    match tokio::time::timeout(budget, drain(&mut a, m, &fenced)).await {
+    match tokio::time::timeout(budget, caught_up(&mut a, m, &fenced)).await {
         Ok(Ok(_)) => {}
         Ok(Err(d)) => {
             let _ = exec(&mut f, &sql!("ROLLBACK")).await;
@@ -84,6 +96,10 @@ pub async fn fenced_snapshot(
             // connection.
             drop(a);
             exec(&mut f, &sql!("ROLLBACK")).await?;
+            eprintln!(
+                "bluegreen: fence: the change log did not drain within {} ms; writers let go",
+                budget.as_millis()
+            );
             return Ok(None);
         }
     }
@@ -91,5 +107,30 @@ pub async fn fenced_snapshot(
         .fetch_one(&mut f)
         .await
         .map_err(db_error)?;
-    Ok(Some(Fence { conn: f, snapshot }))
+    Ok(Some(Fence {
+        conn: f,
+        snapshot,
+        granted: granted_at,
+    }))
+}
+
+/// With blue fenced and the other appliers paused: apply the log and the full re-derives, and
+/// retry the failed keys (a key set aside because a writer held its row, or whose parent was not
+/// there yet, is not done), until nothing but failures that stand is left.
+async fn caught_up(conn: &mut PgConnection, m: &Mapping, plan: &Plan) -> Result<(), Diagnostic> {
+    let left = crate::control::changes::pending_work(m);
+    loop {
+        drain(conn, m, plan).await?;
+        super::apply::rederive_marked(conn, m, plan).await?;
+        super::retry_all(conn, m, plan).await?;
+        let n: i64 = sqlx::query_scalar(left.assert_safe())
+            .bind(&m.migration)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(db_error)?;
+        if n == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }

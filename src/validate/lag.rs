@@ -25,6 +25,8 @@ use crate::sync::{self, apply::Key};
 pub const ROUNDS: usize = 5;
 /// The longest the checks' fence may hold blue writes while it drains the change log.
 pub const FENCE_BUDGET: std::time::Duration = std::time::Duration::from_millis(500);
+/// Fences tried before hot keys are left unverified (or checks run in rounds).
+const FENCE_TRIES: usize = 3;
 
 /// What the re-checks decided.
 #[derive(Debug, Default)]
@@ -37,6 +39,64 @@ pub struct Settled {
     pub rechecked: BTreeMap<String, u64>,
     /// Change-log rows validate applied itself.
     pub applied: u64,
+    /// How long blue writes waited for the fence that re-checked hot keys, if one was taken.
+    pub fenced_ms: Option<u64>,
+}
+
+/// The lock timeout of a fence: the mapping's (or the default), clamped below
+/// `deadlock_timeout` by the fence itself.
+fn fence_lock_timeout_ms(m: &Mapping) -> u64 {
+    crate::plan::effective_settings(
+        m,
+        &crate::plan::Options {
+            jobs: None,
+            chunk_rows: None,
+            lock_timeout_ms: None,
+            profile: crate::plan::ProfileMode::None,
+        },
+    )
+    .lock_timeout_ms
+}
+
+/// Compare `keys` (per table) in the connection's current transaction: the differences.
+async fn recheck(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    cat: &Catalog,
+    plan: &sync::Plan,
+    keys: &BTreeMap<String, BTreeSet<Key>>,
+    show_values: bool,
+) -> Result<Vec<Difference>, Diagnostic> {
+    let mut out = Vec::new();
+    for (table, keys) in keys {
+        let Some(e) = m.entry(table) else { continue };
+        let Some(ae) = plan.entry(table) else {
+            continue;
+        };
+        let gt = cat
+            .table(&QName::new(&m.green, table))
+            .expect("validated table");
+        let columns: Vec<Vec<Option<String>>> = (0..ae.nkeys)
+            .map(|j| keys.iter().map(|k| k[j].clone()).collect())
+            .collect();
+        out.extend(
+            locate::locate(
+                conn,
+                m,
+                e,
+                gt,
+                Rows::Keys {
+                    blue: &ae.blue_typed,
+                    green_condition: &ae.green_key_condition,
+                    keys: &columns,
+                },
+                show_values,
+            )
+            .await
+            .map_err(db_error)?,
+        );
+    }
+    Ok(out)
 }
 
 /// Settle `found` (the differences of the comparison): apply, re-check, decide.
@@ -84,49 +144,23 @@ pub async fn settle(
         .await?;
         let mut next: BTreeMap<String, BTreeSet<Key>> = BTreeMap::new();
         let result = async {
-            for (table, keys) in &todo {
-                let Some(e) = m.entry(table) else { continue };
-                let Some(ae) = plan.entry(table) else {
+            for d in recheck(&mut conn, m, &cat, &plan, &todo, show_values).await? {
+                let Some(ae) = plan.entry(&d.table) else {
                     continue;
                 };
-                let gt = cat
-                    .table(&QName::new(&m.green, table))
-                    .expect("validated table");
-                let columns: Vec<Vec<Option<String>>> = (0..ae.nkeys)
-                    .map(|j| keys.iter().map(|k| k[j].clone()).collect())
-                    .collect();
-                let diffs = locate::locate(
-                    &mut conn,
-                    m,
-                    e,
-                    gt,
-                    Rows::Keys {
-                        blue: &ae.blue_typed,
-                        green_condition: &ae.green_key_condition,
-                        keys: &columns,
-                    },
-                    show_values,
-                )
-                .await
-                .map_err(db_error)?;
-                if diffs.is_empty() {
-                    continue;
-                }
                 let pending = pending_keys(&mut conn, m, ae).await?;
-                for d in diffs {
-                    let is_pending = match &pending {
-                        None => true,
-                        Some(p) => d.sync_keys.iter().any(|k| p.contains(k)),
-                    };
-                    if is_pending && round < ROUNDS {
-                        next.entry(table.clone())
-                            .or_default()
-                            .extend(d.sync_keys.iter().cloned());
-                    } else if is_pending {
-                        out.hot.push(d);
-                    } else {
-                        out.real.push(d);
-                    }
+                let is_pending = match &pending {
+                    None => true,
+                    Some(p) => d.sync_keys.iter().any(|k| p.contains(k)),
+                };
+                if is_pending && round < ROUNDS {
+                    next.entry(d.table.clone())
+                        .or_default()
+                        .extend(d.sync_keys.iter().cloned());
+                } else if is_pending {
+                    out.hot.push(d);
+                } else {
+                    out.real.push(d);
                 }
             }
             Ok::<(), Diagnostic>(())
@@ -142,6 +176,68 @@ pub async fn settle(
             next.values().map(BTreeSet::len).sum::<usize>()
         );
         todo = next;
+    }
+    // Keys written without pause through every round: one last look in a snapshot where nothing
+    // is pending, under a brief fence on blue writes (held at most FENCE_BUDGET plus the lock
+    // wait). A key that differs there differs; one that matches is verified.
+    if !out.hot.is_empty() {
+        let mut hot: BTreeMap<String, BTreeSet<Key>> = BTreeMap::new();
+        for d in &out.hot {
+            hot.entry(d.table.clone())
+                .or_default()
+                .extend(d.sync_keys.iter().cloned());
+        }
+        let mut fence = None;
+        for _ in 0..FENCE_TRIES {
+            // Drained just before, the fence has the least to apply while writers wait.
+            sync::drain(&mut conn, m, &plan).await?;
+            fence =
+                sync::fence::fenced_snapshot(url, m, &plan, fence_lock_timeout_ms(m), FENCE_BUDGET)
+                    .await?;
+            if fence.is_some() {
+                break;
+            }
+        }
+        if fence.is_none() {
+            eprintln!(
+                "bluegreen: no fence within {} ms in {FENCE_TRIES} tries: {} hot key(s) stay unverified",
+                FENCE_BUDGET.as_millis(),
+                hot.values().map(BTreeSet::len).sum::<usize>()
+            );
+        }
+        if let Some(fence) = fence {
+            exec(
+                &mut conn,
+                &sql!("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
+            )
+            .await?;
+            let imported = exec(
+                &mut conn,
+                &sql!(
+                    "SET TRANSACTION SNAPSHOT {}",
+                    crate::sql::Literal::new(&fence.snapshot)
+                ),
+            )
+            .await;
+            let held = fence.release().await?;
+            imported?;
+            exec(
+                &mut conn,
+                &crate::plan::query::set_mapping_search_path(m, true),
+            )
+            .await?;
+            let result = recheck(&mut conn, m, &cat, &plan, &hot, show_values).await;
+            exec(&mut conn, &sql!("COMMIT")).await?;
+            let diffs = result?;
+            eprintln!(
+                "bluegreen: {} hot key(s) re-checked in a fenced snapshot (blue writes waited {} ms)",
+                hot.values().map(BTreeSet::len).sum::<usize>(),
+                held.as_millis()
+            );
+            out.fenced_ms = Some(held.as_millis() as u64);
+            out.hot.clear();
+            out.real.extend(diffs);
+        }
     }
     // Verified after re-check: every key first seen differing that is neither real nor hot now.
     for (table, n) in first {
@@ -175,34 +271,33 @@ pub async fn checks_when_caught_up(
     } else {
         None
     };
-    let backlog = control::statement(
-        m,
-        "SELECT (SELECT count(*) FROM {changes} WHERE migration = $1) + (SELECT count(*) FROM {rederive} WHERE migration = $1)",
-    );
+    let backlog = control::changes::pending_work(m);
     if let Some(plan) = &plan {
         sync::drain(&mut conn, m, plan).await?;
         // A check comparing green with blue needs a snapshot with nothing pending: a brief
         // fence on blue writes gives one (writes wait at most FENCE_BUDGET and the lock wait).
         if checks.iter().any(|c| c.blue_sql.is_some()) {
-            let lt = crate::plan::effective_settings(
-                m,
-                &crate::plan::Options {
-                    jobs: None,
-                    chunk_rows: None,
-                    lock_timeout_ms: None,
-                    profile: crate::plan::ProfileMode::None,
-                },
-            )
-            .lock_timeout_ms;
-            if let Some(fence) =
-                sync::fence::fenced_snapshot(url, m, plan, lt, FENCE_BUDGET).await?
-            {
+            let lt = fence_lock_timeout_ms(m);
+            let mut fence = None;
+            for _ in 0..FENCE_TRIES {
+                sync::drain(&mut conn, m, plan).await?;
+                fence = sync::fence::fenced_snapshot(url, m, plan, lt, FENCE_BUDGET).await?;
+                if fence.is_some() {
+                    break;
+                }
+            }
+            if let Some(fence) = fence {
                 // The checks import the fence's snapshot, which lets the writers go before the
                 // checks themselves run.
                 let (results, _) =
                     super::checks::run_checks(&mut conn, checks, None, Some(fence)).await;
+                eprintln!("bluegreen: checks ran in a fenced snapshot");
                 return Ok(results);
             }
+            eprintln!(
+                "bluegreen: no fence within {} ms in {FENCE_TRIES} tries (writers busy, or too much pending): checks run in rounds",
+                FENCE_BUDGET.as_millis()
+            );
         }
     }
     let mut round = 0;
@@ -210,6 +305,8 @@ pub async fn checks_when_caught_up(
         round += 1;
         if let Some(plan) = &plan {
             sync::drain(&mut conn, m, plan).await?;
+            sync::apply::rederive_marked(&mut conn, m, plan).await?;
+            sync::retry_all(&mut conn, m, plan).await?;
         }
         let (mut results, pending) = super::checks::run_checks(
             &mut conn,
@@ -218,7 +315,8 @@ pub async fn checks_when_caught_up(
             None,
         )
         .await;
-        let conclusive = pending.is_none_or(|n| n == 0);
+        // No probe (no control schema yet): nothing is pending.
+        let conclusive = plan.is_none() || pending == Some(0);
         if results.iter().all(|c| c.passed) || conclusive {
             return Ok(results);
         }

@@ -1,6 +1,8 @@
 //! Integration tests: one binary, one throwaway PostgreSQL per process, a database per test.
 
 mod copy;
+mod hostile;
+mod live;
 mod plan;
 mod random;
 mod refuse;

@@ -313,6 +313,10 @@ async fn scenario(
         out.status.success(),
         "seed {seed}: copy failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| !l.contains("chunks on") && !l.contains("capturing"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     let live = live_seconds(4);
     let mut f = follower(&url, mapping);

@@ -275,8 +275,61 @@ pub async fn chinook_db(name: &str) -> String {
     url
 }
 
-/// A simulated Chinook application: lookups renamed, tracks moved between genres (and to no
-/// genre), albums moved between artists, composite keys updated, rows inserted and deleted.
+/// The `i`th statement of a simulated Chinook application (`k` makes values unique): lookups
+/// renamed, tracks moved between genres (and to no genre), albums moved between artists,
+/// composite keys updated, rows inserted and deleted.
+pub fn chinook_statement(i: u64, k: u64) -> String {
+    let some_track = format!(
+        "(SELECT track_id FROM public.track ORDER BY md5(track_id::text || '{k}') LIMIT 1)"
+    );
+    match i % 10 {
+        0 => format!(
+            "UPDATE public.genre SET name = 'Genre {k}' WHERE genre_id = {}",
+            1 + k % 25
+        ),
+        1 => format!(
+            "UPDATE public.track SET genre_id = CASE WHEN genre_id IS NULL THEN {} ELSE NULL END WHERE track_id = {some_track}",
+            1 + k % 25
+        ),
+        2 => format!(
+            "UPDATE public.album SET artist_id = {} WHERE album_id = {}",
+            1 + k % 200,
+            1 + k % 340
+        ),
+        3 => format!(
+            "UPDATE public.playlist_track SET track_id = {some_track} WHERE (playlist_id, track_id) = (SELECT playlist_id, track_id FROM public.playlist_track ORDER BY md5(playlist_id::text || track_id::text || '{k}') LIMIT 1) AND NOT EXISTS (SELECT 1 FROM public.playlist_track q WHERE q.playlist_id = playlist_track.playlist_id AND q.track_id = {some_track})"
+        ),
+        4 => format!(
+            "INSERT INTO public.track (track_id, name, album_id, media_type_id, genre_id, milliseconds, unit_price) VALUES ({}, 'New {k}', {}, 1, {}, {}, 0.99)",
+            100_000 + k,
+            1 + k % 340,
+            if k.is_multiple_of(3) {
+                "NULL".to_string()
+            } else {
+                (1 + k % 25).to_string()
+            },
+            100_000 + k % 500_000
+        ),
+        5 => format!("DELETE FROM public.playlist_track WHERE track_id = {some_track}"),
+        6 => format!(
+            "UPDATE public.track SET milliseconds = milliseconds + 1000, unit_price = unit_price + 0.01 WHERE album_id = {}",
+            1 + k % 340
+        ),
+        7 => format!(
+            "INSERT INTO public.playlist_track (playlist_id, track_id) SELECT {}, {some_track} ON CONFLICT DO NOTHING",
+            1 + k % 18
+        ),
+        8 => format!(
+            "DELETE FROM public.track WHERE track_id = (SELECT track_id FROM public.track t WHERE NOT EXISTS (SELECT 1 FROM public.invoice_line l WHERE l.track_id = t.track_id) AND NOT EXISTS (SELECT 1 FROM public.playlist_track p WHERE p.track_id = t.track_id) ORDER BY md5(track_id::text || '{k}') LIMIT 1)"
+        ),
+        _ => format!(
+            "UPDATE public.track SET album_id = {} WHERE track_id = {some_track}",
+            1 + k % 340
+        ),
+    }
+}
+
+/// One session of the simulated Chinook application, until `stop`; the statements it ran.
 pub async fn chinook_writer(
     url: String,
     seed: u64,
@@ -287,55 +340,7 @@ pub async fn chinook_writer(
     let mut i: u64 = 0;
     while !stop.load(Ordering::Relaxed) {
         i += 1;
-        let k = seed * 100_000 + i;
-        let some_track = format!(
-            "(SELECT track_id FROM public.track ORDER BY md5(track_id::text || '{k}') LIMIT 1)"
-        );
-        let sql = match i % 10 {
-            0 => format!(
-                "UPDATE public.genre SET name = 'Genre {k}' WHERE genre_id = {}",
-                1 + k % 25
-            ),
-            1 => format!(
-                "UPDATE public.track SET genre_id = CASE WHEN genre_id IS NULL THEN {} ELSE NULL END WHERE track_id = {some_track}",
-                1 + k % 25
-            ),
-            2 => format!(
-                "UPDATE public.album SET artist_id = {} WHERE album_id = {}",
-                1 + k % 200,
-                1 + k % 340
-            ),
-            3 => format!(
-                "UPDATE public.playlist_track SET track_id = {some_track} WHERE (playlist_id, track_id) = (SELECT playlist_id, track_id FROM public.playlist_track ORDER BY md5(playlist_id::text || track_id::text || '{k}') LIMIT 1) AND NOT EXISTS (SELECT 1 FROM public.playlist_track WHERE playlist_id = 1 AND track_id = {some_track})"
-            ),
-            4 => format!(
-                "INSERT INTO public.track (track_id, name, album_id, media_type_id, genre_id, milliseconds, unit_price) VALUES ({}, 'New {k}', {}, 1, {}, {}, 0.99)",
-                100_000 + k,
-                1 + k % 340,
-                if k.is_multiple_of(3) {
-                    "NULL".to_string()
-                } else {
-                    (1 + k % 25).to_string()
-                },
-                100_000 + k % 500_000
-            ),
-            5 => format!("DELETE FROM public.playlist_track WHERE track_id = {some_track}"),
-            6 => format!(
-                "UPDATE public.track SET milliseconds = milliseconds + 1000, unit_price = unit_price + 0.01 WHERE album_id = {}",
-                1 + k % 340
-            ),
-            7 => format!(
-                "INSERT INTO public.playlist_track (playlist_id, track_id) SELECT {}, {some_track} ON CONFLICT DO NOTHING",
-                1 + k % 18
-            ),
-            8 => format!(
-                "DELETE FROM public.track WHERE track_id = (SELECT track_id FROM public.track t WHERE NOT EXISTS (SELECT 1 FROM public.invoice_line l WHERE l.track_id = t.track_id) AND NOT EXISTS (SELECT 1 FROM public.playlist_track p WHERE p.track_id = t.track_id) ORDER BY md5(track_id::text || '{k}') LIMIT 1)"
-            ),
-            _ => format!(
-                "UPDATE public.track SET album_id = {} WHERE track_id = {some_track}",
-                1 + k % 340
-            ),
-        };
+        let sql = chinook_statement(i, seed * 100_000 + i);
         if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
             .execute(&mut c)
             .await
