@@ -278,6 +278,20 @@ async fn rollback_to(conn: &mut PgConnection, name: &str) -> Result<(), Diagnost
     exec(conn, &sql!("ROLLBACK TO SAVEPOINT {name}")).await
 }
 
+/// The keys in `rows` (one text column per key column).
+fn keys_of<C: FromIterator<Key>>(
+    e: &ApplierEntry,
+    rows: &[sqlx::postgres::PgRow],
+) -> Result<C, Diagnostic> {
+    rows.iter()
+        .map(|r| {
+            (0..e.nkeys)
+                .map(|j| r.try_get::<Option<String>, _>(j).map_err(db_error))
+                .collect()
+        })
+        .collect()
+}
+
 async fn run_finder(
     conn: &mut PgConnection,
     e: &ApplierEntry,
@@ -289,13 +303,7 @@ async fn run_finder(
         .fetch_all(&mut *conn)
         .await
         .map_err(db_error)?;
-    rows.iter()
-        .map(|r| {
-            (0..e.nkeys)
-                .map(|j| r.try_get::<Option<String>, _>(j).map_err(db_error))
-                .collect()
-        })
-        .collect()
+    keys_of(e, &rows)
 }
 
 /// The keys the rows `ids` of table `x` touch for entry `e`. A row whose keys cannot be found
@@ -821,11 +829,5 @@ async fn run_all_keys(
         .fetch_all(&mut *conn)
         .await
         .map_err(db_error)?;
-    rows.iter()
-        .map(|r| {
-            (0..e.nkeys)
-                .map(|j| r.try_get::<Option<String>, _>(j).map_err(db_error))
-                .collect()
-        })
-        .collect()
+    keys_of(e, &rows)
 }

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use sqlx::PgConnection;
 
 use crate::support::{
-    self, assert_invariant, assert_invariant_now, connect, copy_ok, drain, empty_db, exec,
-    status_json,
+    self, Problems, assert_invariant, assert_invariant_now, connect, copy_ok, drain, empty_db,
+    exec, status_json,
 };
 
 const CHECK: &str = "tests/fixtures/hostile_check.yaml";
@@ -65,44 +65,9 @@ async fn int(c: &mut PgConnection, sql: &str) -> Option<i32> {
         .flatten()
 }
 
-/// Deviations collected through a test, so one run shows every one of them (each also printed).
-#[derive(Default)]
-struct Problems(Vec<String>);
-
-impl Problems {
-    fn check(&mut self, ok: bool, what: impl FnOnce() -> String) {
-        if !ok {
-            let w = what();
-            eprintln!("PROBLEM: {w}");
-            self.0.push(w);
-        }
-    }
-    fn assert_none(self) {
-        assert!(
-            self.0.is_empty(),
-            "{} problem(s):\n- {}",
-            self.0.len(),
-            self.0.join("\n- ")
-        );
-    }
-}
-
 /// Run `sql` on `c`, which must succeed within [`NO_WAIT`]. Returns how long it took.
 async fn must_not_wait(c: &mut PgConnection, what: &str, sql: &str) -> Duration {
-    let started = Instant::now();
-    match tokio::time::timeout(
-        NO_WAIT,
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string())).execute(&mut *c),
-    )
-    .await
-    {
-        Ok(Ok(_)) => started.elapsed(),
-        Ok(Err(e)) => panic!("{what}: the application's statement failed: {e}\n{sql}"),
-        Err(_) => panic!(
-            "{what}: the application's statement waited more than {:?}\n{sql}",
-            started.elapsed()
-        ),
-    }
+    support::must_not_wait(c, what, sql, NO_WAIT).await
 }
 
 fn command(url: &str, args: &[&str]) -> Command {

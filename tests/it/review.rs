@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use sqlx::{PgConnection, Row};
 
 use crate::support::{
-    self, assert_invariant, assert_invariant_now, carbot_db, carbot_writer, connect, copy_ok,
-    drain, empty_db, exec, run, status_json,
+    self, Problems, assert_invariant, assert_invariant_now, carbot_db, carbot_writer, connect,
+    copy_ok, drain, empty_db, exec, run, status_json,
 };
 
 const CARBOT: &str = "mappings/carbot.yaml";
@@ -55,44 +55,9 @@ async fn text(c: &mut PgConnection, sql: String) -> Option<String> {
         .unwrap_or_else(|e| panic!("{e}\nin: {sql}"))
 }
 
-/// Deviations collected through a test, so one run shows every one of them (each also printed).
-#[derive(Default)]
-struct Problems(Vec<String>);
-
-impl Problems {
-    fn check(&mut self, ok: bool, what: impl FnOnce() -> String) {
-        if !ok {
-            let w = what();
-            eprintln!("PROBLEM: {w}");
-            self.0.push(w);
-        }
-    }
-    fn assert_none(self) {
-        assert!(
-            self.0.is_empty(),
-            "{} problem(s):\n- {}",
-            self.0.len(),
-            self.0.join("\n- ")
-        );
-    }
-}
-
 /// Run `sql` on `c`, which must finish within [`NO_WAIT`]: it must not wait on anything.
 async fn must_not_wait(c: &mut PgConnection, what: &str, sql: &str) {
-    let started = Instant::now();
-    match tokio::time::timeout(
-        NO_WAIT,
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string())).execute(&mut *c),
-    )
-    .await
-    {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => panic!("{what}: the application's statement failed: {e}\n{sql}"),
-        Err(_) => panic!(
-            "{what}: the application's statement waited more than {:?}\n{sql}",
-            started.elapsed()
-        ),
-    }
+    support::must_not_wait(c, what, sql, NO_WAIT).await;
 }
 
 /// Wait until backend `pid` waits for a heavyweight lock (it is blocked by another session).

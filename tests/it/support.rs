@@ -350,3 +350,49 @@ pub async fn chinook_writer(
     }
     i
 }
+
+/// Deviations collected through a test, so one run shows every one of them (each also printed).
+#[derive(Default)]
+pub struct Problems(Vec<String>);
+
+impl Problems {
+    pub fn check(&mut self, ok: bool, what: impl FnOnce() -> String) {
+        if !ok {
+            let w = what();
+            eprintln!("PROBLEM: {w}");
+            self.0.push(w);
+        }
+    }
+    pub fn assert_none(self) {
+        assert!(
+            self.0.is_empty(),
+            "{} problem(s):\n- {}",
+            self.0.len(),
+            self.0.join("\n- ")
+        );
+    }
+}
+
+/// Run `sql` on `c`, which must succeed within `limit` (an application statement that must not
+/// wait on sync's account). Returns how long it took.
+pub async fn must_not_wait(
+    c: &mut sqlx::PgConnection,
+    what: &str,
+    sql: &str,
+    limit: std::time::Duration,
+) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    match tokio::time::timeout(
+        limit,
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string())).execute(&mut *c),
+    )
+    .await
+    {
+        Ok(Ok(_)) => started.elapsed(),
+        Ok(Err(e)) => panic!("{what}: the application's statement failed: {e}\n{sql}"),
+        Err(_) => panic!(
+            "{what}: the application's statement waited more than {:?}\n{sql}",
+            started.elapsed()
+        ),
+    }
+}
