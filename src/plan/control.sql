@@ -49,6 +49,8 @@ CREATE TABLE IF NOT EXISTS {control}.changes (
     all_entries boolean NOT NULL DEFAULT false
 );
 CREATE INDEX IF NOT EXISTS changes_migration_id ON {control}.changes (migration, id);
+-- An applier claims, with the oldest rows, every other row their transactions logged.
+CREATE INDEX IF NOT EXISTS changes_txid ON {control}.changes (migration, txid);
 CREATE TABLE IF NOT EXISTS {control}.sync_failures (
     migration   text NOT NULL,
     green_table text NOT NULL,

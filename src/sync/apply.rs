@@ -21,7 +21,7 @@
 //! applier's work with older values. Blue before green is the writers' own order; a timeout (a
 //! writer holding rows in another order) leaves the batch in the log for a later try.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use sqlx::{Connection, PgConnection, Row};
 
@@ -172,11 +172,16 @@ async fn claim_and_apply(
     upto: i64,
 ) -> Result<(Applied, Oversized), Diagnostic> {
     // The oldest rows, and every other row their transactions logged: a statement that deletes a
-    // parent and its children is applied in one batch, in foreign-key order.
-    let rows = sqlx::query(sql!(
-        "WITH first AS (SELECT id, txid FROM {c} WHERE migration = $1 AND id <= $3 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED),
-              rest AS (SELECT c.id FROM {c} AS c WHERE c.migration = $1 AND c.txid IN (SELECT txid FROM first) AND c.id NOT IN (SELECT id FROM first) FOR UPDATE SKIP LOCKED)
-         SELECT id, blue_table, op, all_entries FROM {c} WHERE id IN (SELECT id FROM first UNION ALL SELECT id FROM rest) ORDER BY id",
+    // parent and its children is applied in one batch, in foreign-key order. Two statements, each
+    // by its index whatever the planner believes of the log: its statistics are those of the
+    // empty table it was at the live switch until autovacuum comes by, and with them the oldest
+    // rows were found by sorting the whole backlog (170 ms at 230,000 rows, against 1 ms by the
+    // (migration, id) index in order), and their transactions' other rows by ANDing a bitmap of
+    // the whole backlog. Most of what a follower did; hence the planner settings, for the first
+    // statement only, and the (migration, txid) index for the second.
+    exec(conn, &sql!("SELECT pg_catalog.set_config(s, 'off', true) FROM pg_catalog.unnest(ARRAY['enable_seqscan', 'enable_bitmapscan', 'enable_sort']) AS s")).await?;
+    let mut rows = sqlx::query(sql!(
+        "SELECT id, txid::pg_catalog.text AS txid, blue_table, op, all_entries FROM {c} WHERE migration = $1 AND id <= $3 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
         c = table(m, "changes")
     ).assert_safe())
     .bind(&m.migration)
@@ -185,6 +190,32 @@ async fn claim_and_apply(
     .fetch_all(&mut *conn)
     .await
     .map_err(db_error)?;
+    exec(conn, &sql!("SELECT pg_catalog.set_config(name, reset_val, true) FROM pg_catalog.pg_settings WHERE name IN ('enable_seqscan', 'enable_bitmapscan', 'enable_sort')")).await?;
+    if !rows.is_empty() {
+        let first: HashSet<i64> = rows.iter().map(|r| r.get("id")).collect();
+        let txids: Vec<String> = rows
+            .iter()
+            .map(|r| r.get::<String, _>("txid"))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let rest = sqlx::query(sql!(
+            "SELECT id, blue_table, op, all_entries FROM {c} WHERE txid = ANY($2::text[]::pg_catalog.xid8[]) AND migration = $1 FOR UPDATE SKIP LOCKED",
+            c = table(m, "changes")
+        ).assert_safe())
+        .bind(&m.migration)
+        .bind(&txids)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db_error)?;
+        // The first rows come again (this transaction holds their locks, which SKIP LOCKED does
+        // not skip): set aside here, as `id <> ALL(first)` would compare every pair.
+        rows.extend(
+            rest.into_iter()
+                .filter(|r| !first.contains(&r.get::<i64, _>("id"))),
+        );
+        rows.sort_by_key(|r| r.get::<i64, _>("id"));
+    }
     if rows.is_empty() {
         return Ok((Applied::default(), None));
     }

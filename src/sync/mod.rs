@@ -19,8 +19,12 @@ use crate::plan::sync::{live_trigger_function, sync_entries};
 
 pub use apply::{Applied, Plan};
 
-/// Change-log rows one applier transaction claims at most.
-pub const BATCH: i64 = 1_000;
+/// Change-log rows one applier transaction claims at most. Each batch costs a dozen statements
+/// whatever its size (finders, deletes, upserts per entry), so larger batches drain faster: on the
+/// Chinook writer mix, 4,000 drained the log 1.8x faster than 1,000 (11.5 s against 21 s for
+/// 230,000 rows); the keys they touch are still applied in transactions of at most
+/// [`apply::KEYS_PER_TRANSACTION`].
+pub const BATCH: i64 = 4_000;
 /// Failed keys retried per transaction.
 pub const RETRY_BATCH: i64 = 500;
 

@@ -295,22 +295,24 @@ impl SyncEntry<'_> {
             )
         )
     }
-    /// Not produced by M(blue) for the keys: compared on the arbiter key.
+    /// Not produced by M(blue) for the keys: compared on the arbiter key, with `=` on its NOT
+    /// NULL columns (the same answer there, and the planner can hash the anti-join: IS NOT
+    /// DISTINCT FROM compared every green row with every derived one, 80 ms for a batch of 1,500
+    /// tracks) and IS NOT DISTINCT FROM on the nullable ones of a NULLS NOT DISTINCT key.
     fn not_produced(&self, m: &Mapping) -> String {
         format!(
             "NOT EXISTS (SELECT 1 FROM ({}) AS m WHERE {})",
             self.restricted_m(m, false),
             join(
                 self.upsert_key.iter().map(|c| {
-                    let ty = self
-                        .green
-                        .column(c)
-                        .map(|g| g.type_sql.as_str())
-                        .unwrap_or("");
-                    format!(
-                        "m.{0}::{ty} IS NOT DISTINCT FROM bluegreen_g.{0}",
-                        Ident::new(c)
-                    )
+                    let col = self.green.column(c);
+                    let ty = col.map(|g| g.type_sql.as_str()).unwrap_or("");
+                    let eq = if col.is_some_and(|g| g.not_null) {
+                        "="
+                    } else {
+                        "IS NOT DISTINCT FROM"
+                    };
+                    format!("m.{0}::{ty} {eq} bluegreen_g.{0}", Ident::new(c))
                 }),
                 " AND "
             )
