@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one throwaway PostgreSQL per process, a database per test.
 
 mod copy;
+mod explain;
 mod hostile;
 mod live;
 mod plan;
