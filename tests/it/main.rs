@@ -8,6 +8,7 @@ mod plan;
 mod random;
 mod refuse;
 mod review;
+mod rules;
 mod shapes;
 mod support;
 mod validate;
