@@ -242,7 +242,8 @@ pub async fn compare(url: &str, m: &Mapping, o: &Options) -> Result<Outcome, Dia
     let mut main = crate::pg::connect(url).await?;
     let phase = runs::phase(&mut main, m).await?;
     let cat = Arc::new(control::load_catalog(&mut main, m).await?);
-    // The exporter holds the snapshot open until every worker has attached to it.
+    // The exporter holds the snapshot open until every worker has attached to it, and not a moment
+    // longer: an open snapshot pins the change log's dead rows (rule M1).
     exec(
         &mut main,
         &sql!("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
@@ -278,7 +279,10 @@ pub async fn compare(url: &str, m: &Mapping, o: &Options) -> Result<Outcome, Dia
     let done_chunks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let results: Arc<Mutex<Vec<ChunkResult>>> = Arc::new(Mutex::new(Vec::new()));
     let mut workers = Vec::new();
+    // Each worker says when it has attached (or drops its sender when it fails first).
+    let (attached_tx, mut attached) = tokio::sync::mpsc::channel::<()>(o.jobs.max(1) as usize);
     for _ in 0..o.jobs.max(1) {
+        let attached_tx = attached_tx.clone();
         let (url, m, cat, queue, results, snapshot, o) = (
             url.to_string(),
             m.clone(),
@@ -297,6 +301,8 @@ pub async fn compare(url: &str, m: &Mapping, o: &Options) -> Result<Outcome, Dia
                 crate::plan::query::set_mapping_search_path(&m, true)
             ))
             .await?;
+            let _ = attached_tx.send(()).await;
+            drop(attached_tx);
             let mut snapshot_taken = std::time::Instant::now();
             loop {
                 let Some(t) = queue.lock().expect("queue").pop_front() else {
@@ -353,6 +359,9 @@ pub async fn compare(url: &str, m: &Mapping, o: &Options) -> Result<Outcome, Dia
             Ok::<(), Diagnostic>(())
         }));
     }
+    drop(attached_tx);
+    while attached.recv().await.is_some() {}
+    exec(&mut main, &sql!("COMMIT")).await?;
     for w in workers {
         w.await
             .map_err(|e| Diagnostic::error("internal", e.to_string()))??;
@@ -360,7 +369,6 @@ pub async fn compare(url: &str, m: &Mapping, o: &Options) -> Result<Outcome, Dia
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    exec(&mut main, &sql!("COMMIT")).await?;
     let results = Arc::try_unwrap(results)
         .ok()
         .expect("workers done")

@@ -880,7 +880,6 @@ async fn rule_m1_a_hot_key_is_reported_unverified_never_passed() {
 /// of the database that holds a snapshot (`backend_xmin`). None may be older than the limit plus
 /// one chunk's time and some slack (1.5 s in all).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "rule M1: validate's exporting connection stays idle in its REPEATABLE READ transaction (holding xmin) for the whole run, whatever --max-snapshot-age says"]
 async fn rule_m1_c_no_validate_snapshot_outlives_max_snapshot_age() {
     let url = empty_db("rules_m1c").await;
     let mut c = connect(&url).await;
