@@ -39,14 +39,15 @@ pub type Key = Vec<Option<String>>;
 
 /// Keys re-derived per transaction at most; a larger fan-out is split.
 pub const KEYS_PER_TRANSACTION: usize = 2_000;
-/// How long a row-local apply may wait for a writer's row, at most: below the server's
-/// `deadlock_timeout` too (`Plan::lock_timeout_ms`), so in a lock cycle the applier gives way.
+/// How long an apply may wait for a row lock, at most (a row-local entry's blue rows, which a
+/// writer holds; any green row): below the server's `deadlock_timeout` too
+/// (`Plan::lock_timeout_ms`), so in a lock cycle the applier gives way.
 const ROW_LOCAL_LOCK_TIMEOUT_MS: u64 = 100;
 
 /// What the applier runs, for a mapping and the catalog.
 pub struct Plan {
     pub entries: Vec<ApplierEntry>,
-    /// The row-local lock wait (ms), clamped below `deadlock_timeout`.
+    /// An apply's lock wait (ms), clamped below `deadlock_timeout`.
     pub lock_timeout_ms: u64,
     /// The applier of a fence, which holds blue writes and the other appliers off.
     pub fenced: bool,
@@ -537,8 +538,11 @@ pub async fn apply_keys(
         let Some(ks) = keys.get(&pos) else { continue };
         let ks: Vec<Key> = ks.iter().cloned().collect();
         let mut up = vec![];
+        // Every entry's waits are bounded, not only a row-local one's (whose blue rows the
+        // application holds): a session holding a green row of a follower-kept entry (by hand,
+        // before cutover) held `sync` and validate for as long as it liked.
+        exec(conn, &lock_timeout).await?;
         if e.row_local {
-            exec(conn, &lock_timeout).await?;
             up.extend(e.lock_blue.clone());
             up.extend(e.lock_green.clone());
         }
@@ -546,9 +550,7 @@ pub async fn apply_keys(
         up.extend(e.unique_update.clone());
         let f = failures.entry(pos).or_default();
         phase(conn, e, &up, &ks, f, &mut waits).await?;
-        if e.row_local {
-            exec(conn, &no_lock_timeout).await?;
-        }
+        exec(conn, &no_lock_timeout).await?;
     }
     for (pos, e) in plan.entries.iter().enumerate().rev() {
         if phases == Phases::Upserts {
@@ -564,8 +566,8 @@ pub async fn apply_keys(
         let mut del = vec![];
         // A delete in a transaction of its own takes the row locks the upsert took.
         let lock = e.row_local && phases == Phases::Deletes;
+        exec(conn, &lock_timeout).await?;
         if lock {
-            exec(conn, &lock_timeout).await?;
             del.extend(e.lock_blue.clone());
             del.extend(e.lock_green.clone());
         }
@@ -573,9 +575,7 @@ pub async fn apply_keys(
         del.extend(e.delete_null.clone());
         let f = failures.entry(pos).or_default();
         phase(conn, e, &del, &ks, f, &mut waits).await?;
-        if lock {
-            exec(conn, &no_lock_timeout).await?;
-        }
+        exec(conn, &no_lock_timeout).await?;
     }
     for (pos, e) in plan.entries.iter().enumerate() {
         let Some(ks) = keys.get(&pos) else { continue };

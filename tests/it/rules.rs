@@ -967,6 +967,53 @@ async fn rule_m1_c_no_validate_snapshot_outlives_max_snapshot_age() {
     assert_invariant(&url, M1C).await;
 }
 
+/// Rule M1's re-checks and every applier (DESIGN.md: "keep each transaction short"): a session
+/// holding a green row of a follower-kept entry (before cutover only by hand) makes `sync` record
+/// the key as "not yet" and finish, never wait for it; once the row is released the next `sync`
+/// applies it. (Found by the rule tests: only row-local entries had a bounded lock wait.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rule_m1_d_an_applier_gives_way_to_a_held_green_row() {
+    let url = empty_db("rules_m1d").await;
+    let mut c = connect(&url).await;
+    exec(
+        &mut c,
+        "CREATE TABLE public.items (id integer PRIMARY KEY, grp integer NOT NULL, v integer NOT NULL);
+         INSERT INTO public.items SELECT g, g % 10, g FROM generate_series(1, 1000) g;",
+    )
+    .await;
+    copy_ok(&url, M1).await;
+    let mut holder = connect(&url).await;
+    must_not_wait(
+        &mut holder,
+        "the session holding group 1's green row",
+        "BEGIN; SELECT 1 FROM rules_m1.totals WHERE grp = 1 FOR UPDATE",
+    )
+    .await;
+    must_not_wait(
+        &mut c,
+        "the application's update of group 1 and 2",
+        "UPDATE public.items SET v = v + 1 WHERE grp IN (1, 2)",
+    )
+    .await;
+    let out = run_within(&url, &["sync", "-m", M1], QUICK).await;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "sync must finish, with group 1 not yet applied: {}",
+        both(&out)
+    );
+    let two: i64 = count(
+        &mut c,
+        "SELECT count(*) FROM rules_m1.totals t WHERE t.grp = 2 AND t.total = (SELECT sum(v) FROM public.items WHERE grp = 2)",
+    )
+    .await;
+    assert_eq!(two, 1, "group 2 is applied although group 1 is held");
+    exec(&mut holder, "COMMIT").await;
+    let out = run_within(&url, &["sync", "-m", M1], QUICK).await;
+    assert!(out.status.success(), "sync once released: {}", both(&out));
+    assert_invariant(&url, M1).await;
+}
+
 /// M2: the change-log rules, beside a running follower. (1) Ids are not commit order: T1 logs a
 /// change and stays open, T2 logs a later id and commits, the follower applies it, then T1
 /// commits: the follower must still apply T1's (no watermark). (2) A lookup row reaching 20,000
