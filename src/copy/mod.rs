@@ -68,7 +68,7 @@ async fn plan_chunks(
             .table(&driving.table)
             .ok_or_else(|| Diagnostic::error("unknown-blue-table", driving.table.display()))?;
         let sync = sync_key(e, gt).map(|(k, _)| k).unwrap_or_default();
-        let (key_sql, key_type, ranges) = match chunk_key(e, bt, &sync) {
+        let (key_sql, key_type, ranges) = match chunk_key(e, bt, gt, &sync) {
             ChunkKey::Physical => {
                 let pages = chunks::pages(&mut tx, &bt.qname()).await?;
                 let n = count(bt.reltuples.max(1.0), chunk_rows);

@@ -230,13 +230,29 @@ impl Serialize for ChunkKey {
 }
 
 /// The first sync-key expression when it is a plain driving column or the entry groups (groups
-/// must never be split across chunks); else the driving primary key; else physical ranges.
-pub fn chunk_key(e: &TableEntry, bt: &catalog::Table, sync: &[(String, String)]) -> ChunkKey {
+/// must never be split across chunks); else the driving primary key; else physical ranges. A
+/// group key that is a driving column widened (`(c.parent_id)::bigint`) is chunked on the column
+/// itself: the cast keeps every value distinct and in order, so no group is split, and blue's
+/// index on the column serves each chunk's range (on the cast, every chunk read the whole table).
+pub fn chunk_key(
+    e: &TableEntry,
+    bt: &catalog::Table,
+    gt: &catalog::Table,
+    sync: &[(String, String)],
+) -> ChunkKey {
     let alias = &e.from_clause.driving().alias;
-    if let Some((_, first)) = sync.first()
+    if let Some((green_col, first)) = sync.first()
         && (!e.group_by.is_empty() || plain_column_of(first, alias).is_some())
     {
-        return ChunkKey::Expr(first.clone());
+        let widened = gt
+            .column(green_col)
+            .and_then(|c| key_column(first, alias, bt, &c.type_sql));
+        return match widened {
+            Some((col, _)) if !e.group_by.is_empty() => {
+                ChunkKey::Expr(format!("{}.{}", Ident::new(alias), Ident::new(&col)))
+            }
+            _ => ChunkKey::Expr(first.clone()),
+        };
     }
     match &bt.primary_key {
         Some(pk) => ChunkKey::Expr(format!(

@@ -181,7 +181,7 @@ pub fn build(
                 }),
             );
         }
-        let chunk_key = chunk_key(e, bt, &sync);
+        let chunk_key = chunk_key(e, bt, gt, &sync);
         let est_driving = if bt.reltuples >= 0.0 {
             bt.reltuples
         } else {

@@ -256,7 +256,7 @@ pub fn all(m: &Mapping, cat: &Catalog, s: &EffectiveSettings) -> Vec<Step> {
             .map(|i| i.table.display())
             .collect::<Vec<_>>()
             .join(", ");
-        let key = match chunk_key(e, bt, &sync) {
+        let key = match chunk_key(e, bt, gt, &sync) {
             ChunkKey::Physical => format!("{}.ctid", Ident::new(&e.from_clause.driving().alias)),
             ChunkKey::Expr(key) => {
                 let source = super::chunks::quantile_source(e, bt, &key);

@@ -19,7 +19,7 @@
 //! the check catches `(p.id)::bigint IN (...)` and its kin. Left out, and listed: validate's
 //! `LIMIT 0` probes (they read no row) and the matching of changes set aside by their whole row
 //! image (no lookup by key; the last test, ignored, shows it has no index either). Copy's own chunk
-//! reads are the second test's (ignored: a `group_by` entry's chunks cast blue's column). The first
+//! reads are the second test's (a `group_by` entry's widened group key included). The first
 //! test ends on the invariant.
 
 use std::process::{Child, Command, Output, Stdio};
@@ -741,12 +741,9 @@ async fn widened_keys_look_up_blue_by_its_own_index() {
 }
 
 /// Copy's own chunk reads: each chunk must read blue through blue's index too. The group_by
-/// entry's chunks range over the group key as green types it (`(c.parent_id)::bigint`), which no
-/// index of blue serves: each chunk reads the whole child table.
+/// entry's group key is widened (`(c.parent_id)::bigint`): its chunks range over blue's column
+/// (on the cast, which no index of blue serves, each chunk read the whole child table).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product problem: copy chunks a group_by entry on blue's column cast to green's type \
-            (`(c.parent_id)::bigint >= ... AND < ...`, plan::keys::chunk_key and copy::plan_chunks): \
-            every chunk reads the whole blue table"]
 async fn widened_keys_copy_chunks_range_over_blues_own_index() {
     let db = "explain_widen_copy";
     let url = explained_db(db).await;
