@@ -3,6 +3,7 @@
 mod copy;
 mod explain;
 mod hostile;
+mod hostile2;
 mod live;
 mod plan;
 mod random;
