@@ -261,6 +261,10 @@ impl Follower {
         }
     }
 
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM, then wait for it to leave.
     async fn stop(self) -> Output {
         // SAFETY: signalling our own child process.
@@ -317,7 +321,9 @@ async fn h2_3_an_equal_key_with_a_new_rendering() {
 /// applier's own key comparisons (`IN`, `IS NOT DISTINCT FROM` in the delete's "no longer
 /// produced") are resolved under `search_path = pg_catalog, pg_temp`, where citext has no `=`:
 /// they fall back to text equality, so green's `Ann@x.org` is "not produced" by M(blue)'s
-/// `ann@x.org`, and is deleted. Nothing is pending or recorded; the row is lost for ever.
+/// `ann@x.org`, and is deleted. Nothing is pending or recorded; the row is lost for ever. A
+/// row-local entry keyed the same way (users) loses the row in the writer's own statement: the
+/// trigger's delete finds "no blue row of the old key" under text equality.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "H2-4: a case-only change of a citext key deletes the green row (applier key comparisons fall back to text equality)"]
 async fn h2_4_a_case_only_change_of_a_citext_key() {
@@ -329,7 +335,9 @@ async fn h2_4_a_case_only_change_of_a_citext_key() {
          CREATE TABLE public.plans (id integer PRIMARY KEY, name text NOT NULL);
          CREATE TABLE public.accounts (email citext PRIMARY KEY, plan_id integer NOT NULL);
          INSERT INTO public.plans VALUES (1, 'free');
-         INSERT INTO public.accounts VALUES ('Ann@x.org', 1), ('bob@x.org', 1);",
+         INSERT INTO public.accounts VALUES ('Ann@x.org', 1), ('bob@x.org', 1);
+         CREATE TABLE public.users (email citext PRIMARY KEY, name text);
+         INSERT INTO public.users VALUES ('Ann@x.org', 'Ann'), ('bob@x.org', 'Bob');",
     )
     .await;
     copy_ok(&url, CI).await;
@@ -339,6 +347,18 @@ async fn h2_4_a_case_only_change_of_a_citext_key() {
         "UPDATE public.accounts SET email = 'ann@x.org' WHERE email = 'ann@x.org'",
     )
     .await;
+    // The row-local entry (users), in the writer's own statement.
+    must_not_wait(
+        &mut app,
+        "the case change",
+        "UPDATE public.users SET email = 'ann@x.org' WHERE email = 'ann@x.org'",
+    )
+    .await;
+    let users: Vec<String> =
+        sqlx::query_scalar("SELECT email::text FROM hostile2_ci.users ORDER BY 1")
+            .fetch_all(&mut app)
+            .await
+            .unwrap();
     let out = run_within(&url, &["sync", "-m", CI], SLOW).await;
     assert_eq!(out.status.code(), Some(0), "{}", both(&out));
     let green: Vec<String> =
@@ -346,11 +366,24 @@ async fn h2_4_a_case_only_change_of_a_citext_key() {
             .fetch_all(&mut app)
             .await
             .unwrap();
-    assert_eq!(
-        green,
-        vec!["ann@x.org", "bob@x.org"],
-        "green keys after sync"
-    );
+    // The cause: under the applier's and the triggers' search_path, citext has no `=`.
+    let mut probe = connect(&url).await;
+    exec(&mut probe, "SET search_path = pg_catalog, pg_temp").await;
+    let text_equality: bool = sqlx::query_scalar(
+        "SELECT NOT ('Ann@x.org'::public.citext IS NOT DISTINCT FROM 'ann@x.org'::public.citext)",
+    )
+    .fetch_one(&mut probe)
+    .await
+    .unwrap();
+    eprintln!("under search_path = pg_catalog, citext compares as text: {text_equality}");
+    let mut problems = Problems::default();
+    problems.check(green == ["ann@x.org", "bob@x.org"], || {
+        format!("green accounts after sync: {green:?}")
+    });
+    problems.check(users == ["ann@x.org", "bob@x.org"], || {
+        format!("green users after the writer's statement: {users:?}")
+    });
+    problems.assert_none();
     assert_invariant(&url, CI).await;
 }
 
@@ -505,4 +538,71 @@ async fn h2_6_an_applier_table_lock_wait_makes_the_application_the_deadlock_vict
     let _ = follower.stop().await;
     problems.assert_none();
     assert_invariant(&url, TWO).await;
+}
+
+/// Held (regression): transactions of far more change rows than a claim (the oversized path:
+/// the claim is released, keys applied in bounded transactions, the rows deleted after), rows
+/// moving between groups, a TRUNCATE and reload, and small writers, under two followers at once,
+/// with one follower SIGKILLed mid-stream: once drained, green = M(blue), nothing recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_7_large_transactions_under_racing_followers() {
+    const TWO: &str = "tests/fixtures/hostile2_two.yaml";
+    let url = empty_db("hostile2_7").await;
+    let mut app = connect(&url).await;
+    exec(
+        &mut app,
+        "CREATE TABLE public.w (id integer PRIMARY KEY, name text NOT NULL);
+         CREATE TABLE public.c (id integer PRIMARY KEY, w_id integer NOT NULL);
+         CREATE TABLE public.z (id integer PRIMARY KEY, k integer NOT NULL);
+         INSERT INTO public.w SELECT g, 'w' || g FROM generate_series(1, 50) g;
+         INSERT INTO public.c SELECT g, 1 + g % 50 FROM generate_series(1, 6000) g;
+         INSERT INTO public.z SELECT g, g % 3000 FROM generate_series(1, 6000) g;",
+    )
+    .await;
+    copy_ok(&url, TWO).await;
+    let a = Follower::start(&url, TWO, "hostile2_two").await;
+    let b = Follower::start(&url, TWO, "hostile2_two").await;
+    let mut small = connect(&url).await;
+    for round in 0..4 {
+        // 6000 rows move to another group: 12,000 change rows in one transaction.
+        must_not_wait(
+            &mut app,
+            "the big move",
+            &format!("UPDATE public.z SET k = (k + {}) % 3000", 7 + round),
+        )
+        .await;
+        must_not_wait(
+            &mut small,
+            "a small write",
+            &format!("UPDATE public.z SET k = k + 1 WHERE id = {}; UPDATE public.w SET name = name || 'x' WHERE id = {}", round + 1, round + 1),
+        )
+        .await;
+        // Every customer changes workshop, and the workshops are renamed, in one transaction.
+        must_not_wait(
+            &mut app,
+            "the big join move",
+            &format!("BEGIN; UPDATE public.c SET w_id = 1 + (w_id + {round}) % 50; UPDATE public.w SET name = name || '{round}'; COMMIT"),
+        )
+        .await;
+        if round == 1 {
+            must_not_wait(
+                &mut app,
+                "the reload",
+                "BEGIN; TRUNCATE public.z; INSERT INTO public.z SELECT g, g % 2000 FROM generate_series(1, 5000) g; COMMIT",
+            )
+            .await;
+        }
+        if round == 2 {
+            // SAFETY: killing our own child process.
+            unsafe { libc::kill(a.pid() as i32, libc::SIGKILL) };
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let _ = b.stop().await;
+    let _ = wait_child(a.child, Duration::from_secs(30), "sync --follow (killed)".into()).await;
+    let out = run_within(&url, &["sync", "-m", TWO], SLOW).await;
+    assert_eq!(out.status.code(), Some(0), "{}", both(&out));
+    let (keys, set_aside) = recorded(&mut app, "hostile2_two").await;
+    assert_eq!((keys, set_aside), (0, 0), "failures recorded");
+    assert_invariant_now(&url, TWO).await;
 }
