@@ -661,3 +661,129 @@ async fn h2_8_a_long_numeric_key_failure_never_clears() {
     problems.assert_none();
     assert_invariant(&url, BIG).await;
 }
+
+/// SERIALIZABLE writers of different rows of a row-local entry: the in-statement step's reads
+/// and writes (blue by key, green's upsert and delete) must not add a read-write dependency
+/// between them that blue alone does not have (HOT updates of blue rows with room, green packed
+/// by the copy), or one of them fails with 40001 because of sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_9_serializable_writers_of_different_rows() {
+    const SER: &str = "tests/fixtures/hostile2_ser.yaml";
+    let url = empty_db("hostile2_9").await;
+    let mut c = connect(&url).await;
+    exec(
+        &mut c,
+        "CREATE TABLE public.items (id integer PRIMARY KEY, v integer) WITH (fillfactor = 50);
+         INSERT INTO public.items SELECT g, g FROM generate_series(1, 2000) g;",
+    )
+    .await;
+    exec(&mut c, "VACUUM ANALYZE public.items").await;
+    copy_ok(&url, SER).await;
+    let mut w1 = connect(&url).await;
+    let mut w2 = connect(&url).await;
+    let mut failures = Vec::new();
+    for round in 0..40 {
+        let (a, b) = (1 + round * 2, 2 + round * 2);
+        must_not_wait(
+            &mut w1,
+            "w1",
+            &format!("BEGIN ISOLATION LEVEL SERIALIZABLE; UPDATE public.items SET v = v + 1 WHERE id = {a}"),
+        )
+        .await;
+        must_not_wait(
+            &mut w2,
+            "w2",
+            &format!("BEGIN ISOLATION LEVEL SERIALIZABLE; UPDATE public.items SET v = v + 1 WHERE id = {b}"),
+        )
+        .await;
+        for (w, name) in [(&mut w1, "w1"), (&mut w2, "w2")] {
+            if let Err(e) = sqlx::raw_sql("COMMIT").execute(&mut *w).await {
+                failures.push(format!("round {round} {name}: {e}"));
+                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *w).await;
+            }
+        }
+    }
+    assert!(failures.is_empty(), "application commits failed: {failures:?}");
+    assert_invariant(&url, SER).await;
+}
+
+/// Held (regression): SERIALIZABLE writers inserting different new rows of a row-local entry.
+/// Two inserts read nothing, so blue alone never makes them conflict; the in-statement step reads
+/// blue by the new keys and writes green, which must not close a read-write cycle between them
+/// (a predicate lock on the leaf page both keys land on is one edge only), so no application
+/// commit fails with 40001 because of sync; a table without triggers is the baseline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_10_serializable_inserters_of_different_rows() {
+    const SER: &str = "tests/fixtures/hostile2_ser.yaml";
+    let url = empty_db("hostile2_10").await;
+    let mut c = connect(&url).await;
+    exec(
+        &mut c,
+        "CREATE TABLE public.items (id integer PRIMARY KEY, v integer);
+         INSERT INTO public.items SELECT g, g FROM generate_series(1, 2000) g;",
+    )
+    .await;
+    exec(&mut c, "VACUUM ANALYZE public.items").await;
+    copy_ok(&url, SER).await;
+    let mut w1 = connect(&url).await;
+    let mut w2 = connect(&url).await;
+    let mut failures = Vec::new();
+    for round in 0..20 {
+        let (a, b) = (10_001 + round * 2, 10_002 + round * 2);
+        must_not_wait(
+            &mut w1,
+            "w1",
+            &format!("BEGIN ISOLATION LEVEL SERIALIZABLE; INSERT INTO public.items VALUES ({a}, 0)"),
+        )
+        .await;
+        must_not_wait(
+            &mut w2,
+            "w2",
+            &format!("BEGIN ISOLATION LEVEL SERIALIZABLE; INSERT INTO public.items VALUES ({b}, 0)"),
+        )
+        .await;
+        for (w, name) in [(&mut w1, "w1"), (&mut w2, "w2")] {
+            if let Err(e) = sqlx::raw_sql("COMMIT").execute(&mut *w).await {
+                failures.push(format!("round {round} {name}: {e}"));
+                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *w).await;
+            }
+        }
+    }
+    // The same writers on a table no trigger reads: no failure (the baseline).
+    exec(
+        &mut c,
+        "CREATE TABLE public.plain (id integer PRIMARY KEY, v integer);
+         INSERT INTO public.plain SELECT g, g FROM generate_series(1, 2000) g;",
+    )
+    .await;
+    let mut baseline = Vec::new();
+    for round in 0..20 {
+        let (a, b) = (10_001 + round * 2, 10_002 + round * 2);
+        must_not_wait(
+            &mut w1,
+            "w1",
+            &format!("BEGIN ISOLATION LEVEL SERIALIZABLE; INSERT INTO public.plain VALUES ({a}, 0)"),
+        )
+        .await;
+        must_not_wait(
+            &mut w2,
+            "w2",
+            &format!("BEGIN ISOLATION LEVEL SERIALIZABLE; INSERT INTO public.plain VALUES ({b}, 0)"),
+        )
+        .await;
+        for (w, name) in [(&mut w1, "w1"), (&mut w2, "w2")] {
+            if let Err(e) = sqlx::raw_sql("COMMIT").execute(&mut *w).await {
+                baseline.push(format!("round {round} {name}: {e}"));
+                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *w).await;
+            }
+        }
+    }
+    assert!(baseline.is_empty(), "without sync: {baseline:?}");
+    assert!(
+        failures.is_empty(),
+        "{} application commit(s) failed because of sync, e.g. {:?}",
+        failures.len(),
+        failures.first()
+    );
+    assert_invariant(&url, SER).await;
+}
