@@ -446,14 +446,15 @@ async fn lock_waiting(c: &mut PgConnection, pid: i32) -> bool {
     .unwrap()
 }
 
-/// H2-6: an applier's statements read blue without any lock timeout, holding the table locks of
-/// the entries it applied earlier in the batch. An application transaction that truncates two
-/// blue tables (z, then w), while a follower batch has applied an entry reading w and waits for z
-/// behind that transaction, closes a lock cycle through sync. The follower waited first, so it is
-/// the first deadlock victim, but only its statement is rolled back (to its savepoint): it keeps
-/// its lock on w and waits again for z at once (the halving retry, then the delete phase), so
-/// the application's own deadlock check finds the cycle again and the application's TRUNCATE
-/// fails with 40P01 (or, at best, waits out the deadlock timeout). Without sync neither happens.
+/// H2-6: an applier's statements wait for table locks without any lock timeout, and keep the
+/// table locks of the statements before them in the batch. A follower batch holding a workshop
+/// update and a z insert first finds the keys of the workshop update (reading c: ACCESS SHARE on
+/// c, kept), then waits for z, which an application transaction T1 has truncated and keeps open.
+/// T1 then truncates c: a lock cycle through sync (T1 -> follower on c, follower -> T1 on z).
+/// The follower waited first and is the first deadlock victim, but only its statement is rolled
+/// back (to its savepoint): it keeps c and waits for z again at once (the one-by-one finder), so
+/// T1's own deadlock check finds the cycle again and T1's TRUNCATE fails with 40P01 after waiting
+/// the whole deadlock timeout. Without sync T1 neither waits nor fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "H2-6: applier table-lock waits have no lock_timeout and keep earlier entries' locks: the application becomes the deadlock victim"]
 async fn h2_6_an_applier_table_lock_wait_makes_the_application_the_deadlock_victim() {
@@ -599,7 +600,12 @@ async fn h2_7_large_transactions_under_racing_followers() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let _ = b.stop().await;
-    let _ = wait_child(a.child, Duration::from_secs(30), "sync --follow (killed)".into()).await;
+    let _ = wait_child(
+        a.child,
+        Duration::from_secs(30),
+        "sync --follow (killed)".into(),
+    )
+    .await;
     let out = run_within(&url, &["sync", "-m", TWO], SLOW).await;
     assert_eq!(out.status.code(), Some(0), "{}", both(&out));
     let (keys, set_aside) = recorded(&mut app, "hostile2_two").await;
@@ -652,12 +658,15 @@ async fn h2_8_a_long_numeric_key_failure_never_clears() {
     .await
     .unwrap();
     let mut problems = Problems::default();
-    problems.check(failed.is_empty() && outs[1].status.code() == Some(0), || {
-        format!(
-            "blue fixed, yet after two syncs (last {}) these failures stay: {failed:?}",
-            both(&outs[1])
-        )
-    });
+    problems.check(
+        failed.is_empty() && outs[1].status.code() == Some(0),
+        || {
+            format!(
+                "blue fixed, yet after two syncs (last {}) these failures stay: {failed:?}",
+                both(&outs[1])
+            )
+        },
+    );
     problems.assert_none();
     assert_invariant(&url, BIG).await;
 }
@@ -703,7 +712,10 @@ async fn h2_9_serializable_writers_of_different_rows() {
             }
         }
     }
-    assert!(failures.is_empty(), "application commits failed: {failures:?}");
+    assert!(
+        failures.is_empty(),
+        "application commits failed: {failures:?}"
+    );
     assert_invariant(&url, SER).await;
 }
 
@@ -733,13 +745,17 @@ async fn h2_10_serializable_inserters_of_different_rows() {
         must_not_wait(
             &mut w1,
             "w1",
-            &format!("BEGIN ISOLATION LEVEL SERIALIZABLE; INSERT INTO public.items VALUES ({a}, 0)"),
+            &format!(
+                "BEGIN ISOLATION LEVEL SERIALIZABLE; INSERT INTO public.items VALUES ({a}, 0)"
+            ),
         )
         .await;
         must_not_wait(
             &mut w2,
             "w2",
-            &format!("BEGIN ISOLATION LEVEL SERIALIZABLE; INSERT INTO public.items VALUES ({b}, 0)"),
+            &format!(
+                "BEGIN ISOLATION LEVEL SERIALIZABLE; INSERT INTO public.items VALUES ({b}, 0)"
+            ),
         )
         .await;
         for (w, name) in [(&mut w1, "w1"), (&mut w2, "w2")] {
@@ -762,13 +778,17 @@ async fn h2_10_serializable_inserters_of_different_rows() {
         must_not_wait(
             &mut w1,
             "w1",
-            &format!("BEGIN ISOLATION LEVEL SERIALIZABLE; INSERT INTO public.plain VALUES ({a}, 0)"),
+            &format!(
+                "BEGIN ISOLATION LEVEL SERIALIZABLE; INSERT INTO public.plain VALUES ({a}, 0)"
+            ),
         )
         .await;
         must_not_wait(
             &mut w2,
             "w2",
-            &format!("BEGIN ISOLATION LEVEL SERIALIZABLE; INSERT INTO public.plain VALUES ({b}, 0)"),
+            &format!(
+                "BEGIN ISOLATION LEVEL SERIALIZABLE; INSERT INTO public.plain VALUES ({b}, 0)"
+            ),
         )
         .await;
         for (w, name) in [(&mut w1, "w1"), (&mut w2, "w2")] {
@@ -778,6 +798,70 @@ async fn h2_10_serializable_inserters_of_different_rows() {
             }
         }
     }
+    assert!(baseline.is_empty(), "without sync: {baseline:?}");
+    assert!(
+        failures.is_empty(),
+        "{} application commit(s) failed because of sync, e.g. {:?}",
+        failures.len(),
+        failures.first()
+    );
+    assert_invariant(&url, SER).await;
+}
+
+/// Two SERIALIZABLE transactions each inserting `n` new rows into `table`, `rounds` times;
+/// the commits that failed.
+async fn serializable_inserters(url: &str, table: &str, n: i32, rounds: i32) -> Vec<String> {
+    let mut w1 = connect(url).await;
+    let mut w2 = connect(url).await;
+    let mut failures = Vec::new();
+    for round in 0..rounds {
+        let base = 100_000 + round * 2 * n;
+        for (w, name, from) in [(&mut w1, "w1", base), (&mut w2, "w2", base + n)] {
+            must_not_wait(
+                w,
+                name,
+                &format!(
+                    "BEGIN ISOLATION LEVEL SERIALIZABLE; INSERT INTO public.{table} SELECT g, 0 FROM generate_series({from}, {}) g",
+                    from + n - 1
+                ),
+            )
+            .await;
+        }
+        for (w, name) in [(&mut w1, "w1"), (&mut w2, "w2")] {
+            if let Err(e) = sqlx::raw_sql("COMMIT").execute(&mut *w).await {
+                failures.push(format!("round {round} {name}: {e}"));
+                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *w).await;
+            }
+        }
+    }
+    failures
+}
+
+/// H2-11: SERIALIZABLE transactions bulk-inserting different new rows of a row-local entry.
+/// Inserts read nothing, so blue alone never makes them conflict (the baseline table, same
+/// shape, no trigger, never fails). The in-statement step reads blue by the new keys; for a bulk
+/// statement that read is a scan of blue (a relation-level predicate lock), which also meets the
+/// other transaction's uncommitted rows: a read-write cycle, and one of the two application
+/// commits fails with 40001 because of sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "H2-11: the row-local step's scan of blue makes SERIALIZABLE bulk inserters of different rows fail with 40001"]
+async fn h2_11_serializable_bulk_inserters_fail_because_of_sync() {
+    const SER: &str = "tests/fixtures/hostile2_ser.yaml";
+    let url = empty_db("hostile2_11").await;
+    let mut c = connect(&url).await;
+    exec(
+        &mut c,
+        "CREATE TABLE public.items (id integer PRIMARY KEY, v integer);
+         INSERT INTO public.items SELECT g, g FROM generate_series(1, 2000) g;
+         CREATE TABLE public.plain (id integer PRIMARY KEY, v integer);
+         INSERT INTO public.plain SELECT g, g FROM generate_series(1, 2000) g;",
+    )
+    .await;
+    exec(&mut c, "VACUUM ANALYZE public.items").await;
+    exec(&mut c, "VACUUM ANALYZE public.plain").await;
+    copy_ok(&url, SER).await;
+    let baseline = serializable_inserters(&url, "plain", 500, 10).await;
+    let failures = serializable_inserters(&url, "items", 500, 10).await;
     assert!(baseline.is_empty(), "without sync: {baseline:?}");
     assert!(
         failures.is_empty(),
