@@ -27,7 +27,7 @@ pub async fn run(a: &SyncArgs) -> anyhow::Result<Outcome> {
     let out = match a.format {
         Format::Json => serde_json::to_string_pretty(&r)? + "\n",
         _ => format!(
-            "applied {} change(s) ({} key(s)), retried {} failed key(s); {} failure(s) and {} pending change(s) left\n{}",
+            "applied {} change(s) ({} key(s)), retried {} failed key(s); {} failure(s) and {} pending change(s) or full re-derive(s) left\n{}",
             r.replayed,
             r.keys,
             r.retried,

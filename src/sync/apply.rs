@@ -32,7 +32,7 @@ use crate::mapping::Mapping;
 use crate::names;
 use crate::pg::{db_error, exec};
 use crate::plan::sync::{ApplierEntry, sync_entries};
-use crate::sql::{QName, Sql, sql};
+use crate::sql::{Literal, QName, Sql, sql};
 
 /// One key: its sync-key column values as text (NULL as None).
 pub type Key = Vec<Option<String>>;
@@ -140,6 +140,18 @@ pub async fn apply_batch(
     upto: i64,
 ) -> Result<Applied, Diagnostic> {
     begin(conn, m, plan).await?;
+    // Every lock wait of the batch is bounded, the tables its statements read included: a key
+    // finder waiting for a table an application transaction locked (TRUNCATE, LOCK) while the
+    // batch kept the locks of the statements before it made the application the deadlock victim
+    // (hostile review 2, H2-6). Past the timeout the batch rolls back, its claims go back to the
+    // log, and it is tried again.
+    if !plan.fenced {
+        exec(
+            conn,
+            &sql!("SET LOCAL lock_timeout = '{}ms'", plan.lock_timeout_ms),
+        )
+        .await?;
+    }
     match claim_and_apply(conn, m, plan, limit, upto).await {
         Ok((applied, None)) => {
             exec(conn, &sql!("COMMIT")).await?;
@@ -155,6 +167,10 @@ pub async fn apply_batch(
             exec(conn, &sql!("COMMIT")).await?;
             applied.changes = ids.len();
             Ok(applied)
+        }
+        Err(d) if is_transient(&d) => {
+            rollback(conn).await;
+            Ok(Applied::default())
         }
         Err(d) => {
             rollback(conn).await;
@@ -339,8 +355,12 @@ async fn run_finder(
 }
 
 /// The keys the rows `ids` of table `x` touch for entry `e`. A row whose keys cannot be found
-/// (its key does not fit the green type) is moved to `failed_changes` for this entry, if blue
-/// still holds that row (else a later change replaced it, and that one is followed instead).
+/// (its key does not fit the green type, a row it joins does not, a lock it waited for) is:
+/// - a new image blue still holds: moved to `failed_changes` for this entry, and retried;
+/// - a new image blue no longer holds: dropped, as a later change replaced it, and that one (whose
+///   old image is this row) is followed instead;
+/// - an old image (a delete, an update's before): the keys it reached are reached by no later
+///   change, so the whole entry is marked for a full re-derive, pending until that succeeds.
 async fn find_keys(
     conn: &mut PgConnection,
     m: &Mapping,
@@ -355,6 +375,9 @@ async fn find_keys(
             release(conn, "bluegreen_find").await?;
             return Ok((k, 0));
         }
+        // A lock not granted in time: the whole batch gives way (and is tried again), never
+        // keeping the locks it holds while it waits again row by row.
+        Err(d) if is_transient(&d) => return Err(d),
         Err(_) => rollback_to(conn, "bluegreen_find").await?,
     }
     // One row at a time, to set aside only the rows that fail.
@@ -367,6 +390,7 @@ async fn find_keys(
                 release(conn, "bluegreen_find1").await?;
                 keys.extend(k);
             }
+            Err(d) if is_transient(&d) => return Err(d),
             Err(d) => {
                 rollback_to(conn, "bluegreen_find1").await?;
                 set_aside(conn, m, e, x, *id, &d).await?;
@@ -385,6 +409,28 @@ async fn set_aside(
     id: i64,
     d: &Diagnostic,
 ) -> Result<(), Diagnostic> {
+    let old_image: bool = sqlx::query_scalar(
+        sql!(
+            "SELECT new_row IS NULL FROM {} WHERE migration = $1 AND id = $2",
+            table(m, "changes")
+        )
+        .assert_safe(),
+    )
+    .bind(&m.migration)
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db_error)?
+    .unwrap_or(false);
+    if old_image {
+        eprintln!(
+            "bluegreen: {}: the keys a change to {} reached cannot be found ({}): the whole table is re-derived",
+            e.name,
+            x.display(),
+            d.message
+        );
+        return request_rederive(conn, m, &e.name).await;
+    }
     eprintln!(
         "bluegreen: {}: a change to {} cannot be followed: {}",
         e.name,
@@ -517,11 +563,23 @@ pub async fn apply_keys(
     if stripes.is_empty() {
         return Ok(Applied::default());
     }
+    // The lock wait the caller's transaction runs under (the claim's bound, or none), restored
+    // after each phase. Stripes are waited for without a bound: only appliers take them.
+    let outer: String = sqlx::query_scalar("SELECT pg_catalog.current_setting('lock_timeout')")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db_error)?;
+    let no_lock_timeout = sql!(
+        "SELECT pg_catalog.set_config('lock_timeout', {}, true)",
+        Literal::new(&outer)
+    );
+    exec(conn, &sql!("SET LOCAL lock_timeout = 0")).await?;
     sqlx::query("SELECT pg_catalog.pg_advisory_xact_lock(s) FROM (SELECT pg_catalog.unnest($1::int8[]) AS s ORDER BY 1) AS x")
         .bind(&stripes)
         .execute(&mut *conn)
         .await
         .map_err(db_error)?;
+    exec(conn, &no_lock_timeout).await?;
     let mut applied = Applied::default();
     let mut failures: BTreeMap<usize, Vec<(Key, Diagnostic)>> = BTreeMap::new();
     let mut waits = 0;
@@ -530,7 +588,6 @@ pub async fn apply_keys(
         applied.keys += keys[pos].len();
     }
     let lock_timeout = sql!("SET LOCAL lock_timeout = '{}ms'", plan.lock_timeout_ms);
-    let no_lock_timeout = sql!("SET LOCAL lock_timeout = DEFAULT");
     for (pos, e) in plan.entries.iter().enumerate() {
         if phases == Phases::Deletes {
             break;
@@ -660,21 +717,6 @@ async fn run_statements(
     Ok(())
 }
 
-/// A key as recorded in `sync_failures.sync_key` (a JSON array of the column texts).
-pub fn parse_key(json: &str) -> Option<Key> {
-    match serde_json::from_str::<serde_json::Value>(json).ok()? {
-        serde_json::Value::Array(vs) => vs
-            .into_iter()
-            .map(|v| match v {
-                serde_json::Value::Null => Some(None),
-                serde_json::Value::String(s) => Some(Some(s)),
-                other => Some(Some(other.to_string())),
-            })
-            .collect(),
-        _ => None,
-    }
-}
-
 /// Record the keys that failed, and clear the ones that applied.
 async fn record_failures(
     conn: &mut PgConnection,
@@ -725,7 +767,7 @@ pub async fn retry_failures(
     limit: i64,
 ) -> Result<Applied, Diagnostic> {
     let rows = sqlx::query(sql!(
-        "SELECT green_table, sync_key::text AS k FROM {} WHERE migration = $1 ORDER BY failed_at LIMIT $2",
+        "SELECT green_table, ARRAY(SELECT x FROM pg_catalog.jsonb_array_elements_text(sync_key) WITH ORDINALITY AS t(x, n) ORDER BY n) AS k FROM {} WHERE migration = $1 AND pg_catalog.jsonb_typeof(sync_key) = 'array' ORDER BY failed_at LIMIT $2",
         table(m, "sync_failures")
     ).assert_safe())
     .bind(&m.migration)
@@ -739,9 +781,11 @@ pub async fn retry_failures(
         let Some(pos) = plan.entries.iter().position(|e| e.name == name) else {
             continue;
         };
-        if let Some(k) = parse_key(&r.get::<String, _>("k"))
-            && k.len() == plan.entries[pos].nkeys
-        {
+        // Each value as the server renders it (a numeric of any precision exactly: parsed as
+        // JSON on the client, a long one came back as another number, and its failure never
+        // cleared).
+        let k: Key = r.get("k");
+        if k.len() == plan.entries[pos].nkeys {
             keys.entry(pos).or_default().insert(k);
         }
     }
@@ -825,9 +869,17 @@ pub async fn rederive_marked(
         let Some(pos) = plan.entries.iter().position(|e| e.name == name) else {
             continue;
         };
-        let keys = run_all_keys(conn, &plan.entries[pos]).await?;
+        // Keys that cannot all be computed yet (a row whose key does not fit green): the mark
+        // stays, pending, and the next round tries again.
+        let keys = match run_all_keys(conn, &plan.entries[pos]).await {
+            Ok(k) => k,
+            Err(d) => {
+                eprintln!("bluegreen: {name}: a full re-derive waits: {}", d.message);
+                continue;
+            }
+        };
         eprintln!(
-            "bluegreen: {name}: re-deriving all {} key(s) after a TRUNCATE",
+            "bluegreen: {name}: re-deriving all {} key(s) (after a TRUNCATE, or a change whose keys could not be found)",
             keys.len()
         );
         map.insert(pos, keys);

@@ -231,7 +231,8 @@ pub async fn sync(conn: &mut PgConnection, m: &Mapping) -> Result<SyncReport, Di
         keys: (drained.keys + rederived.keys) as i64,
         retried: retried.keys as i64,
         failures_left: report.failures_total + report.failed_changes,
-        pending_left: older,
+        // A full re-derive still marked (keys that cannot all be computed yet) is pending too.
+        pending_left: older + report.rederive.len() as i64,
         status: report,
     })
 }
@@ -245,7 +246,8 @@ pub struct SyncReport {
     /// Failed keys retried.
     pub retried: i64,
     pub failures_left: i64,
-    /// Rows logged before this sync started and still in the log (another applier holds them).
+    /// Rows logged before this sync started and still in the log (another applier holds them),
+    /// and full re-derives still waiting.
     pub pending_left: i64,
     pub status: status::Status,
 }

@@ -117,7 +117,7 @@ async fn join_db(name: &str) -> (String, PgConnection) {
 /// and once the application deletes 'x9' nothing is recorded, nothing is pending, `sync` exits 0,
 /// and green still holds customers 1 and 2 of the deleted workshop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "H2-1: a set-aside change whose old image blue no longer holds is dropped, losing the keys it reached through a join"]
+
 async fn h2_1_a_dropped_old_image_loses_the_keys_it_reached() {
     let (url, mut app) = join_db("hostile2_1").await;
     must_not_wait(
@@ -169,7 +169,7 @@ async fn h2_1_a_dropped_old_image_loses_the_keys_it_reached() {
 /// once the lock is gone, with nothing pending, `sync` exits 0 with customers 1 and 2 of the
 /// deleted workshop left in green.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "H2-2: a key finder that times out on a lock drops the change (old image no longer in blue), nothing recorded"]
+
 async fn h2_2_a_finder_lock_timeout_drops_the_change() {
     let (url, mut app) = join_db("hostile2_2").await;
     exec(
@@ -191,21 +191,18 @@ async fn h2_2_a_finder_lock_timeout_drops_the_change() {
         "DELETE FROM public.w WHERE id = 1",
     )
     .await;
-    // The follower claims the delete while the lock is held (and gives way within 200 ms).
-    let start = std::time::Instant::now();
-    while count(
+    // The follower tries the delete while the lock is held: its finder gives way within the
+    // lock timeout, and the change must stay in the log (pending), never be dropped.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pending = count(
         &mut app,
         "SELECT count(*) FROM bluegreen.changes WHERE migration = 'hostile2_join'",
     )
-    .await
-        > 0
-    {
-        assert!(
-            start.elapsed() < SLOW,
-            "the follower never consumed the delete"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    .await;
+    assert!(
+        pending > 0,
+        "the delete left the log while its keys could not be found"
+    );
     must_not_wait(&mut dba, "the end of the maintenance", "ROLLBACK").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let followed = follower.stop().await;
@@ -456,7 +453,7 @@ async fn lock_waiting(c: &mut PgConnection, pid: i32) -> bool {
 /// T1's own deadlock check finds the cycle again and T1's TRUNCATE fails with 40P01 after waiting
 /// the whole deadlock timeout. Without sync T1 neither waits nor fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "H2-6: applier table-lock waits have no lock_timeout and keep earlier entries' locks: the application becomes the deadlock victim"]
+
 async fn h2_6_an_applier_table_lock_wait_makes_the_application_the_deadlock_victim() {
     const TWO: &str = "tests/fixtures/hostile2_two.yaml";
     let url = empty_db("hostile2_6").await;
@@ -619,7 +616,7 @@ async fn h2_7_large_transactions_under_racing_followers() {
 /// failure stays for ever, although green = M(blue) (the application fixed the row, and its own
 /// statement re-derived it). `sync` exits 1 every time, validate and cutover refuse.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "H2-8: retry_failures parses a numeric key through f64 (parse_key): the failure of a long numeric key never clears"]
+
 async fn h2_8_a_long_numeric_key_failure_never_clears() {
     const BIG: &str = "tests/fixtures/hostile2_big.yaml";
     let url = empty_db("hostile2_8").await;
