@@ -868,3 +868,64 @@ async fn h2_11_serializable_bulk_inserters_fail_because_of_sync() {
     );
     assert_invariant(&url, SER).await;
 }
+
+/// Held (regression): one transaction writing the same keys in many statements (a group moved
+/// back and forth, a row deleted and re-inserted, changes rolled back to a savepoint after they
+/// were logged), with `sync` run between its statements (its rows are invisible to the claim
+/// until it commits) and a REPEATABLE READ writer of the same group committing meanwhile: once
+/// drained, green = M(blue), nothing recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_12_one_transaction_many_statements_savepoints_and_a_claim_between() {
+    const TWO: &str = "tests/fixtures/hostile2_two.yaml";
+    let url = empty_db("hostile2_12").await;
+    let mut app = connect(&url).await;
+    exec(
+        &mut app,
+        "CREATE TABLE public.w (id integer PRIMARY KEY, name text NOT NULL);
+         CREATE TABLE public.c (id integer PRIMARY KEY, w_id integer NOT NULL);
+         CREATE TABLE public.z (id integer PRIMARY KEY, k integer NOT NULL);
+         INSERT INTO public.w VALUES (1, 'A'), (2, 'B');
+         INSERT INTO public.c VALUES (1, 1), (2, 1), (3, 2);
+         INSERT INTO public.z VALUES (1, 1), (2, 1), (3, 2);",
+    )
+    .await;
+    copy_ok(&url, TWO).await;
+    let mut rr = connect(&url).await;
+    let steps = [
+        "BEGIN",
+        "UPDATE public.z SET k = 2 WHERE id = 1",
+        "UPDATE public.w SET name = 'A1' WHERE id = 1",
+        "SAVEPOINT s1",
+        "UPDATE public.z SET k = 3 WHERE id = 2",
+        "DELETE FROM public.c WHERE id = 1",
+        "ROLLBACK TO SAVEPOINT s1",
+        "DELETE FROM public.z WHERE id = 3",
+        "INSERT INTO public.z VALUES (3, 1)",
+        "SAVEPOINT s2",
+        "UPDATE public.c SET w_id = 2 WHERE id = 2",
+        "RELEASE SAVEPOINT s2",
+        "DELETE FROM public.w WHERE id = 2",
+        "INSERT INTO public.w VALUES (2, 'B2')",
+        "UPDATE public.z SET k = 1 WHERE id = 1",
+    ];
+    for (i, s) in steps.iter().enumerate() {
+        must_not_wait(&mut app, s, s).await;
+        if i % 3 == 1 {
+            let out = run_within(&url, &["sync", "-m", TWO], SLOW).await;
+            assert_eq!(out.status.code(), Some(0), "{}", both(&out));
+        }
+        if i == 5 {
+            must_not_wait(
+                &mut rr,
+                "the REPEATABLE READ writer",
+                "BEGIN ISOLATION LEVEL REPEATABLE READ; INSERT INTO public.z VALUES (10, 1); UPDATE public.w SET name = 'A9' WHERE id = 1 AND false; COMMIT",
+            )
+            .await;
+        }
+    }
+    must_not_wait(&mut app, "the commit", "COMMIT").await;
+    let out = run_within(&url, &["sync", "-m", TWO], SLOW).await;
+    assert_eq!(out.status.code(), Some(0), "{}", both(&out));
+    assert_eq!(recorded(&mut app, "hostile2_two").await, (0, 0));
+    assert_invariant_now(&url, TWO).await;
+}
