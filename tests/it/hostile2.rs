@@ -929,3 +929,137 @@ async fn h2_12_one_transaction_many_statements_savepoints_and_a_claim_between() 
     assert_eq!(recorded(&mut app, "hostile2_two").await, (0, 0));
     assert_invariant_now(&url, TWO).await;
 }
+
+/// Held (regression): `MERGE` (PostgreSQL 15) inserting, updating and deleting rows of a
+/// row-local entry and of a follower entry in one statement: its transition tables reach sync
+/// like any other statement's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_13_merge_is_synced() {
+    const SER: &str = "tests/fixtures/hostile2_ser.yaml";
+    const TWO: &str = "tests/fixtures/hostile2_two.yaml";
+    let url = empty_db("hostile2_13").await;
+    let mut app = connect(&url).await;
+    exec(
+        &mut app,
+        "CREATE TABLE public.items (id integer PRIMARY KEY, v integer);
+         INSERT INTO public.items SELECT g, g FROM generate_series(1, 10) g;
+         CREATE TABLE public.w (id integer PRIMARY KEY, name text NOT NULL);
+         CREATE TABLE public.c (id integer PRIMARY KEY, w_id integer NOT NULL);
+         CREATE TABLE public.z (id integer PRIMARY KEY, k integer NOT NULL);
+         INSERT INTO public.w VALUES (1, 'A');
+         INSERT INTO public.c VALUES (1, 1);
+         INSERT INTO public.z SELECT g, g % 3 FROM generate_series(1, 10) g;",
+    )
+    .await;
+    copy_ok(&url, SER).await;
+    copy_ok(&url, TWO).await;
+    for t in ["items", "z"] {
+        let col = if t == "items" { "v" } else { "k" };
+        must_not_wait(
+            &mut app,
+            "the merge",
+            &format!(
+                "MERGE INTO public.{t} AS t USING (VALUES (1, 7), (2, NULL), (50, 8)) AS s(id, x) ON t.id = s.id
+                 WHEN MATCHED AND s.x IS NULL THEN DELETE
+                 WHEN MATCHED THEN UPDATE SET {col} = s.x
+                 WHEN NOT MATCHED THEN INSERT VALUES (s.id, s.x)"
+            ),
+        )
+        .await;
+    }
+    assert_invariant_now(&url, SER).await;
+    assert_invariant(&url, TWO).await;
+}
+
+/// H2-14: an applier batch holds the blue rows of the row-local keys it applied `FOR SHARE`
+/// until it commits, and the follower entries' statements after them in the same transaction wait
+/// for table locks without any timeout. A writer's in-statement step that gave way (green's CHECK
+/// rejected an intermediate value) puts item 5 in the log beside a customer change; the follower
+/// locks item 5 `FOR SHARE`, applies it, then waits for w, which an application transaction T1
+/// has truncated and keeps open. Another application session's `UPDATE` of item 5 now waits on
+/// the follower for as long as T1 stays open: an application statement stalled by a lock sync
+/// took, on behalf of another application transaction (no cycle, so no deadlock check ends it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "H2-14: an applier holds row-local blue rows FOR SHARE while a follower-entry statement waits (no lock_timeout) on an application's table lock"]
+async fn h2_14_an_applier_holding_blue_rows_stalls_the_application() {
+    const STALL: &str = "tests/fixtures/hostile2_stall.yaml";
+    let url = empty_db("hostile2_14").await;
+    let mut app = connect(&url).await;
+    exec(
+        &mut app,
+        "CREATE TABLE public.items (id integer PRIMARY KEY, v integer);
+         INSERT INTO public.items SELECT g, g FROM generate_series(1, 10) g;
+         CREATE TABLE public.w (id integer PRIMARY KEY, name text NOT NULL);
+         CREATE TABLE public.c (id integer PRIMARY KEY, w_id integer NOT NULL);
+         INSERT INTO public.w VALUES (1, 'A');
+         INSERT INTO public.c VALUES (1, 1);",
+    )
+    .await;
+    copy_ok(&url, STALL).await;
+    let follower = Follower::start(&url, STALL, "hostile2_stall").await;
+    let fpid: i32 = sqlx::query_scalar(
+        "SELECT backend_pid FROM bluegreen.followers WHERE migration = 'hostile2_stall'",
+    )
+    .fetch_one(&mut app)
+    .await
+    .unwrap();
+    // A session standing in for the poll interval holds the appliers' lock (as a fence would), so
+    // the follower's next batch starts once the stage is set.
+    let mut gate = connect(&url).await;
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(bluegreen::names::appliers_lock("hostile2_stall"))
+        .execute(&mut gate)
+        .await
+        .unwrap();
+    must_not_wait(
+        &mut app,
+        "the writes",
+        "BEGIN; UPDATE public.items SET v = 100 WHERE id = 5; UPDATE public.items SET v = 50 WHERE id = 5;
+         INSERT INTO public.c VALUES (2, 1); COMMIT",
+    )
+    .await;
+    let mut t1 = connect(&url).await;
+    must_not_wait(&mut t1, "the truncate", "BEGIN; TRUNCATE public.w").await;
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(bluegreen::names::appliers_lock("hostile2_stall"))
+        .execute(&mut gate)
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !lock_waiting(&mut app, fpid).await {
+        assert!(start.elapsed() < SLOW, "the follower never waited for w");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut t2 = connect(&url).await;
+    let t2pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut t2)
+        .await
+        .unwrap();
+    let t = std::time::Instant::now();
+    let update = tokio::spawn(async move {
+        let r = sqlx::raw_sql("UPDATE public.items SET v = 51 WHERE id = 5")
+            .execute(&mut t2)
+            .await
+            .map(|_| ());
+        (r, t.elapsed())
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let blockers: Vec<i32> = sqlx::query_scalar("SELECT unnest(pg_blocking_pids($1))")
+        .bind(t2pid)
+        .fetch_all(&mut app)
+        .await
+        .unwrap();
+    let _ = sqlx::raw_sql("ROLLBACK").execute(&mut t1).await;
+    let (r, waited) = update.await.unwrap();
+    r.expect("the application UPDATE");
+    let stalled = blockers.contains(&fpid);
+    let _ = follower.stop().await;
+    let mut problems = Problems::default();
+    problems.check(!stalled && waited < Duration::from_millis(500), || {
+        format!(
+            "an application UPDATE of item 5 waited {waited:?}, blocked by {blockers:?} (the follower is {fpid}), itself waiting for another application transaction"
+        )
+    });
+    problems.assert_none();
+    assert_invariant(&url, STALL).await;
+}
