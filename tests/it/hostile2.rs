@@ -116,8 +116,9 @@ async fn join_db(name: &str) -> (String, PgConnection) {
 /// the keys of the delete fails on 'x9', the delete is dropped (blue no longer holds workshop 1),
 /// and once the application deletes 'x9' nothing is recorded, nothing is pending, `sync` exits 0,
 /// and green still holds customers 1 and 2 of the deleted workshop.
+///
+/// Now: an old image whose keys cannot be found marks the entry for a full re-derive, pending (sync exits 1) until it succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-
 async fn h2_1_a_dropped_old_image_loses_the_keys_it_reached() {
     let (url, mut app) = join_db("hostile2_1").await;
     must_not_wait(
@@ -168,8 +169,9 @@ async fn h2_1_a_dropped_old_image_loses_the_keys_it_reached() {
 /// too; the delete is then dropped (blue no longer holds workshop 1), nothing is recorded, and
 /// once the lock is gone, with nothing pending, `sync` exits 0 with customers 1 and 2 of the
 /// deleted workshop left in green.
+///
+/// Now: a lock not granted in time makes the whole batch give way; the change stays in the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-
 async fn h2_2_a_finder_lock_timeout_drops_the_change() {
     let (url, mut app) = join_db("hostile2_2").await;
     exec(
@@ -452,8 +454,9 @@ async fn lock_waiting(c: &mut PgConnection, pid: i32) -> bool {
 /// back (to its savepoint): it keeps c and waits for z again at once (the one-by-one finder), so
 /// T1's own deadlock check finds the cycle again and T1's TRUNCATE fails with 40P01 after waiting
 /// the whole deadlock timeout. Without sync T1 neither waits nor fails.
+///
+/// Now: every lock wait of an applier batch is bounded, and a lock not granted in time rolls the whole batch back, releasing what it held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-
 async fn h2_6_an_applier_table_lock_wait_makes_the_application_the_deadlock_victim() {
     const TWO: &str = "tests/fixtures/hostile2_two.yaml";
     let url = empty_db("hostile2_6").await;
@@ -615,8 +618,9 @@ async fn h2_7_large_transactions_under_racing_followers() {
 /// number (an f64), so the retry re-derives and clears a key that does not exist, and the real
 /// failure stays for ever, although green = M(blue) (the application fixed the row, and its own
 /// statement re-derived it). `sync` exits 1 every time, validate and cutover refuse.
+///
+/// Now: failed keys are read back as the server renders each value (`jsonb_array_elements_text`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-
 async fn h2_8_a_long_numeric_key_failure_never_clears() {
     const BIG: &str = "tests/fixtures/hostile2_big.yaml";
     let url = empty_db("hostile2_8").await;
@@ -979,8 +983,9 @@ async fn h2_13_merge_is_synced() {
 /// has truncated and keeps open. Another application session's `UPDATE` of item 5 now waits on
 /// the follower for as long as T1 stays open: an application statement stalled by a lock sync
 /// took, on behalf of another application transaction (no cycle, so no deadlock check ends it).
+///
+/// Now: the batch's wait for w is bounded, and giving way rolls the batch back, releasing item 5.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "H2-14: an applier holds row-local blue rows FOR SHARE while a follower-entry statement waits (no lock_timeout) on an application's table lock"]
 async fn h2_14_an_applier_holding_blue_rows_stalls_the_application() {
     const STALL: &str = "tests/fixtures/hostile2_stall.yaml";
     let url = empty_db("hostile2_14").await;
