@@ -6,8 +6,13 @@ SELECT a.attrelid::int8 AS table_oid,
        a.attnotnull AS not_null,
        pg_get_expr(d.adbin, d.adrelid) AS default_sql,
        a.attidentity::text AS identity,
-       a.attgenerated::text AS generated
+       a.attgenerated::text AS generated,
+       -- `=` on the type (a domain's base type) defined outside pg_catalog (citext's).
+       EXISTS (SELECT 1 FROM pg_operator o
+               WHERE o.oprname = '=' AND o.oprleft = COALESCE(NULLIF(t.typbasetype, 0), a.atttypid)
+                 AND o.oprright = o.oprleft AND o.oprnamespace <> 'pg_catalog'::regnamespace) AS own_equality
 FROM pg_attribute a
+JOIN pg_type t ON t.oid = a.atttypid
 LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
 WHERE a.attrelid = ANY($1::int8[]::oid[]) AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attrelid, a.attnum

@@ -70,6 +70,10 @@ pub struct Column {
     pub identity: String,
     /// `s` (stored generated) or empty.
     pub generated: String,
+    /// The type's `=` is not pg_catalog's (citext's, an extension's): comparisons generated under
+    /// `search_path = pg_catalog` would not use it.
+    #[serde(default)]
+    pub own_equality: bool,
 }
 
 impl Column {
@@ -338,6 +342,7 @@ pub async fn load(conn: &mut PgConnection, schemas: &[&str]) -> Result<Catalog, 
                 default_sql: get(&r, "default_sql")?,
                 identity: get(&r, "identity")?,
                 generated: get(&r, "generated")?,
+                own_equality: get(&r, "own_equality")?,
             });
         }
     }

@@ -161,6 +161,21 @@ pub fn static_checks(m: &Mapping, cat: &Catalog) -> Vec<Diagnostic> {
                         ),
                         _ => {}
                     }
+                    if let Some(gc) = gt.column(col).filter(|gc| gc.own_equality) {
+                        out.push(
+                            Diagnostic::error(
+                                "unsupported-key-type",
+                                format!(
+                                    "sync key column {col} is of type {}, whose `=` is not PostgreSQL's own: sync's generated key comparisons, run under search_path = pg_catalog, would compare it as its base type (a case-only change of a citext key would delete the green row)",
+                                    gc.type_sql
+                                ),
+                            )
+                            .at(Some(e.span.clone()))
+                            .table(&e.name)
+                            .column(col)
+                            .hint("key green by a built-in type (for citext: `lower(x.email)::text`, or a surrogate id) until such keys are supported"),
+                        );
+                    }
                 }
             }
         }

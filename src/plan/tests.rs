@@ -18,6 +18,7 @@ pub(crate) fn col(name: &str, ty: &str, not_null: bool) -> Column {
         default_sql: None,
         identity: String::new(),
         generated: String::new(),
+        own_equality: false,
     }
 }
 
