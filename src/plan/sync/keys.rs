@@ -80,12 +80,10 @@ fn render_changed(e: &TableEntry, alias: &str, changed: &str) -> String {
     fc.render_with(Some((alias, changed)))
 }
 
-/// The old and new images of the change-log rows `$1` (ids) as rows of blue table `x`.
+/// The old and new images of the change-log rows `$1` (ids) as rows of blue table `x`, in one
+/// read of the log (a scan per image read every row twice).
 fn changes_relation(changes: &QName, x: &QName) -> String {
-    let image = |col: &str| {
-        format!(
-            "SELECT r.* FROM {changes} AS bluegreen_c CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::{x}, bluegreen_c.{col}) AS r WHERE bluegreen_c.id = ANY ($1::int8[]) AND bluegreen_c.{col} IS NOT NULL"
-        )
-    };
-    format!("({} UNION ALL {})", image("old_row"), image("new_row"))
+    format!(
+        "(SELECT r.* FROM {changes} AS bluegreen_c CROSS JOIN LATERAL (VALUES (bluegreen_c.old_row), (bluegreen_c.new_row)) AS bluegreen_i (image) CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::{x}, bluegreen_i.image) AS r WHERE bluegreen_c.id = ANY ($1::int8[]) AND bluegreen_i.image IS NOT NULL)"
+    )
 }
