@@ -48,9 +48,10 @@ CREATE TABLE IF NOT EXISTS {control}.changes (
     -- gave way, TRUNCATE); false: only the entries the follower keeps.
     all_entries boolean NOT NULL DEFAULT false
 );
-CREATE INDEX IF NOT EXISTS changes_migration_id ON {control}.changes (migration, id);
--- An applier claims, with the oldest rows, every other row their transactions logged.
-CREATE INDEX IF NOT EXISTS changes_txid ON {control}.changes (migration, txid);
+-- An applier claims, with the oldest rows (by the primary key, in order), every other row their
+-- transactions logged (by txid). Each index is one more entry per row the application's writes
+-- log: two, not three (a (migration, id) index cost the Chinook writer mix about 7 % of its tps).
+CREATE INDEX IF NOT EXISTS changes_txid ON {control}.changes (txid);
 CREATE TABLE IF NOT EXISTS {control}.sync_failures (
     migration   text NOT NULL,
     green_table text NOT NULL,
