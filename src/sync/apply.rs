@@ -795,16 +795,46 @@ pub async fn retry_failures(
     apply_keys_bounded(conn, m, plan, &keys).await
 }
 
-/// Put change-log rows set aside earlier back into the log, for another try; first drop those
-/// whose row image blue no longer holds: that version of the row was updated or deleted since,
-/// and the change that replaced it was logged (and is applied) on its own. A row that cannot be
-/// followed thus stops counting once the application fixes it.
+/// Put change-log rows set aside earlier back into the log, for another try; first drop the new
+/// images blue no longer holds: that version of the row was updated or deleted since, and the
+/// change that replaced it was logged (and is applied) on its own. A row that cannot be followed
+/// thus stops counting once the application fixes it. (An old image is requeued: when its keys
+/// still cannot be found, it turns into a full re-derive.)
 pub async fn requeue_failed_changes(
     conn: &mut PgConnection,
     m: &Mapping,
     plan: &Plan,
 ) -> Result<u64, Diagnostic> {
+    let f = table(m, "failed_changes");
+    let any: bool = sqlx::query_scalar(
+        sql!("SELECT EXISTS (SELECT 1 FROM {f} WHERE migration = $1)").assert_safe(),
+    )
+    .bind(&m.migration)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    if !any {
+        return Ok(0);
+    }
     let mut tx = conn.begin().await.map_err(db_error)?;
+    // It reads every blue table: under the appliers' lock wait, and on a lock not granted in time
+    // (an application's TRUNCATE or LOCK) it gives way until the next run.
+    exec(
+        &mut tx,
+        &sql!("SET LOCAL lock_timeout = '{}ms'", plan.lock_timeout_ms),
+    )
+    .await?;
+    match requeue_in(&mut tx, m, plan).await {
+        Ok(n) => {
+            tx.commit().await.map_err(db_error)?;
+            Ok(n)
+        }
+        Err(d) if is_transient(&d) => Ok(0),
+        Err(d) => Err(d),
+    }
+}
+
+async fn requeue_in(tx: &mut PgConnection, m: &Mapping, plan: &Plan) -> Result<u64, Diagnostic> {
     let f = table(m, "failed_changes");
     let c = table(m, "changes");
     let mut blue: Vec<&QName> = plan
@@ -816,7 +846,7 @@ pub async fn requeue_failed_changes(
     blue.dedup();
     for x in blue {
         sqlx::query(sql!(
-            "DELETE FROM {f} AS r WHERE r.migration = $1 AND r.blue_table = $2 AND r.op <> 'T' AND NOT EXISTS (SELECT 1 FROM {x} AS b WHERE pg_catalog.to_jsonb(b) = COALESCE(r.new_row, r.old_row))"
+            "DELETE FROM {f} AS r WHERE r.migration = $1 AND r.blue_table = $2 AND r.op <> 'T' AND r.new_row IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {x} AS b WHERE pg_catalog.to_jsonb(b) = r.new_row)"
         ).assert_safe())
         .bind(&m.migration)
         .bind(x.display())
@@ -837,7 +867,6 @@ pub async fn requeue_failed_changes(
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;
-    tx.commit().await.map_err(db_error)?;
     Ok(n)
 }
 
