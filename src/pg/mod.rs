@@ -79,7 +79,7 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// Parse a URL into options with the pinned settings.
+/// Parse a URL into options with the pinned settings (and the connection-only ones).
 pub fn options(url: &str) -> Result<PgConnectOptions, Diagnostic> {
     let opts = PgConnectOptions::from_str(url).map_err(|e| {
         Diagnostic::error(
@@ -95,6 +95,7 @@ pub fn options(url: &str) -> Result<PgConnectOptions, Diagnostic> {
     Ok(opts
         .application_name("bluegreen")
         .options(crate::session::PINNED.iter().copied())
+        .options(crate::session::CONNECTION_ONLY.iter().copied())
         // Statements can carry data; they are never logged by the driver.
         .disable_statement_logging())
 }

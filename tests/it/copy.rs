@@ -499,3 +499,48 @@ async fn an_older_control_schema_is_upgraded_in_place() {
     );
     assert_invariant(&url, MAPPING).await;
 }
+
+/// A database-level `statement_timeout` (a common production default) never cancels bluegreen's
+/// own long statements: a copy chunk and a validate range that each take seconds here (the
+/// mapping of `tests/fixtures/rules_m1c.yaml` sleeps 50 ms a row in bluegreen's sessions only)
+/// finish under `ALTER DATABASE ... SET statement_timeout = '500ms'`, and the application's own
+/// sessions keep the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_statement_timeout_never_cancels_bluegreen() {
+    let url = support::empty_db("copy_statement_timeout").await;
+    let mut c = connect(&url).await;
+    exec(
+        &mut c,
+        "CREATE TABLE public.s (id integer PRIMARY KEY, v integer);
+         INSERT INTO public.s SELECT g, g FROM generate_series(1, 30) g;
+         CREATE FUNCTION public.rules_m1_slow(v integer) RETURNS integer LANGUAGE plpgsql IMMUTABLE AS $$
+         BEGIN
+           IF current_setting('application_name') = 'bluegreen' THEN
+             PERFORM pg_sleep(0.05);
+           END IF;
+           RETURN v;
+         END $$;
+         ALTER DATABASE copy_statement_timeout SET statement_timeout = '500ms';",
+    )
+    .await;
+    let m = "tests/fixtures/rules_m1c.yaml";
+    let out = run(
+        &url,
+        &["copy", "-m", m, "--jobs", "1", "--chunk-rows", "1000"],
+    )
+    .await;
+    assert!(out.status.success(), "copy: {}", stderr(&out));
+    let out = run(&url, &["validate", "-m", m, "--jobs", "1"]).await;
+    assert!(out.status.success(), "validate: {}", stderr(&out));
+    let mut app = connect(&url).await;
+    let limit: String = sqlx::query_scalar("SHOW statement_timeout")
+        .fetch_one(&mut app)
+        .await
+        .unwrap();
+    assert_eq!(
+        limit, "500ms",
+        "the application's sessions keep the database's limit"
+    );
+    exec(&mut app, "RESET statement_timeout").await;
+    assert_invariant(&url, m).await;
+}
