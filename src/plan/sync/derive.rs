@@ -203,8 +203,26 @@ impl SyncEntry<'_> {
 
     /// `UPDATE` of the other unique-key columns of existing rows, where they changed (the only
     /// rows it locks `FOR UPDATE`).
+    /// The columns the upsert never writes whose rendering can still change: other unique keys'
+    /// (see `set_columns`), and the conflict key's own when its type renders equal values apart
+    /// (numeric `1.0` and `1.00`): the upsert meets the row by equality and never rewrites its key,
+    /// and the delete finds the key still produced, so green kept the old rendering for ever.
+    fn rewritten_columns(&self) -> Vec<&str> {
+        let mut cols = self.unique_others();
+        for k in &self.upsert_key {
+            if self
+                .green
+                .column(k)
+                .is_some_and(|c| renders_equal_values_apart(&c.type_sql))
+            {
+                cols.push(k);
+            }
+        }
+        cols
+    }
+
     fn unique_update(&self, select: &str) -> Option<String> {
-        let cols = self.unique_others();
+        let cols = self.rewritten_columns();
         if cols.is_empty() {
             return None;
         }
@@ -575,4 +593,10 @@ fn blue_side(k: &Key) -> String {
         Some((a, c, _)) => format!("{}.{}", Ident::new(a), Ident::new(c)),
         None => format!("({})::{}", Expr(&k.expr), k.green_type),
     }
+}
+
+/// Whether two equal values of the type (as `format_type` prints it) can render differently:
+/// numeric scale (`1.0`, `1.00`), a float's signed zero.
+fn renders_equal_values_apart(type_sql: &str) -> bool {
+    type_sql.starts_with("numeric") || type_sql == "real" || type_sql == "double precision"
 }
