@@ -4,6 +4,7 @@ mod copy;
 mod explain;
 mod hostile;
 mod hostile2;
+mod hostile3;
 mod live;
 mod plan;
 mod random;
