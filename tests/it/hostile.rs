@@ -7,14 +7,14 @@
 //! time limit (killed when over it, failing the test), every application statement under a
 //! timeout far above its normal duration.
 
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use sqlx::PgConnection;
 
 use crate::support::{
-    self, Problems, assert_invariant, assert_invariant_now, connect, copy_ok, drain, empty_db,
-    exec, status_json,
+    self, Problems, assert_invariant, assert_invariant_now, both, connect, copy_ok, count, drain,
+    empty_db, exec, run_within, status_json, stderr, stdout,
 };
 
 const CHECK: &str = "tests/fixtures/hostile_check.yaml";
@@ -31,30 +31,11 @@ const QUICK: Duration = Duration::from_secs(15);
 /// What any other bluegreen command may take at most (a stall fails the test, never hangs it).
 const SLOW: Duration = Duration::from_secs(180);
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn both(o: &Output) -> String {
-    format!("exit {:?}\n{}{}", o.status.code(), stdout(o), stderr(o))
-}
-
 async fn backend_pid(c: &mut PgConnection) -> i32 {
     sqlx::query_scalar("SELECT pg_backend_pid()")
         .fetch_one(c)
         .await
         .unwrap()
-}
-
-async fn count(c: &mut PgConnection, sql: &str) -> i64 {
-    sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql.to_string()))
-        .fetch_one(c)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\nin: {sql}"))
 }
 
 async fn int(c: &mut PgConnection, sql: &str) -> Option<i32> {
@@ -68,37 +49,6 @@ async fn int(c: &mut PgConnection, sql: &str) -> Option<i32> {
 /// Run `sql` on `c`, which must succeed within [`NO_WAIT`]. Returns how long it took.
 async fn must_not_wait(c: &mut PgConnection, what: &str, sql: &str) -> Duration {
     support::must_not_wait(c, what, sql, NO_WAIT).await
-}
-
-fn command(url: &str, args: &[&str]) -> Command {
-    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("bluegreen"));
-    cmd.current_dir(support::root())
-        .env("DATABASE_URL", url)
-        .env_remove("RUST_LOG")
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd
-}
-
-/// Wait for a child process, at most `limit` (then it is killed and the test fails).
-async fn wait_child(child: Child, limit: Duration, what: String) -> Output {
-    let pid = child.id();
-    let waited = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap());
-    match tokio::time::timeout(limit, waited).await {
-        Ok(out) => out.unwrap(),
-        Err(_) => {
-            // SAFETY: killing our own child process.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            panic!("`bluegreen {what}` (pid {pid}) did not finish within {limit:?}");
-        }
-    }
-}
-
-/// `bluegreen <args>`, which must finish within `limit`.
-async fn run_within(url: &str, args: &[&str], limit: Duration) -> Output {
-    let child = command(url, args).spawn().unwrap();
-    wait_child(child, limit, args.join(" ")).await
 }
 
 /// Whether each entry of `mapping` is row-local, as sync classifies it against the database.

@@ -3,14 +3,14 @@
 //! assert_invariant_now), never on a row count. A test that fails on the current code is
 //! `#[ignore]`d with the reason; tests of attacks that held stay as regression tests.
 
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output};
 use std::time::Duration;
 
 use sqlx::PgConnection;
 
 use crate::support::{
-    self, Problems, assert_invariant, assert_invariant_now, connect, copy_ok, empty_db, exec,
-    status_json,
+    self, Problems, assert_invariant, assert_invariant_now, both, command, connect, copy_ok, count,
+    empty_db, exec, run_within, status_json, stderr, wait_child,
 };
 
 const JOIN: &str = "tests/fixtures/hostile2_join.yaml";
@@ -22,59 +22,9 @@ const NO_WAIT: Duration = Duration::from_secs(10);
 /// What any bluegreen command may take at most (a stall fails the test, never hangs it).
 const SLOW: Duration = Duration::from_secs(180);
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn both(o: &Output) -> String {
-    format!("exit {:?}\n{}{}", o.status.code(), stdout(o), stderr(o))
-}
-
-async fn count(c: &mut PgConnection, sql: &str) -> i64 {
-    sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql.to_string()))
-        .fetch_one(c)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\nin: {sql}"))
-}
-
 /// Run `sql` on `c`, which must succeed within [`NO_WAIT`].
 async fn must_not_wait(c: &mut PgConnection, what: &str, sql: &str) -> Duration {
     support::must_not_wait(c, what, sql, NO_WAIT).await
-}
-
-fn command(url: &str, args: &[&str]) -> Command {
-    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("bluegreen"));
-    cmd.current_dir(support::root())
-        .env("DATABASE_URL", url)
-        .env_remove("RUST_LOG")
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd
-}
-
-/// Wait for a child process, at most `limit` (then it is killed and the test fails).
-async fn wait_child(child: Child, limit: Duration, what: String) -> Output {
-    let pid = child.id();
-    let waited = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap());
-    match tokio::time::timeout(limit, waited).await {
-        Ok(out) => out.unwrap(),
-        Err(_) => {
-            // SAFETY: killing our own child process.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            panic!("`bluegreen {what}` (pid {pid}) did not finish within {limit:?}");
-        }
-    }
-}
-
-/// `bluegreen <args>`, which must finish within `limit`.
-async fn run_within(url: &str, args: &[&str], limit: Duration) -> Output {
-    let child = command(url, args).spawn().unwrap();
-    wait_child(child, limit, args.join(" ")).await
 }
 
 /// Recorded failures of `migration`: failed keys plus changes set aside.

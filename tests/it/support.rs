@@ -2,7 +2,9 @@
 //! holds the CarBot legacy schema and data.
 
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use bluegreen::pg::cluster::Cluster;
 use sqlx::{Connection, PgConnection};
@@ -395,4 +397,56 @@ pub async fn must_not_wait(
             started.elapsed()
         ),
     }
+}
+
+// Child processes and one-value queries, for the concurrency tests (review rounds, rules).
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn both(o: &Output) -> String {
+    format!("exit {:?}\n{}{}", o.status.code(), stdout(o), stderr(o))
+}
+
+pub async fn count(c: &mut PgConnection, sql: &str) -> i64 {
+    sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_one(c)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nin: {sql}"))
+}
+
+pub fn command(url: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("bluegreen"));
+    cmd.current_dir(root())
+        .env("DATABASE_URL", url)
+        .env_remove("RUST_LOG")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Wait for a child process, at most `limit` (then it is killed and the test fails).
+pub async fn wait_child(child: Child, limit: Duration, what: String) -> Output {
+    let pid = child.id();
+    let waited = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap());
+    match tokio::time::timeout(limit, waited).await {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            // SAFETY: killing our own child process.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("`bluegreen {what}` (pid {pid}) did not finish within {limit:?}");
+        }
+    }
+}
+
+/// `bluegreen <args>`, which must finish within `limit`.
+pub async fn run_within(url: &str, args: &[&str], limit: Duration) -> Output {
+    let child = command(url, args).spawn().unwrap();
+    wait_child(child, limit, args.join(" ")).await
 }
