@@ -46,7 +46,9 @@ CREATE TABLE IF NOT EXISTS {control}.changes (
     logged_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
     -- true: re-derive every entry reading the table (capture before live, a row-local step that
     -- gave way, TRUNCATE); false: only the entries the follower keeps.
-    all_entries boolean NOT NULL DEFAULT false
+    all_entries boolean NOT NULL DEFAULT false,
+    -- An updated row: the entries whose columns it changed (NULL: every entry reading the table).
+    entries    text[]
 );
 -- An applier claims, with the oldest rows (by the primary key, in order), every other row their
 -- transactions logged (by txid). Each index is one more entry per row the application's writes
@@ -121,6 +123,7 @@ DECLARE
 BEGIN
     FOR c IN SELECT * FROM (VALUES ('deferred', 'ref_table', 'text'),
                                    ('changes', 'all_entries', 'boolean NOT NULL DEFAULT false'),
+                                   ('changes', 'entries', 'text[]'),
                                    ('runs', 'resolved', 'jsonb')) AS v(tab, col, def)
     LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class t ON t.oid = a.attrelid

@@ -198,7 +198,7 @@ async fn claim_and_apply(
     // only, and the txid index for the second.
     exec(conn, &sql!("SELECT pg_catalog.set_config(s, 'off', true) FROM pg_catalog.unnest(ARRAY['enable_seqscan', 'enable_bitmapscan', 'enable_sort']) AS s")).await?;
     let mut rows = sqlx::query(sql!(
-        "SELECT id, txid::pg_catalog.text AS txid, blue_table, op, all_entries FROM {c} WHERE migration = $1 AND id <= $3 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+        "SELECT id, txid::pg_catalog.text AS txid, blue_table, op, all_entries, entries FROM {c} WHERE migration = $1 AND id <= $3 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
         c = table(m, "changes")
     ).assert_safe())
     .bind(&m.migration)
@@ -217,7 +217,7 @@ async fn claim_and_apply(
             .into_iter()
             .collect();
         let rest = sqlx::query(sql!(
-            "SELECT id, blue_table, op, all_entries FROM {c} WHERE txid = ANY($2::text[]::pg_catalog.xid8[]) AND migration = $1 FOR UPDATE SKIP LOCKED",
+            "SELECT id, blue_table, op, all_entries, entries FROM {c} WHERE txid = ANY($2::text[]::pg_catalog.xid8[]) AND migration = $1 FOR UPDATE SKIP LOCKED",
             c = table(m, "changes")
         ).assert_safe())
         .bind(&m.migration)
@@ -237,8 +237,9 @@ async fn claim_and_apply(
         return Ok((Applied::default(), None));
     }
     let mut ids = Vec::new();
-    // blue table -> (every id, ids for every entry)
-    let mut by_table: BTreeMap<String, (Vec<i64>, Vec<i64>)> = BTreeMap::new();
+    // blue table -> its rows: (id, for every entry, the entries an update concerns)
+    type Logged = (i64, bool, Option<Vec<String>>);
+    let mut by_table: BTreeMap<String, Vec<Logged>> = BTreeMap::new();
     let mut truncated: BTreeSet<String> = BTreeSet::new();
     for r in &rows {
         let id: i64 = r.get("id");
@@ -248,11 +249,10 @@ async fn claim_and_apply(
             truncated.insert(t);
             continue;
         }
-        let e = by_table.entry(t).or_default();
-        e.0.push(id);
-        if r.get::<bool, _>("all_entries") {
-            e.1.push(id);
-        }
+        by_table
+            .entry(t)
+            .or_default()
+            .push((id, r.get("all_entries"), r.get("entries")));
     }
     for t in &truncated {
         for e in &plan.entries {
@@ -268,14 +268,23 @@ async fn claim_and_apply(
     let mut keys: BTreeMap<usize, BTreeSet<Key>> = BTreeMap::new();
     for (pos, e) in plan.entries.iter().enumerate() {
         for (x, finder) in &e.finders {
-            let Some((all, every)) = by_table.get(&x.display()) else {
+            let Some(logged) = by_table.get(&x.display()) else {
                 continue;
             };
-            let these = if e.row_local { every } else { all };
+            // Row-local entries re-derive only the rows logged for every entry (their writers
+            // did the rest); an update is nothing to an entry whose columns it left unchanged.
+            let these: Vec<i64> = logged
+                .iter()
+                .filter(|(_, every, concerns)| {
+                    (*every || !e.row_local)
+                        && concerns.as_ref().is_none_or(|c| c.contains(&e.name))
+                })
+                .map(|(id, _, _)| *id)
+                .collect();
             if these.is_empty() {
                 continue;
             }
-            let (found, failed) = find_keys(conn, m, e, x, finder, these).await?;
+            let (found, failed) = find_keys(conn, m, e, x, finder, &these).await?;
             applied.failed += failed;
             keys.entry(pos).or_default().extend(found);
         }
@@ -438,7 +447,7 @@ async fn set_aside(
         d.message
     );
     sqlx::query(sql!(
-        "INSERT INTO {} (id, migration, green_table, blue_table, op, old_row, new_row, all_entries, error) SELECT id, migration, $3, blue_table, op, old_row, new_row, all_entries, $4 FROM {} AS r WHERE migration = $1 AND id = $2 AND EXISTS (SELECT 1 FROM {x} AS b WHERE pg_catalog.to_jsonb(b) = COALESCE(r.new_row, r.old_row)) ON CONFLICT (id, green_table) DO UPDATE SET error = EXCLUDED.error, failed_at = pg_catalog.now()",
+        "INSERT INTO {} (id, migration, green_table, blue_table, op, old_row, new_row, all_entries, error) SELECT id, migration, $3, blue_table, op, old_row, new_row, all_entries, $4 FROM {} AS r WHERE migration = $1 AND id = $2 AND EXISTS (SELECT 1 FROM {x} AS b WHERE pg_catalog.to_jsonb(b.*) = COALESCE(r.new_row, r.old_row)) ON CONFLICT (id, green_table) DO UPDATE SET error = EXCLUDED.error, failed_at = pg_catalog.now()",
         table(m, "failed_changes"),
         table(m, "changes")
     ).assert_safe())
@@ -846,7 +855,7 @@ async fn requeue_in(tx: &mut PgConnection, m: &Mapping, plan: &Plan) -> Result<u
     blue.dedup();
     for x in blue {
         sqlx::query(sql!(
-            "DELETE FROM {f} AS r WHERE r.migration = $1 AND r.blue_table = $2 AND r.op <> 'T' AND r.new_row IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {x} AS b WHERE pg_catalog.to_jsonb(b) = r.new_row)"
+            "DELETE FROM {f} AS r WHERE r.migration = $1 AND r.blue_table = $2 AND r.op <> 'T' AND r.new_row IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {x} AS b WHERE pg_catalog.to_jsonb(b.*) = r.new_row)"
         ).assert_safe())
         .bind(&m.migration)
         .bind(x.display())

@@ -128,7 +128,11 @@ async fn switch(
     let cat = control::load_catalog_for_sync(conn, m).await?;
     let entries = sync_entries(m, &cat);
     for (n, x) in m.blue_tables_read().iter().enumerate() {
-        exec(conn, &live_trigger_function(m, &entries, x, n)).await?;
+        exec(
+            conn,
+            &live_trigger_function(m, &entries, x, cat.table(x), n),
+        )
+        .await?;
     }
     let second = drain(conn, m, &plan).await?;
     let retried = retry_all(conn, m, &plan).await?;

@@ -370,7 +370,7 @@ async fn pending_keys(
         }
         let ids: Vec<i64> = sqlx::query_scalar(
             sql!(
-                "SELECT id FROM {} WHERE migration = $1 AND blue_table = $2 AND (all_entries OR NOT $3)",
+                "SELECT id FROM {} WHERE migration = $1 AND blue_table = $2 AND (all_entries OR NOT $3) AND (entries IS NULL OR $4 = ANY (entries))",
                 control::table(m, "changes")
             )
             .assert_safe(),
@@ -378,6 +378,7 @@ async fn pending_keys(
         .bind(&m.migration)
         .bind(x.display())
         .bind(ae.row_local)
+        .bind(&ae.name)
         .fetch_all(&mut *conn)
         .await
         .map_err(db_error)?;

@@ -6,6 +6,7 @@ mod hostile;
 mod hostile2;
 mod hostile3;
 mod live;
+mod narrow;
 mod plan;
 mod random;
 mod refuse;

@@ -9,7 +9,7 @@
 use super::{Mode, SyncEntry, function_settings};
 use crate::mapping::Mapping;
 use crate::names;
-use crate::sql::{Literal, QName, Sql, sql};
+use crate::sql::{Ident, Literal, QName, Sql, join, sql};
 
 /// How long a row-local step inside the writer's statement may wait for a lock (an applier's
 /// short transaction) before it gives way to the change log: 50 ms, or half the session's
@@ -17,28 +17,120 @@ use crate::sql::{Literal, QName, Sql, sql};
 /// writer).
 pub const STEP_LOCK_TIMEOUT: &str = "GREATEST(1, LEAST(50, pg_catalog.floor(pg_catalog.date_part('epoch', pg_catalog.current_setting('deadlock_timeout')::pg_catalog.interval) * 500)))::pg_catalog.int4::pg_catalog.text || 'ms'";
 
+/// Which entries an UPDATE's rows concern: its old and new rows paired by a strict unique key of
+/// the blue table (compared as text, so a new rendering of an equal key leaves a row unpaired),
+/// and per entry reading the table: its name, whether it is row-local, the columns it reads
+/// (None: every update concerns it).
+pub struct UpdateFilter {
+    pub pair_key: Vec<String>,
+    pub entries: Vec<(String, bool, Option<Vec<String>>)>,
+}
+
+impl UpdateFilter {
+    /// None when the table has no strict unique key to pair rows by, or no entry reading it can
+    /// tell which columns it reads (then every updated row is logged for every entry).
+    pub fn new(entries: &[SyncEntry], bt: &crate::catalog::Table) -> Option<UpdateFilter> {
+        let x = bt.qname();
+        let pair_key = bt.strict_unique_keys().into_iter().next()?;
+        let entries: Vec<(String, bool, Option<Vec<String>>)> = entries
+            .iter()
+            .filter(|e| !e.aliases_of(&x).is_empty())
+            .map(|e| {
+                (
+                    e.entry.name.clone(),
+                    e.row_local(),
+                    e.columns_read(bt).map(|c| c.into_iter().collect()),
+                )
+            })
+            .collect();
+        if entries.iter().all(|(_, _, c)| c.is_none()) {
+            return None;
+        }
+        Some(UpdateFilter { pair_key, entries })
+    }
+}
+
 /// The change-log statements for the statement's transition tables. `all_entries`: every entry
 /// reading the table re-derives the rows (capture, a row-local step that gave way), or only the
-/// entries the follower keeps.
-fn log_rows(m: &Mapping, x: &QName, all_entries: bool, indent: &str) -> String {
+/// entries the follower keeps. With a filter, an updated row is logged with the entries whose
+/// columns it changed, and not at all when it changed none (a rename of a workshop is nothing to
+/// the entries that read only its id).
+fn log_rows(
+    m: &Mapping,
+    x: &QName,
+    all_entries: bool,
+    filter: Option<&UpdateFilter>,
+    indent: &str,
+) -> String {
     let changes = QName::new(&m.control_schema, "changes");
     let mig = Literal::new(&m.migration);
     let bt = Literal::new(x.display());
     let ins = |op: &str, image: &str, rel: &str| {
         let (old, new) = if image == "old" {
-            ("pg_catalog.to_jsonb(r)", "NULL")
+            ("pg_catalog.to_jsonb(r.*)", "NULL")
         } else {
-            ("NULL", "pg_catalog.to_jsonb(r)")
+            ("NULL", "pg_catalog.to_jsonb(r.*)")
         };
         format!(
             "INSERT INTO {changes} (migration, blue_table, op, old_row, new_row, all_entries) SELECT {mig}, {bt}, '{op}', {old}, {new}, {all_entries} FROM {rel} AS r;"
         )
     };
+    let update = match filter {
+        None => format!(
+            "{}\n{indent}    {}",
+            ins("U", "old", "old_rows"),
+            ins("U", "new", "new_rows")
+        ),
+        Some(f) => {
+            let col = |r: &str, c: &str| format!("{r}.{}", Ident::new(c));
+            let on = join(
+                f.pair_key.iter().map(|c| {
+                    format!(
+                        "{}::pg_catalog.text = {}::pg_catalog.text",
+                        col("bluegreen_o", c),
+                        col("bluegreen_n", c)
+                    )
+                }),
+                " AND ",
+            );
+            let present = |r: &str| format!("{} IS NOT NULL", col(r, &f.pair_key[0]));
+            // Rows logged for the follower only concern the entries it keeps.
+            let cases = join(
+                f.entries
+                    .iter()
+                    .filter(|(_, row_local, _)| all_entries || !row_local)
+                    .map(|(name, _, cols)| match cols {
+                        None => Literal::new(name).to_string(),
+                        Some(cols) if cols.is_empty() => "NULL".to_string(),
+                        Some(cols) => {
+                            let row = |r: &str| {
+                                format!(
+                                    "ROW({})::pg_catalog.text",
+                                    join(cols.iter().map(|c| col(r, c)), ", ")
+                                )
+                            };
+                            format!(
+                                "CASE WHEN {} <> {} THEN {} END",
+                                row("bluegreen_o"),
+                                row("bluegreen_n"),
+                                Literal::new(name)
+                            )
+                        }
+                    }),
+                ", ",
+            );
+            format!(
+                "INSERT INTO {changes} (migration, blue_table, op, old_row, new_row, all_entries, entries) SELECT {mig}, {bt}, 'U', bluegreen_i.old_row, bluegreen_i.new_row, {all_entries}, bluegreen_p.entries FROM (SELECT CASE WHEN {} THEN pg_catalog.to_jsonb(bluegreen_o.*) END AS old_image, CASE WHEN {} THEN pg_catalog.to_jsonb(bluegreen_n.*) END AS new_image, CASE WHEN {} AND {} THEN pg_catalog.array_remove(ARRAY[{cases}]::pg_catalog.text[], NULL) END AS entries FROM old_rows AS bluegreen_o FULL JOIN new_rows AS bluegreen_n ON {on}) AS bluegreen_p CROSS JOIN LATERAL (VALUES (bluegreen_p.old_image, NULL::pg_catalog.jsonb), (NULL::pg_catalog.jsonb, bluegreen_p.new_image)) AS bluegreen_i (old_row, new_row) WHERE (bluegreen_i.old_row IS NOT NULL OR bluegreen_i.new_row IS NOT NULL) AND (bluegreen_p.entries IS NULL OR pg_catalog.cardinality(bluegreen_p.entries) > 0);",
+                present("bluegreen_o"),
+                present("bluegreen_n"),
+                present("bluegreen_o"),
+                present("bluegreen_n"),
+            )
+        }
+    };
     format!(
-        "{indent}IF TG_OP = 'INSERT' THEN\n{indent}    {}\n{indent}ELSIF TG_OP = 'UPDATE' THEN\n{indent}    {}\n{indent}    {}\n{indent}ELSIF TG_OP = 'DELETE' THEN\n{indent}    {}\n{indent}END IF;\n",
+        "{indent}IF TG_OP = 'INSERT' THEN\n{indent}    {}\n{indent}ELSIF TG_OP = 'UPDATE' THEN\n{indent}    {update}\n{indent}ELSIF TG_OP = 'DELETE' THEN\n{indent}    {}\n{indent}END IF;\n",
         ins("I", "new", "new_rows"),
-        ins("U", "old", "old_rows"),
-        ins("U", "new", "new_rows"),
         ins("D", "old", "old_rows"),
     )
 }
@@ -65,13 +157,26 @@ fn function(m: &Mapping, n: usize, declare: &str, body: &str) -> Sql {
 /// The capture trigger function for blue table `x` (the `n`th the mapping reads), during the
 /// copy: log every changed row for every entry.
 pub fn capture_trigger_function(m: &Mapping, x: &QName, n: usize) -> Sql {
-    let body = format!("{}{}", log_truncate(m, x), log_rows(m, x, true, "    "));
+    let body = format!(
+        "{}{}",
+        log_truncate(m, x),
+        log_rows(m, x, true, None, "    ")
+    );
     function(m, n, "", &body)
 }
 
-/// The live trigger function for blue table `x`: log the changed rows when an entry the follower
-/// keeps reads `x`, and re-derive the row-local entries driven by `x` right here.
-pub fn live_trigger_function(m: &Mapping, entries: &[SyncEntry], x: &QName, n: usize) -> Sql {
+/// The live trigger function for blue table `x` (`bt` in the catalog, when it is there): log the
+/// changed rows when an entry the follower keeps reads `x`, and re-derive the row-local entries
+/// driven by `x` right here.
+pub fn live_trigger_function(
+    m: &Mapping,
+    entries: &[SyncEntry],
+    x: &QName,
+    bt: Option<&crate::catalog::Table>,
+    n: usize,
+) -> Sql {
+    let filter = bt.and_then(|bt| UpdateFilter::new(entries, bt));
+    let filter = filter.as_ref();
     let followed = entries
         .iter()
         .any(|e| !e.row_local() && !e.aliases_of(x).is_empty());
@@ -81,7 +186,7 @@ pub fn live_trigger_function(m: &Mapping, entries: &[SyncEntry], x: &QName, n: u
         .collect();
     let mut body = log_truncate(m, x);
     if followed {
-        body.push_str(&log_rows(m, x, false, "    "));
+        body.push_str(&log_rows(m, x, false, filter, "    "));
     }
     let mut declare = String::new();
     if !local.is_empty() {
@@ -95,10 +200,10 @@ pub fn live_trigger_function(m: &Mapping, entries: &[SyncEntry], x: &QName, n: u
             body.push_str(&format!(
                 "    IF pg_catalog.current_setting('transaction_isolation') = 'read committed' THEN\n{}    ELSE\n{}    END IF;\n",
                 row_local_steps(m, &local, "        "),
-                guarded(m, x, &local, "        ")
+                guarded(m, x, &local, filter, "        ")
             ));
         } else {
-            body.push_str(&guarded(m, x, &local, "    "));
+            body.push_str(&guarded(m, x, &local, filter, "    "));
         }
     }
     function(m, n, &declare, &body)
@@ -106,12 +211,18 @@ pub fn live_trigger_function(m: &Mapping, entries: &[SyncEntry], x: &QName, n: u
 
 /// The row-local steps in a subtransaction under a short `lock_timeout`; on any error their rows
 /// go to the change log (all entries re-derive them), and the writer's statement goes on.
-fn guarded(m: &Mapping, x: &QName, local: &[&SyncEntry], indent: &str) -> String {
+fn guarded(
+    m: &Mapping,
+    x: &QName,
+    local: &[&SyncEntry],
+    filter: Option<&UpdateFilter>,
+    indent: &str,
+) -> String {
     let inner = format!("{indent}    ");
     format!(
         "{indent}BEGIN\n{inner}lt := pg_catalog.current_setting('lock_timeout');\n{inner}PERFORM pg_catalog.set_config('lock_timeout', {STEP_LOCK_TIMEOUT}, true);\n{}{inner}PERFORM pg_catalog.set_config('lock_timeout', lt, true);\n{indent}EXCEPTION WHEN OTHERS THEN\n{inner}-- Never the writer's failure: the rows go to the change log, pending.\n{}{indent}END;\n",
         row_local_steps(m, local, &inner),
-        log_rows(m, x, true, &inner)
+        log_rows(m, x, true, filter, &inner)
     )
 }
 

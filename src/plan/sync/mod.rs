@@ -26,8 +26,9 @@ mod tests;
 use crate::catalog::{self, Catalog};
 use crate::mapping::{Mapping, TableEntry};
 use crate::plan::keys::{key_column, sync_key, upsert_key};
-use crate::sql::scan::referenced_aliases;
+use crate::sql::scan::{referenced_aliases, tokens};
 use crate::sql::{Literal, QName};
+use std::collections::BTreeSet;
 
 pub use derive::ApplierEntry;
 pub use functions::{capture_trigger_function, live_trigger_function};
@@ -109,6 +110,83 @@ impl SyncEntry<'_> {
     }
     pub fn driving(&self) -> &QName {
         &self.entry.from_clause.driving().table
+    }
+    /// The columns of blue table `bt` this entry reads, through any alias of it, in any
+    /// expression or condition; None when it cannot tell (a whole-row reference, `alias.*`, the
+    /// table named without its alias, text it cannot scan). An UPDATE that leaves all of them as
+    /// they were changes nothing the entry derives. Conservative: any word equal to a column
+    /// name of `bt` and not qualified by another alias counts as read.
+    pub fn columns_read(&self, bt: &catalog::Table) -> Option<BTreeSet<String>> {
+        let x = bt.qname();
+        let mine = self.aliases_of(&x);
+        let others: Vec<&str> = self
+            .entry
+            .from_clause
+            .items
+            .iter()
+            .filter(|i| i.table != x)
+            .map(|i| i.alias.as_str())
+            .collect();
+        let e = self.entry;
+        let mut texts: Vec<&str> = e.columns.iter().map(|c| c.expr.text.as_str()).collect();
+        texts.extend(self.keys.iter().map(|k| k.expr.as_str()));
+        texts.extend(e.sync_key.iter().flatten().map(|(_, l)| l.text.as_str()));
+        texts.extend(e.where_.iter().map(|l| l.text.as_str()));
+        texts.extend(e.group_by.iter().map(|l| l.text.as_str()));
+        texts.extend(
+            e.from_clause
+                .items
+                .iter()
+                .filter_map(|i| i.join.as_ref().map(|(_, on)| on.as_str())),
+        );
+        let mut read = BTreeSet::new();
+        for text in texts {
+            let toks = tokens(text).ok()?;
+            for (k, t) in toks.iter().enumerate() {
+                let Some(name) = t.ident() else { continue };
+                let after_dot = k > 0 && toks[k - 1].is_punct(".");
+                let before_dot = toks.get(k + 1).is_some_and(|n| n.is_punct("."));
+                if before_dot {
+                    // The table named without its alias (`public.t.c`, `t.c`).
+                    let next = toks.get(k + 2).and_then(|n| n.ident());
+                    if (name == x.name && !mine.contains(&name.as_str()))
+                        || (name == x.schema && next.as_deref() == Some(x.name.as_str()))
+                    {
+                        return None;
+                    }
+                    if mine.contains(&name.as_str())
+                        && toks
+                            .get(k + 2)
+                            .is_some_and(|n| n.text == "*" || n.is_punct("("))
+                    {
+                        return None;
+                    }
+                    continue;
+                }
+                let qualifier = after_dot
+                    .then(|| k.checked_sub(2).and_then(|q| toks[q].ident()))
+                    .flatten();
+                match qualifier {
+                    Some(q) if others.contains(&q.as_str()) => continue,
+                    Some(q) if !mine.contains(&q.as_str()) => {
+                        // `schema.function` or `(row).field`: a column only if it is one.
+                        if bt.column(&name).is_some() {
+                            read.insert(name);
+                        }
+                        continue;
+                    }
+                    _ => {}
+                }
+                if !after_dot && mine.contains(&name.as_str()) {
+                    // The alias alone: the whole row.
+                    return None;
+                }
+                if bt.column(&name).is_some() {
+                    read.insert(name);
+                }
+            }
+        }
+        Some(read)
     }
 }
 

@@ -213,12 +213,12 @@ fn capture_function() {
                     RETURN NULL;
                 END IF;
                 IF TG_OP = 'INSERT' THEN
-                    INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.leads', 'I', NULL, pg_catalog.to_jsonb(r), true FROM new_rows AS r;
+                    INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.leads', 'I', NULL, pg_catalog.to_jsonb(r.*), true FROM new_rows AS r;
                 ELSIF TG_OP = 'UPDATE' THEN
-                    INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.leads', 'U', pg_catalog.to_jsonb(r), NULL, true FROM old_rows AS r;
-                    INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.leads', 'U', NULL, pg_catalog.to_jsonb(r), true FROM new_rows AS r;
+                    INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.leads', 'U', pg_catalog.to_jsonb(r.*), NULL, true FROM old_rows AS r;
+                    INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.leads', 'U', NULL, pg_catalog.to_jsonb(r.*), true FROM new_rows AS r;
                 ELSIF TG_OP = 'DELETE' THEN
-                    INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.leads', 'D', pg_catalog.to_jsonb(r), NULL, true FROM old_rows AS r;
+                    INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.leads', 'D', pg_catalog.to_jsonb(r.*), NULL, true FROM old_rows AS r;
                 END IF;
                 RETURN NULL;
             END
@@ -233,7 +233,7 @@ fn live_function_of_a_row_local_table() {
     let entries = sync_entries(&m, &cat);
     let x = QName::new("public", "accounts");
     check(
-        live_trigger_function(&m, &entries, &x, 1),
+        live_trigger_function(&m, &entries, &x, cat.table(&x), 1),
         expect![[r#"
             CREATE OR REPLACE FUNCTION "bluegreen"."bluegreen_m_sync_1"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'iso_8601' SET extra_float_digits = '3' SET bytea_output = 'hex' SET standard_conforming_strings = 'on' SET max_parallel_workers_per_gather = 0 AS $fn$
             DECLARE
@@ -268,12 +268,11 @@ fn live_function_of_a_row_local_table() {
                     EXCEPTION WHEN OTHERS THEN
                         -- Never the writer's failure: the rows go to the change log, pending.
                         IF TG_OP = 'INSERT' THEN
-                            INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.accounts', 'I', NULL, pg_catalog.to_jsonb(r), true FROM new_rows AS r;
+                            INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.accounts', 'I', NULL, pg_catalog.to_jsonb(r.*), true FROM new_rows AS r;
                         ELSIF TG_OP = 'UPDATE' THEN
-                            INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.accounts', 'U', pg_catalog.to_jsonb(r), NULL, true FROM old_rows AS r;
-                            INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.accounts', 'U', NULL, pg_catalog.to_jsonb(r), true FROM new_rows AS r;
+                            INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries, entries) SELECT 'm', 'public.accounts', 'U', bluegreen_i.old_row, bluegreen_i.new_row, true, bluegreen_p.entries FROM (SELECT CASE WHEN bluegreen_o."aid" IS NOT NULL THEN pg_catalog.to_jsonb(bluegreen_o.*) END AS old_image, CASE WHEN bluegreen_n."aid" IS NOT NULL THEN pg_catalog.to_jsonb(bluegreen_n.*) END AS new_image, CASE WHEN bluegreen_o."aid" IS NOT NULL AND bluegreen_n."aid" IS NOT NULL THEN pg_catalog.array_remove(ARRAY[CASE WHEN ROW(bluegreen_o."abalance", bluegreen_o."aid")::pg_catalog.text <> ROW(bluegreen_n."abalance", bluegreen_n."aid")::pg_catalog.text THEN 'accounts' END]::pg_catalog.text[], NULL) END AS entries FROM old_rows AS bluegreen_o FULL JOIN new_rows AS bluegreen_n ON bluegreen_o."aid"::pg_catalog.text = bluegreen_n."aid"::pg_catalog.text) AS bluegreen_p CROSS JOIN LATERAL (VALUES (bluegreen_p.old_image, NULL::pg_catalog.jsonb), (NULL::pg_catalog.jsonb, bluegreen_p.new_image)) AS bluegreen_i (old_row, new_row) WHERE (bluegreen_i.old_row IS NOT NULL OR bluegreen_i.new_row IS NOT NULL) AND (bluegreen_p.entries IS NULL OR pg_catalog.cardinality(bluegreen_p.entries) > 0);
                         ELSIF TG_OP = 'DELETE' THEN
-                            INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.accounts', 'D', pg_catalog.to_jsonb(r), NULL, true FROM old_rows AS r;
+                            INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.accounts', 'D', pg_catalog.to_jsonb(r.*), NULL, true FROM old_rows AS r;
                         END IF;
                     END;
                 END IF;
@@ -290,25 +289,24 @@ fn live_function_of_a_table_the_follower_keeps() {
     let entries = sync_entries(&m, &cat);
     let x = QName::new("public", "workshops");
     check(
-        live_trigger_function(&m, &entries, &x, 2),
+        live_trigger_function(&m, &entries, &x, cat.table(&x), 2),
         expect![[r#"
-        CREATE OR REPLACE FUNCTION "bluegreen"."bluegreen_m_sync_2"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'iso_8601' SET extra_float_digits = '3' SET bytea_output = 'hex' SET standard_conforming_strings = 'on' SET max_parallel_workers_per_gather = 0 AS $fn$
-        BEGIN
-            IF TG_OP = 'TRUNCATE' THEN
-                INSERT INTO "bluegreen"."changes" (migration, blue_table, op, all_entries) VALUES ('m', 'public.workshops', 'T', true);
+            CREATE OR REPLACE FUNCTION "bluegreen"."bluegreen_m_sync_2"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'iso_8601' SET extra_float_digits = '3' SET bytea_output = 'hex' SET standard_conforming_strings = 'on' SET max_parallel_workers_per_gather = 0 AS $fn$
+            BEGIN
+                IF TG_OP = 'TRUNCATE' THEN
+                    INSERT INTO "bluegreen"."changes" (migration, blue_table, op, all_entries) VALUES ('m', 'public.workshops', 'T', true);
+                    RETURN NULL;
+                END IF;
+                IF TG_OP = 'INSERT' THEN
+                    INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.workshops', 'I', NULL, pg_catalog.to_jsonb(r.*), false FROM new_rows AS r;
+                ELSIF TG_OP = 'UPDATE' THEN
+                    INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries, entries) SELECT 'm', 'public.workshops', 'U', bluegreen_i.old_row, bluegreen_i.new_row, false, bluegreen_p.entries FROM (SELECT CASE WHEN bluegreen_o."id" IS NOT NULL THEN pg_catalog.to_jsonb(bluegreen_o.*) END AS old_image, CASE WHEN bluegreen_n."id" IS NOT NULL THEN pg_catalog.to_jsonb(bluegreen_n.*) END AS new_image, CASE WHEN bluegreen_o."id" IS NOT NULL AND bluegreen_n."id" IS NOT NULL THEN pg_catalog.array_remove(ARRAY[CASE WHEN ROW(bluegreen_o."city", bluegreen_o."id")::pg_catalog.text <> ROW(bluegreen_n."city", bluegreen_n."id")::pg_catalog.text THEN 'customers' END, CASE WHEN ROW(bluegreen_o."owner_email")::pg_catalog.text <> ROW(bluegreen_n."owner_email")::pg_catalog.text THEN 'organizations' END]::pg_catalog.text[], NULL) END AS entries FROM old_rows AS bluegreen_o FULL JOIN new_rows AS bluegreen_n ON bluegreen_o."id"::pg_catalog.text = bluegreen_n."id"::pg_catalog.text) AS bluegreen_p CROSS JOIN LATERAL (VALUES (bluegreen_p.old_image, NULL::pg_catalog.jsonb), (NULL::pg_catalog.jsonb, bluegreen_p.new_image)) AS bluegreen_i (old_row, new_row) WHERE (bluegreen_i.old_row IS NOT NULL OR bluegreen_i.new_row IS NOT NULL) AND (bluegreen_p.entries IS NULL OR pg_catalog.cardinality(bluegreen_p.entries) > 0);
+                ELSIF TG_OP = 'DELETE' THEN
+                    INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.workshops', 'D', pg_catalog.to_jsonb(r.*), NULL, false FROM old_rows AS r;
+                END IF;
                 RETURN NULL;
-            END IF;
-            IF TG_OP = 'INSERT' THEN
-                INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.workshops', 'I', NULL, pg_catalog.to_jsonb(r), false FROM new_rows AS r;
-            ELSIF TG_OP = 'UPDATE' THEN
-                INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.workshops', 'U', pg_catalog.to_jsonb(r), NULL, false FROM old_rows AS r;
-                INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.workshops', 'U', NULL, pg_catalog.to_jsonb(r), false FROM new_rows AS r;
-            ELSIF TG_OP = 'DELETE' THEN
-                INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.workshops', 'D', pg_catalog.to_jsonb(r), NULL, false FROM old_rows AS r;
-            END IF;
-            RETURN NULL;
-        END
-        $fn$"#]],
+            END
+            $fn$"#]],
     );
 }
 
@@ -364,4 +362,54 @@ fn applier_of_a_grouped_entry() {
         INSERT INTO "v2"."organizations" AS bluegreen_g ("email", "workshops") SELECT * FROM (SELECT (w.owner_email) AS "email", (count(*)) AS "workshops" FROM "public"."workshops" AS "w" WHERE ("w"."owner_email") IN (SELECT u.k0::text FROM ROWS FROM (pg_catalog.unnest($1::text[])) AS u(k0) WHERE u.k0 IS NOT NULL) GROUP BY (w.owner_email)) AS m ON CONFLICT ("email") DO UPDATE SET "workshops" = EXCLUDED."workshops" WHERE ROW(bluegreen_g."workshops")::text IS DISTINCT FROM ROW(EXCLUDED."workshops")::text
         SELECT bluegreen_g."email"::text FROM "v2"."organizations" AS bluegreen_g UNION SELECT (((w.owner_email))::text)::text FROM "public"."workshops" AS "w"
         SELECT ARRAY[b."email"::text]::text[], ROW(b."email", b."workshops")::text FROM (SELECT ((w.owner_email))::text AS "email", ((count(*)))::bigint AS "workshops" FROM "public"."workshops" AS "w" WHERE ("w"."owner_email") IN (SELECT u.k0::text FROM ROWS FROM (pg_catalog.unnest($1::text[])) AS u(k0) WHERE u.k0 IS NOT NULL) GROUP BY (w.owner_email)) AS b"#]].assert_eq(&text);
+}
+
+/// The columns of a blue table an entry reads: through its alias, unqualified words that name a
+/// column, never another alias's columns; a whole-row reference or `alias.*` is "cannot tell".
+#[test]
+fn columns_an_entry_reads() {
+    let cat = catalog();
+    let ws = cat.table(&QName::new("public", "workshops")).unwrap();
+    let read = |yaml: &str, name: &str| {
+        let m = mapping(yaml);
+        sync_entries(&m, &cat)
+            .iter()
+            .find(|e| e.entry.name == name)
+            .unwrap()
+            .columns_read(ws)
+            .map(|c| c.into_iter().collect::<Vec<_>>())
+    };
+    assert_eq!(
+        read(TABLES, "customers"),
+        Some(vec!["city".to_string(), "id".to_string()])
+    );
+    assert_eq!(
+        read(TABLES, "organizations"),
+        Some(vec!["owner_email".to_string()])
+    );
+    let entry = |columns: &str| {
+        format!(
+            "  customers:\n    from: public.customers c JOIN public.workshops w ON w.id = c.workshop_id\n    columns:\n      id: c.id\n      workshop_id: c.workshop_id\n{columns}"
+        )
+    };
+    // `c.city` is the customer's column, not the workshop's; an unqualified `owner_email` may be.
+    assert_eq!(
+        read(
+            &entry("      city: coalesce(c.city, owner_email)\n"),
+            "customers"
+        ),
+        Some(vec!["id".to_string(), "owner_email".to_string()])
+    );
+    assert_eq!(
+        read(
+            &entry("      city: pg_catalog.to_jsonb(w)::text\n"),
+            "customers"
+        ),
+        None
+    );
+    assert_eq!(read(&entry("      city: (w.*)::text\n"), "customers"), None);
+    assert_eq!(
+        read(&entry("      city: public.workshops.city\n"), "customers"),
+        None
+    );
 }
