@@ -349,14 +349,17 @@ fn keys_of<C: FromIterator<Key>>(
         .collect()
 }
 
+/// The keys the change-log rows `ids` touch (through their old images only when `old_only`).
 async fn run_finder(
     conn: &mut PgConnection,
     e: &ApplierEntry,
     finder: &Sql,
     ids: &[i64],
+    old_only: bool,
 ) -> Result<Vec<Key>, Diagnostic> {
     let rows = sqlx::query(finder.assert_safe())
         .bind(ids)
+        .bind(old_only)
         .fetch_all(&mut *conn)
         .await
         .map_err(db_error)?;
@@ -369,7 +372,9 @@ async fn run_finder(
 /// - a new image blue no longer holds: dropped, as a later change replaced it, and that one (whose
 ///   old image is this row) is followed instead;
 /// - an old image (a delete, an update's before): the keys it reached are reached by no later
-///   change, so the whole entry is marked for a full re-derive, pending until that succeeds.
+///   change, so the whole entry is marked for a full re-derive, pending until that succeeds;
+/// - an update logged as one row: its old image's keys are found alone, and only when that fails
+///   too is it the old image's failure.
 async fn find_keys(
     conn: &mut PgConnection,
     m: &Mapping,
@@ -379,7 +384,7 @@ async fn find_keys(
     ids: &[i64],
 ) -> Result<(Vec<Key>, usize), Diagnostic> {
     savepoint(conn, "bluegreen_find").await?;
-    match run_finder(conn, e, finder, ids).await {
+    match run_finder(conn, e, finder, ids, false).await {
         Ok(k) => {
             release(conn, "bluegreen_find").await?;
             return Ok((k, 0));
@@ -394,33 +399,38 @@ async fn find_keys(
     let mut failed = 0;
     for id in ids {
         savepoint(conn, "bluegreen_find1").await?;
-        match run_finder(conn, e, finder, std::slice::from_ref(id)).await {
+        match run_finder(conn, e, finder, std::slice::from_ref(id), false).await {
             Ok(k) => {
                 release(conn, "bluegreen_find1").await?;
                 keys.extend(k);
+                continue;
             }
             Err(d) if is_transient(&d) => return Err(d),
             Err(d) => {
                 rollback_to(conn, "bluegreen_find1").await?;
-                set_aside(conn, m, e, x, *id, &d).await?;
                 failed += 1;
+                let image = failed_image(conn, m, e, finder, *id, &mut keys).await?;
+                set_aside(conn, m, e, x, *id, image, &d).await?;
             }
         }
     }
     Ok((keys, failed))
 }
 
-async fn set_aside(
+/// Which image of change-log row `id` cannot be followed. An update logged as one row (both
+/// images) whose old image can be is the new image's failure alone: the old image's keys go to
+/// `keys`.
+async fn failed_image(
     conn: &mut PgConnection,
     m: &Mapping,
     e: &ApplierEntry,
-    x: &QName,
+    finder: &Sql,
     id: i64,
-    d: &Diagnostic,
-) -> Result<(), Diagnostic> {
-    let old_image: bool = sqlx::query_scalar(
+    keys: &mut Vec<Key>,
+) -> Result<Image, Diagnostic> {
+    let (old, new): (bool, bool) = sqlx::query_as(
         sql!(
-            "SELECT new_row IS NULL FROM {} WHERE migration = $1 AND id = $2",
+            "SELECT old_row IS NOT NULL, new_row IS NOT NULL FROM {} WHERE migration = $1 AND id = $2",
             table(m, "changes")
         )
         .assert_safe(),
@@ -430,8 +440,45 @@ async fn set_aside(
     .fetch_optional(&mut *conn)
     .await
     .map_err(db_error)?
-    .unwrap_or(false);
-    if old_image {
+    .unwrap_or((false, true));
+    if !old {
+        return Ok(Image::New);
+    }
+    if !new {
+        return Ok(Image::Old);
+    }
+    savepoint(conn, "bluegreen_find_old").await?;
+    match run_finder(conn, e, finder, std::slice::from_ref(&id), true).await {
+        Ok(k) => {
+            release(conn, "bluegreen_find_old").await?;
+            keys.extend(k);
+            Ok(Image::New)
+        }
+        Err(d) if is_transient(&d) => Err(d),
+        Err(_) => {
+            rollback_to(conn, "bluegreen_find_old").await?;
+            Ok(Image::Old)
+        }
+    }
+}
+
+/// The image of a change-log row whose keys cannot be found.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Image {
+    Old,
+    New,
+}
+
+async fn set_aside(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    e: &ApplierEntry,
+    x: &QName,
+    id: i64,
+    image: Image,
+    d: &Diagnostic,
+) -> Result<(), Diagnostic> {
+    if image == Image::Old {
         eprintln!(
             "bluegreen: {}: the keys a change to {} reached cannot be found ({}): the whole table is re-derived",
             e.name,
@@ -446,8 +493,9 @@ async fn set_aside(
         x.display(),
         d.message
     );
+    // The new image alone (an update's old image, logged in the same row, was followed).
     sqlx::query(sql!(
-        "INSERT INTO {} (id, migration, green_table, blue_table, op, old_row, new_row, all_entries, error) SELECT id, migration, $3, blue_table, op, old_row, new_row, all_entries, $4 FROM {} AS r WHERE migration = $1 AND id = $2 AND EXISTS (SELECT 1 FROM {x} AS b WHERE pg_catalog.to_jsonb(b.*) = COALESCE(r.new_row, r.old_row)) ON CONFLICT (id, green_table) DO UPDATE SET error = EXCLUDED.error, failed_at = pg_catalog.now()",
+        "INSERT INTO {} (id, migration, green_table, blue_table, op, old_row, new_row, all_entries, error) SELECT id, migration, $3, blue_table, op, NULL, new_row, all_entries, $4 FROM {} AS r WHERE migration = $1 AND id = $2 AND EXISTS (SELECT 1 FROM {x} AS b WHERE pg_catalog.to_jsonb(b.*) = r.new_row) ON CONFLICT (id, green_table) DO UPDATE SET error = EXCLUDED.error, failed_at = pg_catalog.now()",
         table(m, "failed_changes"),
         table(m, "changes")
     ).assert_safe())
@@ -855,7 +903,7 @@ async fn requeue_in(tx: &mut PgConnection, m: &Mapping, plan: &Plan) -> Result<u
     blue.dedup();
     for x in blue {
         sqlx::query(sql!(
-            "DELETE FROM {f} AS r WHERE r.migration = $1 AND r.blue_table = $2 AND r.op <> 'T' AND r.new_row IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {x} AS b WHERE pg_catalog.to_jsonb(b.*) = r.new_row)"
+            "DELETE FROM {f} AS r WHERE r.migration = $1 AND r.blue_table = $2 AND r.op <> 'T' AND r.old_row IS NULL AND r.new_row IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {x} AS b WHERE pg_catalog.to_jsonb(b.*) = r.new_row)"
         ).assert_safe())
         .bind(&m.migration)
         .bind(x.display())

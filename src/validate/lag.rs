@@ -387,6 +387,7 @@ async fn pending_keys(
         }
         let rows = sqlx::query(finder.assert_safe())
             .bind(&ids)
+            .bind(false)
             .fetch_all(&mut *conn)
             .await
             .map_err(db_error)?;

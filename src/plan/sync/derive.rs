@@ -28,7 +28,7 @@ pub struct ApplierEntry {
     /// The green column names of the sync key, in key order.
     pub key_columns: Vec<String>,
     /// Per blue table the entry reads: the keys touched by the change-log rows `$1` (ids), as
-    /// text, one column per key column.
+    /// text, one column per key column (through their old images only when `$2`).
     pub finders: Vec<(QName, Sql)>,
     pub upsert: Sql,
     /// The changed values of green's other unique keys (see `unique_others`).

@@ -52,9 +52,10 @@ impl UpdateFilter {
 
 /// The change-log statements for the statement's transition tables. `all_entries`: every entry
 /// reading the table re-derives the rows (capture, a row-local step that gave way), or only the
-/// entries the follower keeps. With a filter, an updated row is logged with the entries whose
-/// columns it changed, and not at all when it changed none (a rename of a workshop is nothing to
-/// the entries that read only its id).
+/// entries the follower keeps. With a filter, an updated row is logged once, both images in one
+/// change row, with the entries whose columns it changed, and not at all when it changed none (a
+/// rename of a workshop is nothing to the entries that read only its id); a row that cannot be
+/// paired is logged as an old image and a new image of their own.
 fn log_rows(
     m: &Mapping,
     x: &QName,
@@ -120,7 +121,7 @@ fn log_rows(
                 ", ",
             );
             format!(
-                "INSERT INTO {changes} (migration, blue_table, op, old_row, new_row, all_entries, entries) SELECT {mig}, {bt}, 'U', bluegreen_i.old_row, bluegreen_i.new_row, {all_entries}, bluegreen_p.entries FROM (SELECT CASE WHEN {} THEN pg_catalog.to_jsonb(bluegreen_o.*) END AS old_image, CASE WHEN {} THEN pg_catalog.to_jsonb(bluegreen_n.*) END AS new_image, CASE WHEN {} AND {} THEN pg_catalog.array_remove(ARRAY[{cases}]::pg_catalog.text[], NULL) END AS entries FROM old_rows AS bluegreen_o FULL JOIN new_rows AS bluegreen_n ON {on}) AS bluegreen_p CROSS JOIN LATERAL (VALUES (bluegreen_p.old_image, NULL::pg_catalog.jsonb), (NULL::pg_catalog.jsonb, bluegreen_p.new_image)) AS bluegreen_i (old_row, new_row) WHERE (bluegreen_i.old_row IS NOT NULL OR bluegreen_i.new_row IS NOT NULL) AND (bluegreen_p.entries IS NULL OR pg_catalog.cardinality(bluegreen_p.entries) > 0);",
+                "INSERT INTO {changes} (migration, blue_table, op, old_row, new_row, all_entries, entries) SELECT {mig}, {bt}, 'U', bluegreen_p.old_image, bluegreen_p.new_image, {all_entries}, bluegreen_p.entries FROM (SELECT CASE WHEN {} THEN pg_catalog.to_jsonb(bluegreen_o.*) END AS old_image, CASE WHEN {} THEN pg_catalog.to_jsonb(bluegreen_n.*) END AS new_image, CASE WHEN {} AND {} THEN pg_catalog.array_remove(ARRAY[{cases}]::pg_catalog.text[], NULL) END AS entries FROM old_rows AS bluegreen_o FULL JOIN new_rows AS bluegreen_n ON {on}) AS bluegreen_p WHERE bluegreen_p.entries IS NULL OR pg_catalog.cardinality(bluegreen_p.entries) > 0;",
                 present("bluegreen_o"),
                 present("bluegreen_n"),
                 present("bluegreen_o"),

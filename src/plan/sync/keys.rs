@@ -51,7 +51,7 @@ impl SyncEntry<'_> {
     }
 
     /// The keys touched by the change-log rows `$1` (ids) of blue table `x`, through every alias
-    /// that reads it.
+    /// that reads it (through their old images only when `$2`).
     pub(super) fn find_keys_in_log(&self, m: &crate::mapping::Mapping, x: &QName) -> Sql {
         let changed = changes_relation(&QName::new(&m.control_schema, "changes"), x);
         sql!(
@@ -81,9 +81,10 @@ fn render_changed(e: &TableEntry, alias: &str, changed: &str) -> String {
 }
 
 /// The old and new images of the change-log rows `$1` (ids) as rows of blue table `x`, in one
-/// read of the log (a scan per image read every row twice).
+/// read of the log (a scan per image read every row twice); only the old images when `$2` is true
+/// (an update logged as one row whose new image cannot be followed).
 fn changes_relation(changes: &QName, x: &QName) -> String {
     format!(
-        "(SELECT r.* FROM {changes} AS bluegreen_c CROSS JOIN LATERAL (VALUES (bluegreen_c.old_row), (bluegreen_c.new_row)) AS bluegreen_i (image) CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::{x}, bluegreen_i.image) AS r WHERE bluegreen_c.id = ANY ($1::int8[]) AND bluegreen_i.image IS NOT NULL)"
+        "(SELECT r.* FROM {changes} AS bluegreen_c CROSS JOIN LATERAL (VALUES (bluegreen_c.old_row), (CASE WHEN $2::pg_catalog.bool THEN NULL ELSE bluegreen_c.new_row END)) AS bluegreen_i (image) CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::{x}, bluegreen_i.image) AS r WHERE bluegreen_c.id = ANY ($1::int8[]) AND bluegreen_i.image IS NOT NULL)"
     )
 }
