@@ -5,6 +5,7 @@ mod explain;
 mod hostile;
 mod hostile2;
 mod hostile3;
+mod hostile4;
 mod live;
 mod narrow;
 mod plan;
