@@ -166,8 +166,10 @@ async fn field(
     Ok(v.flatten())
 }
 
-/// What sync depends on in blue, one line each: the columns and types of every blue table the
-/// mapping reads, their partitions and inheritance children (attaching or detaching one is drift),
+/// What sync depends on in blue, one line each: the columns, types and collations of every blue
+/// table the mapping reads, their unique indexes (the live trigger pairs an update's rows by one:
+/// dropping it is drift, H4-5), their partitions and inheritance children (attaching or detaching
+/// one is drift),
 /// and this migration's capture triggers on each with their state and function (a trigger
 /// disabled, dropped or pointed elsewhere is drift: sync would be bypassed).
 pub async fn blue_fingerprint(conn: &mut PgConnection, m: &Mapping) -> Result<String, Diagnostic> {
@@ -191,8 +193,11 @@ pub async fn blue_fingerprint(conn: &mut PgConnection, m: &Mapping) -> Result<St
              SELECT to_regclass(n)::oid FROM pg_catalog.unnest($1::text[]) n
              UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN t ON i.inhparent = t.oid
          ), lines(l) AS (
-             SELECT pg_catalog.format('%s.%s %s %s', a.attrelid::regclass, a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull)
+             SELECT pg_catalog.format('%s.%s %s %s collate %s', a.attrelid::regclass, a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull, a.attcollation::regcollation)
              FROM pg_catalog.pg_attribute a WHERE a.attrelid IN (SELECT oid FROM t) AND a.attnum > 0 AND NOT a.attisdropped
+             UNION ALL
+             SELECT pg_catalog.format('unique index on %s valid %s immediate %s: %s', x.indrelid::regclass, x.indisvalid, x.indimmediate, pg_catalog.pg_get_indexdef(x.indexrelid))
+             FROM pg_catalog.pg_index x WHERE x.indrelid IN (SELECT oid FROM t) AND x.indisunique
              UNION ALL
              SELECT pg_catalog.format('child %s of %s', i.inhrelid::regclass, i.inhparent::regclass)
              FROM pg_catalog.pg_inherits i WHERE i.inhparent IN (SELECT oid FROM t)

@@ -493,9 +493,11 @@ async fn set_aside(
         x.display(),
         d.message
     );
-    // The new image alone (an update's old image, logged in the same row, was followed).
+    // The new image alone (an update's old image, logged in the same row, was followed), while
+    // blue still holds it as this entry sees it.
+    let holds = holds(e, x);
     sqlx::query(sql!(
-        "INSERT INTO {} (id, migration, green_table, blue_table, op, old_row, new_row, all_entries, error) SELECT id, migration, $3, blue_table, op, NULL, new_row, all_entries, $4 FROM {} AS r WHERE migration = $1 AND id = $2 AND EXISTS (SELECT 1 FROM {x} AS b WHERE pg_catalog.to_jsonb(b.*) = r.new_row) ON CONFLICT (id, green_table) DO UPDATE SET error = EXCLUDED.error, failed_at = pg_catalog.now()",
+        "INSERT INTO {} (id, migration, green_table, blue_table, op, old_row, new_row, all_entries, error) SELECT id, migration, $3, blue_table, op, NULL, new_row, all_entries, $4 FROM {} AS r WHERE migration = $1 AND id = $2 AND {holds} ON CONFLICT (id, green_table) DO UPDATE SET error = EXCLUDED.error, failed_at = pg_catalog.now()",
         table(m, "failed_changes"),
         table(m, "changes")
     ).assert_safe())
@@ -507,6 +509,18 @@ async fn set_aside(
     .await
     .map_err(db_error)?;
     Ok(())
+}
+
+/// The condition "blue still holds `r.new_row`" for entry `e` and table `x` (the whole row when
+/// the entry has none for it).
+fn holds(e: &ApplierEntry, x: &QName) -> String {
+    e.holds
+        .iter()
+        .find(|(t, _)| t == x)
+        .map(|(_, c)| c.clone())
+        .unwrap_or_else(|| {
+            format!("EXISTS (SELECT 1 FROM {x} AS b WHERE pg_catalog.to_jsonb(b.*) = r.new_row)")
+        })
 }
 
 fn error_text(d: &Diagnostic) -> String {
@@ -894,19 +908,22 @@ pub async fn requeue_failed_changes(
 async fn requeue_in(tx: &mut PgConnection, m: &Mapping, plan: &Plan) -> Result<u64, Diagnostic> {
     let f = table(m, "failed_changes");
     let c = table(m, "changes");
-    let mut blue: Vec<&QName> = plan
+    // Per entry: an update of columns the entry does not read is logged for no entry, so an
+    // image is superseded only when blue no longer holds it as that entry sees it (H4-6).
+    let mut read: Vec<(&QName, &ApplierEntry)> = plan
         .entries
         .iter()
-        .flat_map(|e| e.finders.iter().map(|(x, _)| x))
+        .flat_map(|e| e.finders.iter().map(move |(x, _)| (x, e)))
         .collect();
-    blue.sort_by_key(|x| x.display());
-    blue.dedup();
-    for x in blue {
+    read.sort_by_key(|(x, e)| (x.display(), e.name.clone()));
+    for (x, e) in read {
+        let holds = holds(e, x);
         sqlx::query(sql!(
-            "DELETE FROM {f} AS r WHERE r.migration = $1 AND r.blue_table = $2 AND r.op <> 'T' AND r.old_row IS NULL AND r.new_row IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {x} AS b WHERE pg_catalog.to_jsonb(b.*) = r.new_row)"
+            "DELETE FROM {f} AS r WHERE r.migration = $1 AND r.blue_table = $2 AND r.green_table = $3 AND r.op <> 'T' AND r.old_row IS NULL AND r.new_row IS NOT NULL AND NOT {holds}"
         ).assert_safe())
         .bind(&m.migration)
         .bind(x.display())
+        .bind(&e.name)
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;

@@ -30,6 +30,10 @@ pub struct ApplierEntry {
     /// Per blue table the entry reads: the keys touched by the change-log rows `$1` (ids), as
     /// text, one column per key column (through their old images only when `$2`).
     pub finders: Vec<(QName, Sql)>,
+    /// Per blue table the entry reads: the condition "blue still holds the row image `r.new_row`"
+    /// as this entry sees it (the columns it reads, or the whole row when it cannot tell). An
+    /// update of other columns is logged for no entry, so such an image is not superseded (H4-6).
+    pub holds: Vec<(QName, String)>,
     pub upsert: Sql,
     /// The changed values of green's other unique keys (see `unique_others`).
     pub unique_update: Option<Sql>,
@@ -419,6 +423,11 @@ impl SyncEntry<'_> {
                 .into_iter()
                 .map(|(x, _)| (x.clone(), self.find_keys_in_log(m, x)))
                 .collect(),
+            holds: self
+                .columns_read
+                .iter()
+                .map(|(x, cols)| (x.clone(), holds_image(x, cols.as_deref())))
+                .collect(),
             upsert: sql!("{}", self.upsert(&self.restricted_m(m, false))),
             unique_update: self
                 .unique_update(&self.restricted_m(m, false))
@@ -599,4 +608,27 @@ fn blue_side(k: &Key) -> String {
 /// numeric scale (`1.0`, `1.00`), a float's signed zero.
 fn renders_equal_values_apart(type_sql: &str) -> bool {
     type_sql.starts_with("numeric") || type_sql == "real" || type_sql == "double precision"
+}
+
+/// `EXISTS` a row of `x` equal to the image `r.new_row` on `cols` (compared as text, as the
+/// trigger compares them), or as a whole row.
+fn holds_image(x: &QName, cols: Option<&[String]>) -> String {
+    match cols {
+        None => {
+            format!("EXISTS (SELECT 1 FROM {x} AS b WHERE pg_catalog.to_jsonb(b.*) = r.new_row)")
+        }
+        Some(cols) => {
+            let row = |a: &str| {
+                format!(
+                    "(ROW({})::pg_catalog.text) COLLATE pg_catalog.\"C\"",
+                    join(cols.iter().map(|c| format!("{a}.{}", Ident::new(c))), ", ")
+                )
+            };
+            format!(
+                "EXISTS (SELECT 1 FROM {x} AS b, pg_catalog.jsonb_populate_record(NULL::{x}, r.new_row) AS bluegreen_i WHERE {} = {})",
+                row("b"),
+                row("bluegreen_i")
+            )
+        }
+    }
 }

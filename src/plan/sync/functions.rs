@@ -18,7 +18,8 @@ use crate::sql::{Ident, Literal, QName, Sql, join, sql};
 pub const STEP_LOCK_TIMEOUT: &str = "GREATEST(1, LEAST(50, pg_catalog.floor(pg_catalog.date_part('epoch', pg_catalog.current_setting('deadlock_timeout')::pg_catalog.interval) * 500)))::pg_catalog.int4::pg_catalog.text || 'ms'";
 
 /// Which entries an UPDATE's rows concern: its old and new rows paired by a strict unique key of
-/// the blue table (compared as text, so a new rendering of an equal key leaves a row unpaired),
+/// the blue table (compared as text under the "C" collation, so a new rendering of an equal key
+/// leaves a row unpaired, and a case-insensitive column never pairs two rows with one: H4-2),
 /// and per entry reading the table: its name, whether it is row-local, the columns it reads
 /// (None: every update concerns it).
 pub struct UpdateFilter {
@@ -87,14 +88,17 @@ fn log_rows(
             let on = join(
                 f.pair_key.iter().map(|c| {
                     format!(
-                        "{}::pg_catalog.text = {}::pg_catalog.text",
+                        "({}::pg_catalog.text) COLLATE pg_catalog.\"C\" = ({}::pg_catalog.text) COLLATE pg_catalog.\"C\"",
                         col("bluegreen_o", c),
                         col("bluegreen_n", c)
                     )
                 }),
                 " AND ",
             );
-            let present = |r: &str| format!("{} IS NOT NULL", col(r, &f.pair_key[0]));
+            // Presence of the datum: `IS NOT NULL` of a row value is false when a field is NULL
+            // (hostile review 4, H4-1).
+            let present =
+                |r: &str| format!("pg_catalog.num_nonnulls({}) = 1", col(r, &f.pair_key[0]));
             // Rows logged for the follower only concern the entries it keeps.
             let cases = join(
                 f.entries
@@ -106,7 +110,7 @@ fn log_rows(
                         Some(cols) => {
                             let row = |r: &str| {
                                 format!(
-                                    "ROW({})::pg_catalog.text",
+                                    "(ROW({})::pg_catalog.text) COLLATE pg_catalog.\"C\"",
                                     join(cols.iter().map(|c| col(r, c)), ", ")
                                 )
                             };

@@ -82,7 +82,13 @@ pub struct SyncEntry<'a> {
     /// Some sync-key column of green is nullable, so NULL keys need their own branch.
     pub nullable: bool,
     pub mode: Mode,
+    /// Per blue table the entry reads, the columns it reads there (None: cannot tell, or the
+    /// table is not in the catalog).
+    pub columns_read: Vec<(QName, Option<Vec<String>>)>,
 }
+
+/// Columns every table has that no mapping names in `columns`, and that change with every update.
+const SYSTEM_COLUMNS: [&str; 6] = ["xmin", "xmax", "cmin", "cmax", "ctid", "tableoid"];
 
 impl SyncEntry<'_> {
     pub fn row_local(&self) -> bool {
@@ -146,6 +152,26 @@ impl SyncEntry<'_> {
                 let Some(name) = t.ident() else { continue };
                 let after_dot = k > 0 && toks[k - 1].is_punct(".");
                 let before_dot = toks.get(k + 1).is_some_and(|n| n.is_punct("."));
+                // A system column changes with every update (H4-3).
+                if SYSTEM_COLUMNS.contains(&name.as_str()) && !before_dot {
+                    return None;
+                }
+                // A function (or operator) of anything but the catalog's may read any column of
+                // any table, the entry's own included (H4-4): `schema.f(` or `OPERATOR(schema.`.
+                if before_dot
+                    && name != "pg_catalog"
+                    && toks.get(k + 3).is_some_and(|n| n.is_punct("("))
+                    && !mine.contains(&name.as_str())
+                    && !others.contains(&name.as_str())
+                {
+                    return None;
+                }
+                if t.is_word("operator")
+                    && toks.get(k + 1).is_some_and(|n| n.is_punct("("))
+                    && toks.get(k + 2).and_then(|n| n.ident()).as_deref() != Some("pg_catalog")
+                {
+                    return None;
+                }
                 if before_dot {
                     // The table named without its alias (`public.t.c`, `t.c`).
                     let next = toks.get(k + 2).and_then(|n| n.ident());
@@ -244,7 +270,22 @@ pub fn sync_entries<'a>(m: &'a Mapping, cat: &'a Catalog) -> Vec<SyncEntry<'a>> 
             mode: Mode::Follower {
                 reason: String::new(),
             },
+            columns_read: Vec::new(),
         });
+    }
+    for e in &mut out {
+        let read: Vec<(QName, Option<Vec<String>>)> = e
+            .reads()
+            .into_iter()
+            .map(|(x, _)| {
+                let cols = cat
+                    .table(x)
+                    .and_then(|bt| e.columns_read(bt))
+                    .map(|c| c.into_iter().collect());
+                (x.clone(), cols)
+            })
+            .collect();
+        e.columns_read = read;
     }
     classify(&mut out, m, cat);
     order_by_foreign_keys(out, m)

@@ -270,7 +270,7 @@ fn live_function_of_a_row_local_table() {
                         IF TG_OP = 'INSERT' THEN
                             INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.accounts', 'I', NULL, pg_catalog.to_jsonb(r.*), true FROM new_rows AS r;
                         ELSIF TG_OP = 'UPDATE' THEN
-                            INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries, entries) SELECT 'm', 'public.accounts', 'U', bluegreen_p.old_image, bluegreen_p.new_image, true, bluegreen_p.entries FROM (SELECT CASE WHEN bluegreen_o."aid" IS NOT NULL THEN pg_catalog.to_jsonb(bluegreen_o.*) END AS old_image, CASE WHEN bluegreen_n."aid" IS NOT NULL THEN pg_catalog.to_jsonb(bluegreen_n.*) END AS new_image, CASE WHEN bluegreen_o."aid" IS NOT NULL AND bluegreen_n."aid" IS NOT NULL THEN pg_catalog.array_remove(ARRAY[CASE WHEN ROW(bluegreen_o."abalance", bluegreen_o."aid")::pg_catalog.text <> ROW(bluegreen_n."abalance", bluegreen_n."aid")::pg_catalog.text THEN 'accounts' END]::pg_catalog.text[], NULL) END AS entries FROM old_rows AS bluegreen_o FULL JOIN new_rows AS bluegreen_n ON bluegreen_o."aid"::pg_catalog.text = bluegreen_n."aid"::pg_catalog.text) AS bluegreen_p WHERE bluegreen_p.entries IS NULL OR pg_catalog.cardinality(bluegreen_p.entries) > 0;
+                            INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries, entries) SELECT 'm', 'public.accounts', 'U', bluegreen_p.old_image, bluegreen_p.new_image, true, bluegreen_p.entries FROM (SELECT CASE WHEN pg_catalog.num_nonnulls(bluegreen_o."aid") = 1 THEN pg_catalog.to_jsonb(bluegreen_o.*) END AS old_image, CASE WHEN pg_catalog.num_nonnulls(bluegreen_n."aid") = 1 THEN pg_catalog.to_jsonb(bluegreen_n.*) END AS new_image, CASE WHEN pg_catalog.num_nonnulls(bluegreen_o."aid") = 1 AND pg_catalog.num_nonnulls(bluegreen_n."aid") = 1 THEN pg_catalog.array_remove(ARRAY[CASE WHEN (ROW(bluegreen_o."abalance", bluegreen_o."aid")::pg_catalog.text) COLLATE pg_catalog."C" <> (ROW(bluegreen_n."abalance", bluegreen_n."aid")::pg_catalog.text) COLLATE pg_catalog."C" THEN 'accounts' END]::pg_catalog.text[], NULL) END AS entries FROM old_rows AS bluegreen_o FULL JOIN new_rows AS bluegreen_n ON (bluegreen_o."aid"::pg_catalog.text) COLLATE pg_catalog."C" = (bluegreen_n."aid"::pg_catalog.text) COLLATE pg_catalog."C") AS bluegreen_p WHERE bluegreen_p.entries IS NULL OR pg_catalog.cardinality(bluegreen_p.entries) > 0;
                         ELSIF TG_OP = 'DELETE' THEN
                             INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.accounts', 'D', pg_catalog.to_jsonb(r.*), NULL, true FROM old_rows AS r;
                         END IF;
@@ -300,7 +300,7 @@ fn live_function_of_a_table_the_follower_keeps() {
                 IF TG_OP = 'INSERT' THEN
                     INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.workshops', 'I', NULL, pg_catalog.to_jsonb(r.*), false FROM new_rows AS r;
                 ELSIF TG_OP = 'UPDATE' THEN
-                    INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries, entries) SELECT 'm', 'public.workshops', 'U', bluegreen_p.old_image, bluegreen_p.new_image, false, bluegreen_p.entries FROM (SELECT CASE WHEN bluegreen_o."id" IS NOT NULL THEN pg_catalog.to_jsonb(bluegreen_o.*) END AS old_image, CASE WHEN bluegreen_n."id" IS NOT NULL THEN pg_catalog.to_jsonb(bluegreen_n.*) END AS new_image, CASE WHEN bluegreen_o."id" IS NOT NULL AND bluegreen_n."id" IS NOT NULL THEN pg_catalog.array_remove(ARRAY[CASE WHEN ROW(bluegreen_o."city", bluegreen_o."id")::pg_catalog.text <> ROW(bluegreen_n."city", bluegreen_n."id")::pg_catalog.text THEN 'customers' END, CASE WHEN ROW(bluegreen_o."owner_email")::pg_catalog.text <> ROW(bluegreen_n."owner_email")::pg_catalog.text THEN 'organizations' END]::pg_catalog.text[], NULL) END AS entries FROM old_rows AS bluegreen_o FULL JOIN new_rows AS bluegreen_n ON bluegreen_o."id"::pg_catalog.text = bluegreen_n."id"::pg_catalog.text) AS bluegreen_p WHERE bluegreen_p.entries IS NULL OR pg_catalog.cardinality(bluegreen_p.entries) > 0;
+                    INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries, entries) SELECT 'm', 'public.workshops', 'U', bluegreen_p.old_image, bluegreen_p.new_image, false, bluegreen_p.entries FROM (SELECT CASE WHEN pg_catalog.num_nonnulls(bluegreen_o."id") = 1 THEN pg_catalog.to_jsonb(bluegreen_o.*) END AS old_image, CASE WHEN pg_catalog.num_nonnulls(bluegreen_n."id") = 1 THEN pg_catalog.to_jsonb(bluegreen_n.*) END AS new_image, CASE WHEN pg_catalog.num_nonnulls(bluegreen_o."id") = 1 AND pg_catalog.num_nonnulls(bluegreen_n."id") = 1 THEN pg_catalog.array_remove(ARRAY[CASE WHEN (ROW(bluegreen_o."city", bluegreen_o."id")::pg_catalog.text) COLLATE pg_catalog."C" <> (ROW(bluegreen_n."city", bluegreen_n."id")::pg_catalog.text) COLLATE pg_catalog."C" THEN 'customers' END, CASE WHEN (ROW(bluegreen_o."owner_email")::pg_catalog.text) COLLATE pg_catalog."C" <> (ROW(bluegreen_n."owner_email")::pg_catalog.text) COLLATE pg_catalog."C" THEN 'organizations' END]::pg_catalog.text[], NULL) END AS entries FROM old_rows AS bluegreen_o FULL JOIN new_rows AS bluegreen_n ON (bluegreen_o."id"::pg_catalog.text) COLLATE pg_catalog."C" = (bluegreen_n."id"::pg_catalog.text) COLLATE pg_catalog."C") AS bluegreen_p WHERE bluegreen_p.entries IS NULL OR pg_catalog.cardinality(bluegreen_p.entries) > 0;
                 ELSIF TG_OP = 'DELETE' THEN
                     INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.workshops', 'D', pg_catalog.to_jsonb(r.*), NULL, false FROM old_rows AS r;
                 END IF;
@@ -411,5 +411,21 @@ fn columns_an_entry_reads() {
     assert_eq!(
         read(&entry("      city: public.workshops.city\n"), "customers"),
         None
+    );
+    // A system column changes with every update; a function of the schema's may read anything.
+    assert_eq!(
+        read(&entry("      city: w.xmin::text\n"), "customers"),
+        None
+    );
+    assert_eq!(
+        read(&entry("      city: public.city_of(w.id)\n"), "customers"),
+        None
+    );
+    assert_eq!(
+        read(
+            &entry("      city: pg_catalog.upper(w.city)\n"),
+            "customers"
+        ),
+        Some(vec!["city".to_string(), "id".to_string()])
     );
 }
