@@ -495,7 +495,7 @@ async fn set_aside(
     );
     // The new image alone (an update's old image, logged in the same row, was followed), while
     // blue still holds it as this entry sees it.
-    let holds = holds(e, x);
+    let holds = e.holds(x);
     sqlx::query(sql!(
         "INSERT INTO {} (id, migration, green_table, blue_table, op, old_row, new_row, all_entries, error) SELECT id, migration, $3, blue_table, op, NULL, new_row, all_entries, $4 FROM {} AS r WHERE migration = $1 AND id = $2 AND {holds} ON CONFLICT (id, green_table) DO UPDATE SET error = EXCLUDED.error, failed_at = pg_catalog.now()",
         table(m, "failed_changes"),
@@ -509,18 +509,6 @@ async fn set_aside(
     .await
     .map_err(db_error)?;
     Ok(())
-}
-
-/// The condition "blue still holds `r.new_row`" for entry `e` and table `x` (the whole row when
-/// the entry has none for it).
-fn holds(e: &ApplierEntry, x: &QName) -> String {
-    e.holds
-        .iter()
-        .find(|(t, _)| t == x)
-        .map(|(_, c)| c.clone())
-        .unwrap_or_else(|| {
-            format!("EXISTS (SELECT 1 FROM {x} AS b WHERE pg_catalog.to_jsonb(b.*) = r.new_row)")
-        })
 }
 
 fn error_text(d: &Diagnostic) -> String {
@@ -634,23 +622,26 @@ pub async fn apply_keys(
     if stripes.is_empty() {
         return Ok(Applied::default());
     }
-    // The lock wait the caller's transaction runs under (the claim's bound, or none), restored
-    // after each phase. Stripes are waited for without a bound: only appliers take them.
+    // Stripes are waited for without a bound (only appliers take them); every statement after
+    // them under the plan's bound, every entry's, not only a row-local one's (whose blue rows the
+    // application holds): a session holding a green row of a follower-kept entry (by hand, before
+    // cutover) held `sync` and validate for as long as it liked. The caller's own bound (the
+    // claim's, or none) is put back at the end.
     let outer: String = sqlx::query_scalar("SELECT pg_catalog.current_setting('lock_timeout')")
         .fetch_one(&mut *conn)
         .await
         .map_err(db_error)?;
-    let no_lock_timeout = sql!(
-        "SELECT pg_catalog.set_config('lock_timeout', {}, true)",
-        Literal::new(&outer)
-    );
     exec(conn, &sql!("SET LOCAL lock_timeout = 0")).await?;
     sqlx::query("SELECT pg_catalog.pg_advisory_xact_lock(s) FROM (SELECT pg_catalog.unnest($1::int8[]) AS s ORDER BY 1) AS x")
         .bind(&stripes)
         .execute(&mut *conn)
         .await
         .map_err(db_error)?;
-    exec(conn, &no_lock_timeout).await?;
+    exec(
+        conn,
+        &sql!("SET LOCAL lock_timeout = '{}ms'", plan.lock_timeout_ms),
+    )
+    .await?;
     let mut applied = Applied::default();
     let mut failures: BTreeMap<usize, Vec<(Key, Diagnostic)>> = BTreeMap::new();
     let mut waits = 0;
@@ -658,7 +649,6 @@ pub async fn apply_keys(
         failures.insert(*pos, Vec::new());
         applied.keys += keys[pos].len();
     }
-    let lock_timeout = sql!("SET LOCAL lock_timeout = '{}ms'", plan.lock_timeout_ms);
     for (pos, e) in plan.entries.iter().enumerate() {
         if phases == Phases::Deletes {
             break;
@@ -666,10 +656,6 @@ pub async fn apply_keys(
         let Some(ks) = keys.get(&pos) else { continue };
         let ks: Vec<Key> = ks.iter().cloned().collect();
         let mut up = vec![];
-        // Every entry's waits are bounded, not only a row-local one's (whose blue rows the
-        // application holds): a session holding a green row of a follower-kept entry (by hand,
-        // before cutover) held `sync` and validate for as long as it liked.
-        exec(conn, &lock_timeout).await?;
         if e.row_local {
             up.extend(e.lock_blue.clone());
             up.extend(e.lock_green.clone());
@@ -678,7 +664,6 @@ pub async fn apply_keys(
         up.extend(e.unique_update.clone());
         let f = failures.entry(pos).or_default();
         phase(conn, e, &up, &ks, f, &mut waits).await?;
-        exec(conn, &no_lock_timeout).await?;
     }
     for (pos, e) in plan.entries.iter().enumerate().rev() {
         if phases == Phases::Upserts {
@@ -694,7 +679,6 @@ pub async fn apply_keys(
         let mut del = vec![];
         // A delete in a transaction of its own takes the row locks the upsert took.
         let lock = e.row_local && phases == Phases::Deletes;
-        exec(conn, &lock_timeout).await?;
         if lock {
             del.extend(e.lock_blue.clone());
             del.extend(e.lock_green.clone());
@@ -703,8 +687,15 @@ pub async fn apply_keys(
         del.extend(e.delete_null.clone());
         let f = failures.entry(pos).or_default();
         phase(conn, e, &del, &ks, f, &mut waits).await?;
-        exec(conn, &no_lock_timeout).await?;
     }
+    exec(
+        conn,
+        &sql!(
+            "SELECT pg_catalog.set_config('lock_timeout', {}, true)",
+            Literal::new(&outer)
+        ),
+    )
+    .await?;
     for (pos, e) in plan.entries.iter().enumerate() {
         let Some(ks) = keys.get(&pos) else { continue };
         let new = &failures[&pos];
@@ -917,7 +908,7 @@ async fn requeue_in(tx: &mut PgConnection, m: &Mapping, plan: &Plan) -> Result<u
         .collect();
     read.sort_by_key(|(x, e)| (x.display(), e.name.clone()));
     for (x, e) in read {
-        let holds = holds(e, x);
+        let holds = e.holds(x);
         sqlx::query(sql!(
             "DELETE FROM {f} AS r WHERE r.migration = $1 AND r.blue_table = $2 AND r.green_table = $3 AND r.op <> 'T' AND r.old_row IS NULL AND r.new_row IS NOT NULL AND NOT {holds}"
         ).assert_safe())

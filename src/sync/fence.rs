@@ -13,9 +13,13 @@ use sqlx::{Connection, PgConnection};
 use super::{Plan, drain};
 use crate::diag::Diagnostic;
 use crate::mapping::Mapping;
-use crate::pg::locking::{ATTEMPTS, attempt_timeout_ms, deadlock_timeout_ms, is_transient};
+use crate::pg::locking::{attempt_timeout_ms, deadlock_timeout_ms, is_transient};
 use crate::pg::{db_error, exec};
 use crate::sql::{join, sql};
+
+/// How long one attempt at the fence's locks waits at most (ms), and how many attempts.
+const FENCE_LOCK_WAIT_MS: u64 = 100;
+const FENCE_ATTEMPTS: usize = 12;
 
 /// A held fence: the transaction holding the locks, and the snapshot it exported.
 pub struct Fence {
@@ -47,10 +51,18 @@ pub async fn fenced_snapshot(
     let mut tables = m.blue_tables_read();
     tables.sort();
     let lock = sql!("LOCK TABLE {} IN EXCLUSIVE MODE", join(tables.iter(), ", "));
-    let timeout = attempt_timeout_ms(lock_timeout_ms, deadlock_timeout_ms(&mut f).await?);
+    // Each attempt waits briefly: while it waits for one table it holds the ones before it, and
+    // a writer's statement in flight on that table may need one of those (a foreign-key check
+    // locks the referenced table, a delete the referencing one; no order avoids both). Such a
+    // writer waits until the attempt gives way: at most this long, then it goes on. With
+    // attempts of up to 800 ms (below deadlock_timeout) the fence once gave up through all six
+    // under four Chinook writers (tests/it/live.rs), stalling them each time; such cycles are
+    // the likely cause, and short attempts, more of them, resolve one quickly.
+    let timeout = attempt_timeout_ms(lock_timeout_ms, deadlock_timeout_ms(&mut f).await?)
+        .min(FENCE_LOCK_WAIT_MS);
     let mut granted = false;
-    let mut delay = Duration::from_millis(50);
-    for _ in 0..ATTEMPTS {
+    let mut delay = Duration::from_millis(20);
+    for _ in 0..FENCE_ATTEMPTS {
         exec(&mut f, &sql!("BEGIN")).await?;
         // Other appliers first (their transactions in flight finish; new ones wait): the fence's
         // drain then runs alone, and none of them is left waiting on the fenced tables.
@@ -68,7 +80,7 @@ pub async fn fenced_snapshot(
             Err(d) if is_transient(&d) => {
                 exec(&mut f, &sql!("ROLLBACK")).await?;
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
+                delay = (delay * 2).min(Duration::from_millis(320));
             }
             Err(d) => {
                 let _ = exec(&mut f, &sql!("ROLLBACK")).await;

@@ -29,21 +29,14 @@ async fn must_not_wait(c: &mut PgConnection, what: &str, sql: &str) -> Duration 
 
 /// Recorded failures of `migration`: failed keys plus changes set aside.
 async fn recorded(c: &mut PgConnection, migration: &str) -> (i64, i64) {
-    let keys = count(
-        c,
-        &format!("SELECT count(*) FROM bluegreen.sync_failures WHERE migration = '{migration}'"),
+    (
+        support::control_rows(c, "sync_failures", migration).await,
+        support::control_rows(c, "failed_changes", migration).await,
     )
-    .await;
-    let set_aside = count(
-        c,
-        &format!("SELECT count(*) FROM bluegreen.failed_changes WHERE migration = '{migration}'"),
-    )
-    .await;
-    (keys, set_aside)
 }
 
 /// Blue for [`JOIN`]: workshops 1 and 2, customers '1' and '2' of workshop 1, '3' of workshop 2.
-async fn join_db(name: &str) -> (String, PgConnection) {
+pub(crate) async fn join_db(name: &str) -> (String, PgConnection) {
     let url = empty_db(name).await;
     let mut c = connect(&url).await;
     exec(

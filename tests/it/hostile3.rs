@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use sqlx::PgConnection;
 
-use crate::support::{
-    self, Problems, assert_invariant_now, both, connect, copy_ok, count, empty_db, exec, run_within,
-};
+use crate::hostile2::join_db;
+use crate::support::{self, Problems, assert_invariant_now, both, count, run_within};
 
 /// Customers joined to their workshop, a text blue key cast to green's integer key (the
 /// follower keeps the entry: it reads public.w through a join). Hostile review 2's fixture.
@@ -43,33 +42,10 @@ async fn recorded(c: &mut PgConnection, migration: &str) -> (i64, i64) {
 
 /// Change-log rows and full re-derives still waiting for `migration`.
 async fn pending(c: &mut PgConnection, migration: &str) -> (i64, i64) {
-    let log = count(
-        c,
-        &format!("SELECT count(*) FROM bluegreen.changes WHERE migration = '{migration}'"),
+    (
+        support::control_rows(c, "changes", migration).await,
+        support::control_rows(c, "rederive", migration).await,
     )
-    .await;
-    let marks = count(
-        c,
-        &format!("SELECT count(*) FROM bluegreen.rederive WHERE migration = '{migration}'"),
-    )
-    .await;
-    (log, marks)
-}
-
-/// Blue for [`JOIN`]: workshops 1 and 2, customers '1' and '2' of workshop 1, '3' of workshop 2.
-async fn join_db(name: &str) -> (String, PgConnection) {
-    let url = empty_db(name).await;
-    let mut c = connect(&url).await;
-    exec(
-        &mut c,
-        "CREATE TABLE public.w (id integer PRIMARY KEY, name text NOT NULL);
-         CREATE TABLE public.c (id text PRIMARY KEY, w_id integer NOT NULL, v integer);
-         INSERT INTO public.w VALUES (1, 'A'), (2, 'B');
-         INSERT INTO public.c VALUES ('1', 1, 10), ('2', 1, 20), ('3', 2, 30);",
-    )
-    .await;
-    copy_ok(&url, JOIN).await;
-    (url, c)
 }
 
 /// Held (H3-1 attempt): today's fix of H2-1 re-derives the whole entry when an *old image* (a delete,

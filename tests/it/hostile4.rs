@@ -13,7 +13,9 @@
 
 use sqlx::PgConnection;
 
-use crate::support::{assert_invariant_now, both, connect, copy_ok, count, empty_db, exec, run};
+use crate::support::{
+    assert_invariant_now, both, connect, control_rows, copy_ok, empty_db, exec, run,
+};
 
 /// `bluegreen sync -m <mapping>`, which must exit `code`.
 async fn sync_exits(url: &str, mapping: &str, code: i32) {
@@ -23,11 +25,10 @@ async fn sync_exits(url: &str, mapping: &str, code: i32) {
 
 /// Change-log rows, failed keys and set-aside changes of `migration`.
 async fn left(c: &mut PgConnection, migration: &str) -> (i64, i64, i64) {
-    let q = |t: &str| format!("SELECT count(*) FROM bluegreen.{t} WHERE migration = '{migration}'");
     (
-        count(c, &q("changes")).await,
-        count(c, &q("sync_failures")).await,
-        count(c, &q("failed_changes")).await,
+        control_rows(c, "changes", migration).await,
+        control_rows(c, "sync_failures", migration).await,
+        control_rows(c, "failed_changes", migration).await,
     )
 }
 

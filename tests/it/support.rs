@@ -420,6 +420,16 @@ pub async fn count(c: &mut PgConnection, sql: &str) -> i64 {
         .unwrap_or_else(|e| panic!("{e}\nin: {sql}"))
 }
 
+/// Rows of `migration` in the control table `bluegreen.<table>` (changes, sync_failures,
+/// failed_changes, rederive).
+pub async fn control_rows(c: &mut PgConnection, table: &str, migration: &str) -> i64 {
+    count(
+        c,
+        &format!("SELECT count(*) FROM bluegreen.{table} WHERE migration = '{migration}'"),
+    )
+    .await
+}
+
 pub fn command(url: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("bluegreen"));
     cmd.current_dir(root())

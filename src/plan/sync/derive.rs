@@ -30,10 +30,8 @@ pub struct ApplierEntry {
     /// Per blue table the entry reads: the keys touched by the change-log rows `$1` (ids), as
     /// text, one column per key column (through their old images only when `$2`).
     pub finders: Vec<(QName, Sql)>,
-    /// Per blue table the entry reads: the condition "blue still holds the row image `r.new_row`"
-    /// as this entry sees it (the columns it reads, or the whole row when it cannot tell). An
-    /// update of other columns is logged for no entry, so such an image is not superseded (H4-6).
-    pub holds: Vec<(QName, String)>,
+    /// Per blue table the entry reads, the columns it reads there (None: cannot tell).
+    pub columns_read: Vec<(QName, Option<Vec<String>>)>,
     pub upsert: Sql,
     /// The changed values of green's other unique keys (see `unique_others`).
     pub unique_update: Option<Sql>,
@@ -423,11 +421,7 @@ impl SyncEntry<'_> {
                 .into_iter()
                 .map(|(x, _)| (x.clone(), self.find_keys_in_log(m, x)))
                 .collect(),
-            holds: self
-                .columns_read
-                .iter()
-                .map(|(x, cols)| (x.clone(), holds_image(x, cols.as_deref())))
-                .collect(),
+            columns_read: self.columns_read.clone(),
             upsert: sql!("{}", self.upsert(&self.restricted_m(m, false))),
             unique_update: self
                 .unique_update(&self.restricted_m(m, false))
@@ -610,8 +604,21 @@ fn renders_equal_values_apart(type_sql: &str) -> bool {
     type_sql.starts_with("numeric") || type_sql == "real" || type_sql == "double precision"
 }
 
-/// `EXISTS` a row of `x` equal to the image `r.new_row` on `cols` (compared as text, as the
-/// trigger compares them), or as a whole row.
+impl ApplierEntry {
+    /// The condition "blue table `x` still holds the row image `r.new_row`" as this entry sees
+    /// it: equal on the columns it reads (compared as text, as the trigger compares them), or
+    /// as a whole row when it cannot tell. An update of other columns is logged for no entry, so
+    /// it does not supersede the image (H4-6).
+    pub fn holds(&self, x: &QName) -> String {
+        let cols = self
+            .columns_read
+            .iter()
+            .find(|(t, _)| t == x)
+            .and_then(|(_, c)| c.as_deref());
+        holds_image(x, cols)
+    }
+}
+
 fn holds_image(x: &QName, cols: Option<&[String]>) -> String {
     match cols {
         None => {

@@ -37,10 +37,11 @@ impl UpdateFilter {
             .iter()
             .filter(|e| !e.aliases_of(&x).is_empty())
             .map(|e| {
+                let cols = e.columns_read.iter().find(|(t, _)| *t == x);
                 (
                     e.entry.name.clone(),
                     e.row_local(),
-                    e.columns_read(bt).map(|c| c.into_iter().collect()),
+                    cols.and_then(|(_, c)| c.clone()),
                 )
             })
             .collect();

@@ -122,7 +122,7 @@ impl SyncEntry<'_> {
     /// table named without its alias, text it cannot scan). An UPDATE that leaves all of them as
     /// they were changes nothing the entry derives. Conservative: any word equal to a column
     /// name of `bt` and not qualified by another alias counts as read.
-    pub fn columns_read(&self, bt: &catalog::Table) -> Option<BTreeSet<String>> {
+    pub fn scan_columns_read(&self, bt: &catalog::Table) -> Option<BTreeSet<String>> {
         let x = bt.qname();
         let mine = self.aliases_of(&x);
         let others: Vec<&str> = self
@@ -280,7 +280,7 @@ pub fn sync_entries<'a>(m: &'a Mapping, cat: &'a Catalog) -> Vec<SyncEntry<'a>> 
             .map(|(x, _)| {
                 let cols = cat
                     .table(x)
-                    .and_then(|bt| e.columns_read(bt))
+                    .and_then(|bt| e.scan_columns_read(bt))
                     .map(|c| c.into_iter().collect());
                 (x.clone(), cols)
             })

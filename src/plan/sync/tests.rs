@@ -376,7 +376,7 @@ fn columns_an_entry_reads() {
             .iter()
             .find(|e| e.entry.name == name)
             .unwrap()
-            .columns_read(ws)
+            .scan_columns_read(ws)
             .map(|c| c.into_iter().collect::<Vec<_>>())
     };
     assert_eq!(
