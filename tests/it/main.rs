@@ -6,6 +6,7 @@ mod hostile;
 mod hostile2;
 mod hostile3;
 mod hostile4;
+mod hostile5;
 mod live;
 mod narrow;
 mod plan;
