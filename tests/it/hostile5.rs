@@ -53,7 +53,10 @@ async fn h5_1_a_json_column_makes_a_held_image_look_superseded() {
     exec(&mut c, "UPDATE public.w SET id = 3, d = 0 WHERE id = 1").await;
     let out = run(&url, &["sync", "-m", JSON]).await;
     eprintln!("first sync: {:?}\n{}", out.status.code(), both(&out));
-    eprintln!("left after first sync: {:?}", left(&mut c, "hostile5_json").await);
+    eprintln!(
+        "left after first sync: {:?}",
+        left(&mut c, "hostile5_json").await
+    );
     exec(&mut c, "UPDATE public.c SET d = 1 WHERE id = 30").await;
     sync_exits(&url, JSON, 0).await;
     assert_eq!(left(&mut c, "hostile5_json").await, (0, 0, 0));
@@ -87,7 +90,10 @@ async fn h5_2_a_cast_function_reading_the_table_misses_updates() {
     .await;
     copy_ok(&url, CAST).await;
     exec(&mut c, "UPDATE public.w SET name = 'B'").await;
-    eprintln!("left after rename: {:?}", left(&mut c, "hostile5_cast").await);
+    eprintln!(
+        "left after rename: {:?}",
+        left(&mut c, "hostile5_cast").await
+    );
     sync_exits(&url, CAST, 0).await;
     assert_eq!(left(&mut c, "hostile5_cast").await, (0, 0, 0));
     assert_invariant_now(&url, CAST).await;
