@@ -624,17 +624,23 @@ fn holds_image(x: &QName, cols: Option<&[String]>) -> String {
         None => {
             format!("EXISTS (SELECT 1 FROM {x} AS b WHERE pg_catalog.to_jsonb(b.*) = r.new_row)")
         }
+        // Compared as the image was written (`to_jsonb`): a `json` column's text does not
+        // survive the round trip through jsonb, so comparing column texts never matched (H5-1).
         Some(cols) => {
-            let row = |a: &str| {
+            let project = |image: &str| {
                 format!(
-                    "(ROW({})::pg_catalog.text) COLLATE pg_catalog.\"C\"",
-                    join(cols.iter().map(|c| format!("{a}.{}", Ident::new(c))), ", ")
+                    "pg_catalog.jsonb_build_array({})",
+                    join(
+                        cols.iter()
+                            .map(|c| format!("{image} -> {}", crate::sql::Literal::new(c))),
+                        ", "
+                    )
                 )
             };
             format!(
-                "EXISTS (SELECT 1 FROM {x} AS b, pg_catalog.jsonb_populate_record(NULL::{x}, r.new_row) AS bluegreen_i WHERE {} = {})",
-                row("b"),
-                row("bluegreen_i")
+                "EXISTS (SELECT 1 FROM {x} AS b WHERE {} = {})",
+                project("pg_catalog.to_jsonb(b.*)"),
+                project("r.new_row")
             )
         }
     }

@@ -156,11 +156,12 @@ impl SyncEntry<'_> {
                 if SYSTEM_COLUMNS.contains(&name.as_str()) && !before_dot {
                     return None;
                 }
-                // A function (or operator) of anything but the catalog's may read any column of
-                // any table, the entry's own included (H4-4): `schema.f(` or `OPERATOR(schema.`.
+                // Anything named in a schema but the catalog's may read any column of any table,
+                // the entry's own included: a function (`schema.f(`, H4-4), a type whose cast
+                // calls one (`::schema.t`, which is all the deparsed text shows of the cast's
+                // function: H5-2), an operator (`OPERATOR(schema.`), a table.
                 if before_dot
                     && name != "pg_catalog"
-                    && toks.get(k + 3).is_some_and(|n| n.is_punct("("))
                     && !mine.contains(&name.as_str())
                     && !others.contains(&name.as_str())
                 {

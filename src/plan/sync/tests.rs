@@ -421,6 +421,14 @@ fn columns_an_entry_reads() {
         read(&entry("      city: public.city_of(w.id)\n"), "customers"),
         None
     );
+    // A cast to a type of the schema's may call a function of it; deparsed, only the type shows.
+    assert_eq!(
+        read(
+            &entry("      city: ((w.id)::public.label)::text\n"),
+            "customers"
+        ),
+        None
+    );
     assert_eq!(
         read(
             &entry("      city: pg_catalog.upper(w.city)\n"),
