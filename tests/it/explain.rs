@@ -660,7 +660,8 @@ async fn widened_keys_look_up_blue_by_its_own_index() {
     let mark = log_len();
     app_writes(&url, 1).await;
     let triggers = Phase::read("triggers", DB, mark);
-    triggers.check(&mut problems, 10, &["parent_pkey"], false);
+    // (9: an UPDATE that moves no key runs no delete, and so no read of blue for one.)
+    triggers.check(&mut problems, 9, &["parent_pkey"], false);
     // The row-local upsert reads blue by the keys of `new_rows`; its delete, of `old_rows`.
     triggers.require(&mut problems, "FROM new_rows");
     triggers.require(&mut problems, "FROM old_rows");

@@ -215,3 +215,35 @@ async fn a_paired_update_whose_new_image_cannot_be_followed_sets_aside_that_imag
         .unwrap();
     assert_eq!(green, vec![2, 7]);
 }
+
+/// A row-local UPDATE deletes green rows only where a key left the statement's rows (the
+/// trigger skips its delete otherwise): keys moved all at once, some of them, one past another,
+/// and many rows renamed in place, each ending on the invariant (the rows left behind by a
+/// skipped delete would be green rows M(blue) does not produce).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_local_update_deletes_exactly_the_green_rows_whose_key_left() {
+    let url = empty_db("narrow_keys").await;
+    let mut c = connect(&url).await;
+    exec(
+        &mut c,
+        "CREATE TABLE public.w (id integer PRIMARY KEY, name text, city text, amount numeric, doc json, note text, r text, n integer, b integer);
+         CREATE TABLE public.c (id integer PRIMARY KEY, w_id integer NOT NULL, v integer);
+         INSERT INTO public.w (id, name, city) SELECT i, 'w' || i, 'c' || (i % 7) FROM generate_series(1, 2000) i;
+         INSERT INTO public.c SELECT i, i, i FROM generate_series(1, 50) i;",
+    )
+    .await;
+    copy_ok(&url, NARROW).await;
+    for sql in [
+        "UPDATE public.w SET name = name || '!'",
+        "UPDATE public.w SET id = id + 10000",
+        "UPDATE public.w SET id = id - 10000 WHERE id > 11000",
+        "UPDATE public.w SET id = 20000 WHERE id = (SELECT max(id) FROM public.w)",
+        "UPDATE public.w SET id = id + 5000, name = 'moved' WHERE id IN (1001, 1003, 1005)",
+        "UPDATE public.w SET name = 'same key' WHERE id BETWEEN 1 AND 10",
+    ] {
+        exec(&mut c, sql).await;
+        let out = run(&url, &["sync", "-m", NARROW]).await;
+        assert_eq!(out.status.code(), Some(0), "{sql}: {}", both(&out));
+        assert_invariant_now(&url, NARROW).await;
+    }
+}

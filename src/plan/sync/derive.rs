@@ -561,6 +561,34 @@ impl SyncEntry<'_> {
         )
     }
 
+    /// A query finding an UPDATE's old key that is in no new row, for a row-local entry without
+    /// `where` (`None` with one: a row can leave it without its key changing). Compared as text
+    /// under the "C" collation (a case-insensitive equality must not hide a changed key), by
+    /// `EXCEPT`, which hashes or sorts: the plan is made once, with a one-row statement, and a
+    /// nested loop kept for a bulk update would be quadratic.
+    pub(super) fn key_left(&self) -> Option<String> {
+        if self.entry.where_.is_some() {
+            return None;
+        }
+        let cols = self.blue_key_columns();
+        let side = |a: &str| {
+            join(
+                cols.iter().map(|c| {
+                    format!(
+                        "({a}.{}::pg_catalog.text) COLLATE pg_catalog.\"C\"",
+                        Ident::new(c)
+                    )
+                }),
+                ", ",
+            )
+        };
+        Some(format!(
+            "SELECT {} FROM old_rows AS o EXCEPT SELECT {} FROM new_rows AS n",
+            side("o"),
+            side("n")
+        ))
+    }
+
     /// The blue columns of a row-local entry's keys (they exist: that is what row-local means).
     fn blue_key_columns(&self) -> Vec<String> {
         self.keys

@@ -196,7 +196,7 @@ pub fn live_trigger_function(
     }
     let mut declare = String::new();
     if !local.is_empty() {
-        declare.push_str("DECLARE\n    lt text;\n");
+        declare.push_str("DECLARE\n    lt text;\n    bluegreen_set text;\n");
         // A step that cannot fail runs bare (no subtransaction) in READ COMMITTED; at other
         // isolation levels a concurrent applier's commit could still raise a serialization error.
         let all_infallible = local
@@ -226,7 +226,7 @@ fn guarded(
 ) -> String {
     let inner = format!("{indent}    ");
     format!(
-        "{indent}BEGIN\n{inner}lt := pg_catalog.current_setting('lock_timeout');\n{inner}PERFORM pg_catalog.set_config('lock_timeout', {STEP_LOCK_TIMEOUT}, true);\n{}{inner}PERFORM pg_catalog.set_config('lock_timeout', lt, true);\n{indent}EXCEPTION WHEN OTHERS THEN\n{inner}-- Never the writer's failure: the rows go to the change log, pending.\n{}{indent}END;\n",
+        "{indent}BEGIN\n{inner}lt := pg_catalog.current_setting('lock_timeout');\n{inner}bluegreen_set := pg_catalog.set_config('lock_timeout', {STEP_LOCK_TIMEOUT}, true);\n{}{inner}bluegreen_set := pg_catalog.set_config('lock_timeout', lt, true);\n{indent}EXCEPTION WHEN OTHERS THEN\n{inner}-- Never the writer's failure: the rows go to the change log, pending.\n{}{indent}END;\n",
         row_local_steps(m, local, &inner),
         log_rows(m, x, true, filter, &inner)
     )
@@ -241,11 +241,24 @@ fn row_local_steps(m: &Mapping, local: &[&SyncEntry], indent: &str) -> String {
             .map(|s| format!("{indent}    {s};\n"))
             .collect::<String>()
     };
+    // An UPDATE leaves a green row behind only where a key left old_rows (or a `where` now
+    // filters the row out): the delete statement runs only then.
+    let update_dels: String = local
+        .iter()
+        .rev()
+        .map(|e| match e.key_left() {
+            Some(left) => format!(
+                "{indent}    IF EXISTS ({left}) THEN\n{indent}        {};\n{indent}    END IF;\n",
+                e.row_local_delete()
+            ),
+            None => format!("{indent}    {};\n", e.row_local_delete()),
+        })
+        .collect();
     format!(
         "{indent}IF TG_OP = 'INSERT' THEN\n{}{indent}ELSIF TG_OP = 'UPDATE' THEN\n{}{}{indent}ELSIF TG_OP = 'DELETE' THEN\n{}{indent}END IF;\n",
         lines(&ups),
         lines(&ups),
-        lines(&dels),
+        update_dels,
         lines(&dels),
     )
 }

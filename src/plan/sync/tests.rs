@@ -238,6 +238,7 @@ fn live_function_of_a_row_local_table() {
             CREATE OR REPLACE FUNCTION "bluegreen"."bluegreen_m_sync_1"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'iso_8601' SET extra_float_digits = '3' SET bytea_output = 'hex' SET standard_conforming_strings = 'on' SET max_parallel_workers_per_gather = 0 AS $fn$
             DECLARE
                 lt text;
+                bluegreen_set text;
             BEGIN
                 IF TG_OP = 'TRUNCATE' THEN
                     INSERT INTO "bluegreen"."changes" (migration, blue_table, op, all_entries) VALUES ('m', 'public.accounts', 'T', true);
@@ -248,23 +249,27 @@ fn live_function_of_a_row_local_table() {
                         INSERT INTO "v2"."accounts" AS bluegreen_g ("id", "balance") SELECT * FROM (SELECT (a.aid::bigint) AS "id", (a.abalance) AS "balance" FROM "public"."accounts" AS "a" WHERE ("a"."aid") IN (SELECT n."aid" FROM new_rows AS n)) AS m ON CONFLICT ("id") DO UPDATE SET "balance" = EXCLUDED."balance" WHERE ROW(bluegreen_g."balance")::text IS DISTINCT FROM ROW(EXCLUDED."balance")::text;
                     ELSIF TG_OP = 'UPDATE' THEN
                         INSERT INTO "v2"."accounts" AS bluegreen_g ("id", "balance") SELECT * FROM (SELECT (a.aid::bigint) AS "id", (a.abalance) AS "balance" FROM "public"."accounts" AS "a" WHERE ("a"."aid") IN (SELECT n."aid" FROM new_rows AS n)) AS m ON CONFLICT ("id") DO UPDATE SET "balance" = EXCLUDED."balance" WHERE ROW(bluegreen_g."balance")::text IS DISTINCT FROM ROW(EXCLUDED."balance")::text;
-                        DELETE FROM "v2"."accounts" AS bluegreen_g WHERE (bluegreen_g."id") IN (SELECT o."aid"::bigint FROM old_rows AS o WHERE NOT EXISTS (SELECT 1 FROM "public"."accounts" AS "a" WHERE "a"."aid" = o."aid"));
+                        IF EXISTS (SELECT (o."aid"::pg_catalog.text) COLLATE pg_catalog."C" FROM old_rows AS o EXCEPT SELECT (n."aid"::pg_catalog.text) COLLATE pg_catalog."C" FROM new_rows AS n) THEN
+                            DELETE FROM "v2"."accounts" AS bluegreen_g WHERE (bluegreen_g."id") IN (SELECT o."aid"::bigint FROM old_rows AS o WHERE NOT EXISTS (SELECT 1 FROM "public"."accounts" AS "a" WHERE "a"."aid" = o."aid"));
+                        END IF;
                     ELSIF TG_OP = 'DELETE' THEN
                         DELETE FROM "v2"."accounts" AS bluegreen_g WHERE (bluegreen_g."id") IN (SELECT o."aid"::bigint FROM old_rows AS o WHERE NOT EXISTS (SELECT 1 FROM "public"."accounts" AS "a" WHERE "a"."aid" = o."aid"));
                     END IF;
                 ELSE
                     BEGIN
                         lt := pg_catalog.current_setting('lock_timeout');
-                        PERFORM pg_catalog.set_config('lock_timeout', GREATEST(1, LEAST(50, pg_catalog.floor(pg_catalog.date_part('epoch', pg_catalog.current_setting('deadlock_timeout')::pg_catalog.interval) * 500)))::pg_catalog.int4::pg_catalog.text || 'ms', true);
+                        bluegreen_set := pg_catalog.set_config('lock_timeout', GREATEST(1, LEAST(50, pg_catalog.floor(pg_catalog.date_part('epoch', pg_catalog.current_setting('deadlock_timeout')::pg_catalog.interval) * 500)))::pg_catalog.int4::pg_catalog.text || 'ms', true);
                         IF TG_OP = 'INSERT' THEN
                             INSERT INTO "v2"."accounts" AS bluegreen_g ("id", "balance") SELECT * FROM (SELECT (a.aid::bigint) AS "id", (a.abalance) AS "balance" FROM "public"."accounts" AS "a" WHERE ("a"."aid") IN (SELECT n."aid" FROM new_rows AS n)) AS m ON CONFLICT ("id") DO UPDATE SET "balance" = EXCLUDED."balance" WHERE ROW(bluegreen_g."balance")::text IS DISTINCT FROM ROW(EXCLUDED."balance")::text;
                         ELSIF TG_OP = 'UPDATE' THEN
                             INSERT INTO "v2"."accounts" AS bluegreen_g ("id", "balance") SELECT * FROM (SELECT (a.aid::bigint) AS "id", (a.abalance) AS "balance" FROM "public"."accounts" AS "a" WHERE ("a"."aid") IN (SELECT n."aid" FROM new_rows AS n)) AS m ON CONFLICT ("id") DO UPDATE SET "balance" = EXCLUDED."balance" WHERE ROW(bluegreen_g."balance")::text IS DISTINCT FROM ROW(EXCLUDED."balance")::text;
-                            DELETE FROM "v2"."accounts" AS bluegreen_g WHERE (bluegreen_g."id") IN (SELECT o."aid"::bigint FROM old_rows AS o WHERE NOT EXISTS (SELECT 1 FROM "public"."accounts" AS "a" WHERE "a"."aid" = o."aid"));
+                            IF EXISTS (SELECT (o."aid"::pg_catalog.text) COLLATE pg_catalog."C" FROM old_rows AS o EXCEPT SELECT (n."aid"::pg_catalog.text) COLLATE pg_catalog."C" FROM new_rows AS n) THEN
+                                DELETE FROM "v2"."accounts" AS bluegreen_g WHERE (bluegreen_g."id") IN (SELECT o."aid"::bigint FROM old_rows AS o WHERE NOT EXISTS (SELECT 1 FROM "public"."accounts" AS "a" WHERE "a"."aid" = o."aid"));
+                            END IF;
                         ELSIF TG_OP = 'DELETE' THEN
                             DELETE FROM "v2"."accounts" AS bluegreen_g WHERE (bluegreen_g."id") IN (SELECT o."aid"::bigint FROM old_rows AS o WHERE NOT EXISTS (SELECT 1 FROM "public"."accounts" AS "a" WHERE "a"."aid" = o."aid"));
                         END IF;
-                        PERFORM pg_catalog.set_config('lock_timeout', lt, true);
+                        bluegreen_set := pg_catalog.set_config('lock_timeout', lt, true);
                     EXCEPTION WHEN OTHERS THEN
                         -- Never the writer's failure: the rows go to the change log, pending.
                         IF TG_OP = 'INSERT' THEN
