@@ -827,7 +827,6 @@ async fn serializable_inserters(url: &str, table: &str, n: i32, rounds: i32) -> 
 /// other transaction's uncommitted rows: a read-write cycle, and one of the two application
 /// commits fails with 40001 because of sync.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "H2-11: the row-local step's scan of blue makes SERIALIZABLE bulk inserters of different rows fail with 40001"]
 async fn h2_11_serializable_bulk_inserters_fail_because_of_sync() {
     const SER: &str = "tests/fixtures/hostile2_ser.yaml";
     let url = empty_db("hostile2_11").await;

@@ -191,26 +191,37 @@ pub fn live_trigger_function(
         .filter(|e| e.row_local() && e.driving() == x)
         .collect();
     let mut body = log_truncate(m, x);
+    let mut declare = String::new();
+    if local.is_empty() {
+        if followed {
+            body.push_str(&log_rows(m, x, false, filter, "    "));
+        }
+        return function(m, n, &declare, &body);
+    }
+    declare.push_str("DECLARE\n    lt text;\n    bluegreen_set text;\n");
+    // A SERIALIZABLE writer's rows go to the change log for every entry: a row-local step
+    // reads blue inside the writer's transaction, and its predicate locks (which outlive the
+    // step's subtransaction) would fail application commits that never conflicted (H2-11).
+    body.push_str(&format!(
+        "    IF pg_catalog.current_setting('transaction_isolation') = 'serializable' THEN\n{}        RETURN NULL;\n    END IF;\n",
+        log_rows(m, x, true, filter, "        ")
+    ));
     if followed {
         body.push_str(&log_rows(m, x, false, filter, "    "));
     }
-    let mut declare = String::new();
-    if !local.is_empty() {
-        declare.push_str("DECLARE\n    lt text;\n    bluegreen_set text;\n");
-        // A step that cannot fail runs bare (no subtransaction) in READ COMMITTED; at other
-        // isolation levels a concurrent applier's commit could still raise a serialization error.
-        let all_infallible = local
-            .iter()
-            .all(|e| matches!(e.mode, Mode::RowLocal { infallible: true }));
-        if all_infallible {
-            body.push_str(&format!(
-                "    IF pg_catalog.current_setting('transaction_isolation') = 'read committed' THEN\n{}    ELSE\n{}    END IF;\n",
-                row_local_steps(m, &local, "        "),
-                guarded(m, x, &local, filter, "        ")
-            ));
-        } else {
-            body.push_str(&guarded(m, x, &local, filter, "    "));
-        }
+    // A step that cannot fail runs bare (no subtransaction) in READ COMMITTED; in REPEATABLE
+    // READ a concurrent applier's commit could still raise a serialization error.
+    let all_infallible = local
+        .iter()
+        .all(|e| matches!(e.mode, Mode::RowLocal { infallible: true }));
+    if all_infallible {
+        body.push_str(&format!(
+            "    IF pg_catalog.current_setting('transaction_isolation') = 'read committed' THEN\n{}    ELSE\n{}    END IF;\n",
+            row_local_steps(m, &local, "        "),
+            guarded(m, x, &local, filter, "        ")
+        ));
+    } else {
+        body.push_str(&guarded(m, x, &local, filter, "    "));
     }
     function(m, n, &declare, &body)
 }

@@ -244,6 +244,16 @@ fn live_function_of_a_row_local_table() {
                     INSERT INTO "bluegreen"."changes" (migration, blue_table, op, all_entries) VALUES ('m', 'public.accounts', 'T', true);
                     RETURN NULL;
                 END IF;
+                IF pg_catalog.current_setting('transaction_isolation') = 'serializable' THEN
+                    IF TG_OP = 'INSERT' THEN
+                        INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.accounts', 'I', NULL, pg_catalog.to_jsonb(r.*), true FROM new_rows AS r;
+                    ELSIF TG_OP = 'UPDATE' THEN
+                        INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries, entries) SELECT 'm', 'public.accounts', 'U', bluegreen_p.old_image, bluegreen_p.new_image, true, bluegreen_p.entries FROM (SELECT CASE WHEN pg_catalog.num_nonnulls(bluegreen_o."aid") = 1 THEN pg_catalog.to_jsonb(bluegreen_o.*) END AS old_image, CASE WHEN pg_catalog.num_nonnulls(bluegreen_n."aid") = 1 THEN pg_catalog.to_jsonb(bluegreen_n.*) END AS new_image, CASE WHEN pg_catalog.num_nonnulls(bluegreen_o."aid") = 1 AND pg_catalog.num_nonnulls(bluegreen_n."aid") = 1 THEN pg_catalog.array_remove(ARRAY[CASE WHEN (ROW(bluegreen_o."abalance", bluegreen_o."aid")::pg_catalog.text) COLLATE pg_catalog."C" <> (ROW(bluegreen_n."abalance", bluegreen_n."aid")::pg_catalog.text) COLLATE pg_catalog."C" THEN 'accounts' END]::pg_catalog.text[], NULL) END AS entries FROM old_rows AS bluegreen_o FULL JOIN new_rows AS bluegreen_n ON (bluegreen_o."aid"::pg_catalog.text) COLLATE pg_catalog."C" = (bluegreen_n."aid"::pg_catalog.text) COLLATE pg_catalog."C") AS bluegreen_p WHERE bluegreen_p.entries IS NULL OR pg_catalog.cardinality(bluegreen_p.entries) > 0;
+                    ELSIF TG_OP = 'DELETE' THEN
+                        INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.accounts', 'D', pg_catalog.to_jsonb(r.*), NULL, true FROM old_rows AS r;
+                    END IF;
+                    RETURN NULL;
+                END IF;
                 IF pg_catalog.current_setting('transaction_isolation') = 'read committed' THEN
                     IF TG_OP = 'INSERT' THEN
                         INSERT INTO "v2"."accounts" AS bluegreen_g ("id", "balance") SELECT * FROM (SELECT (a.aid::bigint) AS "id", (a.abalance) AS "balance" FROM "public"."accounts" AS "a" WHERE ("a"."aid") IN (SELECT n."aid" FROM new_rows AS n)) AS m ON CONFLICT ("id") DO UPDATE SET "balance" = EXCLUDED."balance" WHERE ROW(bluegreen_g."balance")::text IS DISTINCT FROM ROW(EXCLUDED."balance")::text;
