@@ -7,6 +7,7 @@ mod hostile2;
 mod hostile3;
 mod hostile4;
 mod hostile5;
+mod hostile6;
 mod live;
 mod narrow;
 mod plan;
