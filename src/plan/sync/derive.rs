@@ -562,26 +562,18 @@ impl SyncEntry<'_> {
     }
 
     /// A query finding an UPDATE's old key that is in no new row, for a row-local entry without
-    /// `where` (`None` with one: a row can leave it without its key changing). Compared as text
-    /// under the "C" collation (a case-insensitive equality must not hide a changed key), by
-    /// `EXCEPT`, which hashes or sorts: the plan is made once, with a one-row statement, and a
-    /// nested loop kept for a bulk update would be quadratic.
+    /// `where` (`None` with one: a row can leave it without its key changing). Compared by the
+    /// key type's own equality, as the delete compares blue's keys (a key's text can be the same
+    /// for two keys, an enum with its own cast or a `regproc` of an overloaded function, and a
+    /// cast to text can raise: H6-1..3), by `EXCEPT`, which hashes or sorts: the plan is made
+    /// once, with a one-row statement, and a nested loop kept for a bulk update would be
+    /// quadratic.
     pub(super) fn key_left(&self) -> Option<String> {
         if self.entry.where_.is_some() {
             return None;
         }
         let cols = self.blue_key_columns();
-        let side = |a: &str| {
-            join(
-                cols.iter().map(|c| {
-                    format!(
-                        "({a}.{}::pg_catalog.text) COLLATE pg_catalog.\"C\"",
-                        Ident::new(c)
-                    )
-                }),
-                ", ",
-            )
-        };
+        let side = |a: &str| join(cols.iter().map(|c| format!("{a}.{}", Ident::new(c))), ", ");
         Some(format!(
             "SELECT {} FROM old_rows AS o EXCEPT SELECT {} FROM new_rows AS n",
             side("o"),

@@ -152,9 +152,13 @@ fn log_truncate(m: &Mapping, x: &QName) -> String {
     )
 }
 
+/// A trigger function. `#variable_conflict use_column`: a name in a generated statement is a
+/// column even when a variable of the function has it (a green key column named `lt` made the
+/// upsert's `ON CONFLICT (lt)` ambiguous and failed the writer's statement: H6-4); the
+/// function's own variables are only read where no table is in scope.
 fn function(m: &Mapping, n: usize, declare: &str, body: &str) -> Sql {
     sql!(
-        "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn$\n{declare}BEGIN\n{body}    RETURN NULL;\nEND\n$fn$",
+        "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn$\n#variable_conflict use_column\n{declare}BEGIN\n{body}    RETURN NULL;\nEND\n$fn$",
         f = names::sync_function(&m.control_schema, &m.migration, n),
         settings = function_settings(),
     )

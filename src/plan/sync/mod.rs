@@ -345,6 +345,29 @@ fn own_reason(e: &SyncEntry, cat: &Catalog) -> Option<String> {
             bt.qname().display()
         ));
     }
+    // A NULL in a sync key never matches the trigger's `IN` on keys: a moved row's green row
+    // would stay (H6, the nullable sync-key probe).
+    if let Some(c) = cols
+        .iter()
+        .find(|c| !bt.column(c).is_some_and(|b| b.not_null))
+    {
+        return Some(format!(
+            "sync key column {}.{c} can be NULL",
+            bt.qname().display()
+        ));
+    }
+    // The step's upsert finds green rows by its conflict key and its delete by the sync key: when
+    // they differ, an update of the conflict key inserts a second green row of the same sync key
+    // and the delete, finding the sync key still in blue, keeps the old one (H6).
+    let sync_cols: BTreeSet<&str> = e.keys.iter().map(|k| k.green.as_str()).collect();
+    let conflict_cols: BTreeSet<&str> = e.upsert_key.iter().map(String::as_str).collect();
+    if sync_cols != conflict_cols {
+        return Some(format!(
+            "its sync key ({}) is not green's conflict key ({})",
+            sync_cols.iter().copied().collect::<Vec<_>>().join(", "),
+            conflict_cols.iter().copied().collect::<Vec<_>>().join(", ")
+        ));
+    }
     // Every green unique key must be implied by a blue one through plain column mappings, or two
     // writers could wait for each other on green's index in an order they never waited in blue.
     for ix in e.green.indexes.iter().filter(|ix| ix.unique) {

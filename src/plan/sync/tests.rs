@@ -207,6 +207,7 @@ fn capture_function() {
         capture_trigger_function(&m, &QName::new("public", "leads"), 0),
         expect![[r#"
             CREATE OR REPLACE FUNCTION "bluegreen"."bluegreen_m_sync_0"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'iso_8601' SET extra_float_digits = '3' SET bytea_output = 'hex' SET standard_conforming_strings = 'on' SET max_parallel_workers_per_gather = 0 AS $fn$
+            #variable_conflict use_column
             BEGIN
                 IF TG_OP = 'TRUNCATE' THEN
                     INSERT INTO "bluegreen"."changes" (migration, blue_table, op, all_entries) VALUES ('m', 'public.leads', 'T', true);
@@ -236,6 +237,7 @@ fn live_function_of_a_row_local_table() {
         live_trigger_function(&m, &entries, &x, cat.table(&x), 1),
         expect![[r#"
             CREATE OR REPLACE FUNCTION "bluegreen"."bluegreen_m_sync_1"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'iso_8601' SET extra_float_digits = '3' SET bytea_output = 'hex' SET standard_conforming_strings = 'on' SET max_parallel_workers_per_gather = 0 AS $fn$
+            #variable_conflict use_column
             DECLARE
                 lt text;
                 bluegreen_set text;
@@ -259,7 +261,7 @@ fn live_function_of_a_row_local_table() {
                         INSERT INTO "v2"."accounts" AS bluegreen_g ("id", "balance") SELECT * FROM (SELECT (a.aid::bigint) AS "id", (a.abalance) AS "balance" FROM "public"."accounts" AS "a" WHERE ("a"."aid") IN (SELECT n."aid" FROM new_rows AS n)) AS m ON CONFLICT ("id") DO UPDATE SET "balance" = EXCLUDED."balance" WHERE ROW(bluegreen_g."balance")::text IS DISTINCT FROM ROW(EXCLUDED."balance")::text;
                     ELSIF TG_OP = 'UPDATE' THEN
                         INSERT INTO "v2"."accounts" AS bluegreen_g ("id", "balance") SELECT * FROM (SELECT (a.aid::bigint) AS "id", (a.abalance) AS "balance" FROM "public"."accounts" AS "a" WHERE ("a"."aid") IN (SELECT n."aid" FROM new_rows AS n)) AS m ON CONFLICT ("id") DO UPDATE SET "balance" = EXCLUDED."balance" WHERE ROW(bluegreen_g."balance")::text IS DISTINCT FROM ROW(EXCLUDED."balance")::text;
-                        IF EXISTS (SELECT (o."aid"::pg_catalog.text) COLLATE pg_catalog."C" FROM old_rows AS o EXCEPT SELECT (n."aid"::pg_catalog.text) COLLATE pg_catalog."C" FROM new_rows AS n) THEN
+                        IF EXISTS (SELECT o."aid" FROM old_rows AS o EXCEPT SELECT n."aid" FROM new_rows AS n) THEN
                             DELETE FROM "v2"."accounts" AS bluegreen_g WHERE (bluegreen_g."id") IN (SELECT o."aid"::bigint FROM old_rows AS o WHERE NOT EXISTS (SELECT 1 FROM "public"."accounts" AS "a" WHERE "a"."aid" = o."aid"));
                         END IF;
                     ELSIF TG_OP = 'DELETE' THEN
@@ -273,7 +275,7 @@ fn live_function_of_a_row_local_table() {
                             INSERT INTO "v2"."accounts" AS bluegreen_g ("id", "balance") SELECT * FROM (SELECT (a.aid::bigint) AS "id", (a.abalance) AS "balance" FROM "public"."accounts" AS "a" WHERE ("a"."aid") IN (SELECT n."aid" FROM new_rows AS n)) AS m ON CONFLICT ("id") DO UPDATE SET "balance" = EXCLUDED."balance" WHERE ROW(bluegreen_g."balance")::text IS DISTINCT FROM ROW(EXCLUDED."balance")::text;
                         ELSIF TG_OP = 'UPDATE' THEN
                             INSERT INTO "v2"."accounts" AS bluegreen_g ("id", "balance") SELECT * FROM (SELECT (a.aid::bigint) AS "id", (a.abalance) AS "balance" FROM "public"."accounts" AS "a" WHERE ("a"."aid") IN (SELECT n."aid" FROM new_rows AS n)) AS m ON CONFLICT ("id") DO UPDATE SET "balance" = EXCLUDED."balance" WHERE ROW(bluegreen_g."balance")::text IS DISTINCT FROM ROW(EXCLUDED."balance")::text;
-                            IF EXISTS (SELECT (o."aid"::pg_catalog.text) COLLATE pg_catalog."C" FROM old_rows AS o EXCEPT SELECT (n."aid"::pg_catalog.text) COLLATE pg_catalog."C" FROM new_rows AS n) THEN
+                            IF EXISTS (SELECT o."aid" FROM old_rows AS o EXCEPT SELECT n."aid" FROM new_rows AS n) THEN
                                 DELETE FROM "v2"."accounts" AS bluegreen_g WHERE (bluegreen_g."id") IN (SELECT o."aid"::bigint FROM old_rows AS o WHERE NOT EXISTS (SELECT 1 FROM "public"."accounts" AS "a" WHERE "a"."aid" = o."aid"));
                             END IF;
                         ELSIF TG_OP = 'DELETE' THEN
@@ -307,6 +309,7 @@ fn live_function_of_a_table_the_follower_keeps() {
         live_trigger_function(&m, &entries, &x, cat.table(&x), 2),
         expect![[r#"
             CREATE OR REPLACE FUNCTION "bluegreen"."bluegreen_m_sync_2"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'iso_8601' SET extra_float_digits = '3' SET bytea_output = 'hex' SET standard_conforming_strings = 'on' SET max_parallel_workers_per_gather = 0 AS $fn$
+            #variable_conflict use_column
             BEGIN
                 IF TG_OP = 'TRUNCATE' THEN
                     INSERT INTO "bluegreen"."changes" (migration, blue_table, op, all_entries) VALUES ('m', 'public.workshops', 'T', true);
