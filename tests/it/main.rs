@@ -8,6 +8,7 @@ mod hostile3;
 mod hostile4;
 mod hostile5;
 mod hostile6;
+mod hostile7;
 mod live;
 mod narrow;
 mod plan;
