@@ -195,19 +195,19 @@ pub fn live_trigger_function(
         .filter(|e| e.row_local() && e.driving() == x)
         .collect();
     let mut body = log_truncate(m, x);
-    let mut declare = String::new();
     if local.is_empty() {
         if followed {
             body.push_str(&log_rows(m, x, false, filter, "    "));
         }
-        return function(m, n, &declare, &body);
+        return function(m, n, "", &body);
     }
-    declare.push_str("DECLARE\n    lt text;\n    bluegreen_set text;\n");
+    // The isolation level, read once per statement.
+    let declare = "DECLARE\n    lt text;\n    bluegreen_set text;\n    bluegreen_iso text := pg_catalog.current_setting('transaction_isolation');\n";
     // A SERIALIZABLE writer's rows go to the change log for every entry: a row-local step
     // reads blue inside the writer's transaction, and its predicate locks (which outlive the
     // step's subtransaction) would fail application commits that never conflicted (H2-11).
     body.push_str(&format!(
-        "    IF pg_catalog.current_setting('transaction_isolation') = 'serializable' THEN\n{}        RETURN NULL;\n    END IF;\n",
+        "    IF bluegreen_iso = 'serializable' THEN\n{}        RETURN NULL;\n    END IF;\n",
         log_rows(m, x, true, filter, "        ")
     ));
     if followed {
@@ -220,14 +220,14 @@ pub fn live_trigger_function(
         .all(|e| matches!(e.mode, Mode::RowLocal { infallible: true }));
     if all_infallible {
         body.push_str(&format!(
-            "    IF pg_catalog.current_setting('transaction_isolation') = 'read committed' THEN\n{}    ELSE\n{}    END IF;\n",
+            "    IF bluegreen_iso = 'read committed' THEN\n{}    ELSE\n{}    END IF;\n",
             row_local_steps(m, &local, "        "),
             guarded(m, x, &local, filter, "        ")
         ));
     } else {
         body.push_str(&guarded(m, x, &local, filter, "    "));
     }
-    function(m, n, &declare, &body)
+    function(m, n, declare, &body)
 }
 
 /// The row-local steps in a subtransaction under a short `lock_timeout`; on any error their rows
@@ -250,30 +250,29 @@ fn guarded(
 /// Upserts parents first, deletes children first (green foreign keys), by statement kind.
 fn row_local_steps(m: &Mapping, local: &[&SyncEntry], indent: &str) -> String {
     let ups: Vec<String> = local.iter().flat_map(|e| e.row_local_upsert(m)).collect();
-    let dels: Vec<String> = local.iter().rev().map(|e| e.row_local_delete()).collect();
-    let lines = |v: &[String]| {
-        v.iter()
-            .map(|s| format!("{indent}    {s};\n"))
-            .collect::<String>()
-    };
-    // An UPDATE leaves a green row behind only where a key left old_rows (or a `where` now
-    // filters the row out): the delete statement runs only then.
-    let update_dels: String = local
+    let dels: Vec<(String, Option<String>)> = local
         .iter()
         .rev()
-        .map(|e| match e.key_left() {
+        .map(|e| (e.row_local_delete(), e.key_left()))
+        .collect();
+    let line = |s: &String| format!("{indent}    {s};\n");
+    let upserts: String = ups.iter().map(line).collect();
+    // An UPDATE leaves a green row behind only where a key left old_rows (or a `where` now
+    // filters the row out): the delete statement runs only then.
+    let update_dels: String = dels
+        .iter()
+        .map(|(del, left)| match left {
             Some(left) => format!(
-                "{indent}    IF EXISTS ({left}) THEN\n{indent}        {};\n{indent}    END IF;\n",
-                e.row_local_delete()
+                "{indent}    IF EXISTS ({left}) THEN\n{indent}        {del};\n{indent}    END IF;\n"
             ),
-            None => format!("{indent}    {};\n", e.row_local_delete()),
+            None => format!("{indent}    {del};\n"),
         })
         .collect();
     format!(
         "{indent}IF TG_OP = 'INSERT' THEN\n{}{indent}ELSIF TG_OP = 'UPDATE' THEN\n{}{}{indent}ELSIF TG_OP = 'DELETE' THEN\n{}{indent}END IF;\n",
-        lines(&ups),
-        lines(&ups),
+        upserts,
+        upserts,
         update_dels,
-        lines(&dels),
+        dels.iter().map(|(d, _)| line(d)).collect::<String>(),
     )
 }

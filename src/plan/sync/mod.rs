@@ -27,7 +27,7 @@ use crate::catalog::{self, Catalog};
 use crate::mapping::{Mapping, TableEntry};
 use crate::plan::keys::{key_column, sync_key, upsert_key};
 use crate::sql::scan::{referenced_aliases, tokens};
-use crate::sql::{Literal, QName};
+use crate::sql::{Literal, QName, join};
 use std::collections::BTreeSet;
 
 pub use derive::ApplierEntry;
@@ -364,8 +364,8 @@ fn own_reason(e: &SyncEntry, cat: &Catalog) -> Option<String> {
     if sync_cols != conflict_cols {
         return Some(format!(
             "its sync key ({}) is not green's conflict key ({})",
-            sync_cols.iter().copied().collect::<Vec<_>>().join(", "),
-            conflict_cols.iter().copied().collect::<Vec<_>>().join(", ")
+            join(&sync_cols, ", "),
+            join(&conflict_cols, ", ")
         ));
     }
     // Every green unique key must be implied by a blue one through plain column mappings, or two

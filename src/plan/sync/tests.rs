@@ -241,12 +241,13 @@ fn live_function_of_a_row_local_table() {
             DECLARE
                 lt text;
                 bluegreen_set text;
+                bluegreen_iso text := pg_catalog.current_setting('transaction_isolation');
             BEGIN
                 IF TG_OP = 'TRUNCATE' THEN
                     INSERT INTO "bluegreen"."changes" (migration, blue_table, op, all_entries) VALUES ('m', 'public.accounts', 'T', true);
                     RETURN NULL;
                 END IF;
-                IF pg_catalog.current_setting('transaction_isolation') = 'serializable' THEN
+                IF bluegreen_iso = 'serializable' THEN
                     IF TG_OP = 'INSERT' THEN
                         INSERT INTO "bluegreen"."changes" (migration, blue_table, op, old_row, new_row, all_entries) SELECT 'm', 'public.accounts', 'I', NULL, pg_catalog.to_jsonb(r.*), true FROM new_rows AS r;
                     ELSIF TG_OP = 'UPDATE' THEN
@@ -256,7 +257,7 @@ fn live_function_of_a_row_local_table() {
                     END IF;
                     RETURN NULL;
                 END IF;
-                IF pg_catalog.current_setting('transaction_isolation') = 'read committed' THEN
+                IF bluegreen_iso = 'read committed' THEN
                     IF TG_OP = 'INSERT' THEN
                         INSERT INTO "v2"."accounts" AS bluegreen_g ("id", "balance") SELECT * FROM (SELECT (a.aid::bigint) AS "id", (a.abalance) AS "balance" FROM "public"."accounts" AS "a" WHERE ("a"."aid") IN (SELECT n."aid" FROM new_rows AS n)) AS m ON CONFLICT ("id") DO UPDATE SET "balance" = EXCLUDED."balance" WHERE ROW(bluegreen_g."balance")::text IS DISTINCT FROM ROW(EXCLUDED."balance")::text;
                     ELSIF TG_OP = 'UPDATE' THEN
