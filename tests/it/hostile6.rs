@@ -7,7 +7,9 @@
 
 use sqlx::PgConnection;
 
-use crate::support::{assert_invariant_now, both, connect, copy_ok, count, empty_db, exec, run};
+use crate::support::{
+    assert_invariant_now, connect, copy_ok, count, empty_db, exec, sync_and_check,
+};
 
 const ENUM: &str = "tests/fixtures/hostile6_enum.yaml";
 const REGPROC: &str = "tests/fixtures/hostile6_regproc.yaml";
@@ -18,35 +20,21 @@ const RICH: &str = "tests/fixtures/hostile6_rich.yaml";
 const NULLKEY: &str = "tests/fixtures/hostile6_nullkey.yaml";
 const OTHERKEY: &str = "tests/fixtures/hostile6_otherkey.yaml";
 
-/// Run `sql` on a table the follower keeps, drain the change log (`bluegreen sync`, exit 0) and
-/// check the invariant.
-async fn follower_step(url: &str, c: &mut PgConnection, mapping: &str, sql: &str) {
-    exec(c, sql).await;
-    let out = run(url, &["sync", "-m", mapping]).await;
-    assert_eq!(out.status.code(), Some(0), "{sql}: {}", both(&out));
-    let v = crate::support::invariant_violations(url, mapping).await;
-    assert!(v.is_empty(), "after {sql}: green != M(blue): {v:?}");
-}
-
-/// Run `sql`, drain the change log (`bluegreen sync`, exit 0) and check the invariant.
+/// Run `sql`, check that a row-local step gave nothing to the follower (but a SERIALIZABLE
+/// writer's rows, logged by design: H2-11), then drain and check the invariant.
 async fn step(url: &str, c: &mut PgConnection, mapping: &str, sql: &str) {
     exec(c, sql).await;
-    // Every entry here is row-local: nothing is left for the follower, but a SERIALIZABLE
-    // writer's rows, which go to the change log by design (H2-11).
     if !sql.contains("SERIALIZABLE") {
         let logged = count(c, "SELECT count(*) FROM bluegreen.changes").await;
         assert_eq!(logged, 0, "{sql}: logged for the follower");
     }
-    let out = run(url, &["sync", "-m", mapping]).await;
-    assert_eq!(out.status.code(), Some(0), "{sql}: {}", both(&out));
-    let v = crate::support::invariant_violations(url, mapping).await;
-    assert!(v.is_empty(), "after {sql}: green != M(blue): {v:?}");
+    sync_and_check(url, mapping, sql).await;
 }
 
 /// H6-1: a key type whose cast to text is the application's own (`CREATE CAST (kind AS text)
 /// WITH FUNCTION`, here a case-folding label): 'Draft' and 'draft' are two enum values with one
-/// text. Renaming the key 'Draft' to 'draft' finds no key left, so the delete is skipped and
-/// green keeps the row of 'Draft', which blue no longer has.
+/// text. When keys were compared as text, renaming 'Draft' to 'draft' found no key left, the
+/// delete was skipped and green kept the row of 'Draft'.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h6_1_a_key_whose_text_cast_is_not_injective_leaves_the_old_green_row() {
     let url = empty_db("hostile6_1").await;
@@ -63,14 +51,13 @@ async fn h6_1_a_key_whose_text_cast_is_not_injective_leaves_the_old_green_row() 
     .await;
     copy_ok(&url, ENUM).await;
     exec(&mut c, "UPDATE public.t SET k = 'draft' WHERE k = 'Draft'").await;
-    let out = run(&url, &["sync", "-m", ENUM]).await;
-    assert_eq!(out.status.code(), Some(0), "{}", both(&out));
+    sync_and_check(&url, ENUM, "the update").await;
     assert_invariant_now(&url, ENUM).await;
 }
 
 /// H6-2: the same with a built-in type, `regproc`: two overloads of one function both render as
 /// `public.handler` (regprocout names an overloaded function without its arguments). Moving the
-/// key from one overload to the other skips the delete.
+/// key from one overload to the other skipped the delete when keys were compared as text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h6_2_a_regproc_key_moved_between_overloads_leaves_the_old_green_row() {
     let url = empty_db("hostile6_2").await;
@@ -90,15 +77,13 @@ async fn h6_2_a_regproc_key_moved_between_overloads_leaves_the_old_green_row() {
         "UPDATE public.hooks SET fn = 'public.handler(text)'::regprocedure WHERE fn = 'public.handler(integer)'::regprocedure",
     )
     .await;
-    let out = run(&url, &["sync", "-m", REGPROC]).await;
-    assert_eq!(out.status.code(), Some(0), "{}", both(&out));
+    sync_and_check(&url, REGPROC, "the update").await;
     assert_invariant_now(&url, REGPROC).await;
 }
 
-/// H6-3: the new `IF EXISTS (... o.k::pg_catalog.text ...)` runs the key type's cast to text in
-/// every UPDATE, outside any subtransaction on the infallible READ COMMITTED path: a cast
-/// function that raises for some value now fails the application's UPDATE (before, the trigger
-/// never cast the key to text; the row-local steps compared it with `=` only).
+/// H6-3: comparing keys as text (`IF EXISTS (... o.k::pg_catalog.text ...)`) ran the key type's
+/// cast to text in every UPDATE, outside any subtransaction on the infallible READ COMMITTED
+/// path: a cast function that raises for some value failed the application's UPDATE.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h6_3_a_text_cast_that_raises_fails_the_application_update() {
     let url = empty_db("hostile6_3").await;
@@ -117,17 +102,15 @@ async fn h6_3_a_text_cast_that_raises_fails_the_application_update() {
     exec(&mut c, "INSERT INTO public.t VALUES ('secret', 3)").await;
     // The application's statement must succeed whatever sync does.
     exec(&mut c, "UPDATE public.t SET v = v + 1 WHERE k = 'secret'").await;
-    let out = run(&url, &["sync", "-m", ENUM]).await;
-    assert_eq!(out.status.code(), Some(0), "{}", both(&out));
+    sync_and_check(&url, ENUM, "the update").await;
     assert_invariant_now(&url, ENUM).await;
 }
 
-/// H6-4: a green conflict key column named `bluegreen_set`. The trigger function now declares a
-/// plpgsql variable of that name, and `ON CONFLICT ("bluegreen_set")` is resolved as a column
-/// reference (PostgreSQL turns an inference element into a ColumnRef): under plpgsql's
-/// variable_conflict = error it is ambiguous, and on the READ COMMITTED path (the steps run bare,
-/// no subtransaction) the application's INSERT and UPDATE fail. (`lt`, the older variable, has
-/// the same flaw: `h6_probe_a_green_key_named_lt_fails_the_application_insert`.)
+/// H6-4: a green conflict key column named `bluegreen_set`, a plpgsql variable of the trigger
+/// function: `ON CONFLICT ("bluegreen_set")` is resolved as a column reference, and under
+/// plpgsql's default variable_conflict = error it was ambiguous: on the READ COMMITTED path (the
+/// steps run bare, no subtransaction) the application's INSERT and UPDATE failed. Fixed by
+/// `#variable_conflict use_column`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h6_4_a_green_key_named_bluegreen_set_fails_the_application_insert() {
     let url = empty_db("hostile6_4").await;
@@ -144,8 +127,8 @@ async fn h6_4_a_green_key_named_bluegreen_set_fails_the_application_insert() {
     assert_invariant_now(&url, SETKEY).await;
 }
 
-/// Probe (not this commit's): the same with a green conflict key column named `lt`, the variable
-/// the function declared before this commit.
+/// The same with a green conflict key column named `lt`, the variable the function declared
+/// before the review (an older flaw, fixed the same way).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h6_probe_a_green_key_named_lt_fails_the_application_insert() {
     let url = empty_db("hostile6_lt").await;
@@ -198,18 +181,14 @@ async fn h6_held_columns_named_like_the_trigger_variables() {
                 "SELECT count(*) FROM bluegreen.changes WHERE migration = 'hostile6_names'",
             )
             .await;
-            if iso == "SERIALIZABLE" {
-                // Logged by design (H2-11): drained here.
-                let out = run(&url, &["sync", "-m", NAMES]).await;
-                assert_eq!(out.status.code(), Some(0), "{tx}: {}", both(&out));
-            } else {
+            // A SERIALIZABLE writer's rows are logged by design (H2-11).
+            if iso != "SERIALIZABLE" {
                 assert_eq!(
                     logged, 0,
                     "{tx}: a row-local step gave way to the change log"
                 );
             }
-            let v = crate::support::invariant_violations(&url, NAMES).await;
-            assert!(v.is_empty(), "after {tx}: green != M(blue): {v:?}");
+            sync_and_check(&url, NAMES, &tx).await;
         }
         exec(&mut c, "DELETE FROM public.n WHERE id >= 5000").await;
     }
@@ -300,9 +279,9 @@ async fn h6_held_blue_changed_under_the_statement() {
     assert_invariant_now(&url, RICH).await;
 }
 
-/// Probe (older than the review's commit, fixed: such an entry is the follower's): a sync key that contains blue's key and a nullable column. The
-/// trigger's delete compares the key as a row with IN, which never matches a NULL: moving the id
-/// of a row whose `code` is NULL leaves its green row.
+/// An older flaw the review probed: a sync key that contains blue's key and a nullable column.
+/// The trigger's delete compared the key as a row with IN, which never matches a NULL: moving
+/// the id of a row whose `code` is NULL left its green row. Such an entry is now the follower's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h6_probe_a_nullable_sync_key_column_keeps_the_moved_row() {
     let url = empty_db("hostile6_nullkey").await;
@@ -314,19 +293,16 @@ async fn h6_probe_a_nullable_sync_key_column_keeps_the_moved_row() {
     )
     .await;
     copy_ok(&url, NULLKEY).await;
-    follower_step(
-        &url,
-        &mut c,
-        NULLKEY,
-        "UPDATE public.s SET id = 10 WHERE id = 1",
-    )
-    .await;
+    let sql = "UPDATE public.s SET id = 10 WHERE id = 1";
+    exec(&mut c, sql).await;
+    sync_and_check(&url, NULLKEY, sql).await;
     assert_invariant_now(&url, NULLKEY).await;
 }
 
-/// Probe (older than the review's commit, fixed: such an entry is the follower's): a sync key (blue's id) other than green's conflict key (green's
-/// primary key, blue's other unique key `code`): a new code inserts a second green row of the
-/// same id, and the delete (by sync key) finds the id still in blue.
+/// An older flaw the review probed: a sync key (blue's id) other than green's conflict key
+/// (green's primary key, blue's other unique key `code`): a new code inserted a second green row
+/// of the same id, and the delete (by sync key) found the id still in blue. Such an entry is now
+/// the follower's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h6_probe_a_sync_key_other_than_the_conflict_key_keeps_the_old_row() {
     let url = empty_db("hostile6_otherkey").await;
@@ -338,13 +314,9 @@ async fn h6_probe_a_sync_key_other_than_the_conflict_key_keeps_the_old_row() {
     )
     .await;
     copy_ok(&url, OTHERKEY).await;
-    follower_step(
-        &url,
-        &mut c,
-        OTHERKEY,
-        "UPDATE public.o SET code = 'z' WHERE id = 1",
-    )
-    .await;
+    let sql = "UPDATE public.o SET code = 'z' WHERE id = 1";
+    exec(&mut c, sql).await;
+    sync_and_check(&url, OTHERKEY, sql).await;
     assert_invariant_now(&url, OTHERKEY).await;
 }
 
@@ -429,10 +401,7 @@ async fn h6_held_two_sessions_on_the_same_rows() {
                     || e.contains("moved to another partition") => {}
             Err(e) => panic!("{b}: {e}"),
         }
-        let out = run(&url, &["sync", "-m", RICH]).await;
-        assert_eq!(out.status.code(), Some(0), "{}", both(&out));
-        let v = crate::support::invariant_violations(&url, RICH).await;
-        assert!(v.is_empty(), "after {a} / {b}: green != M(blue): {v:?}");
+        sync_and_check(&url, RICH, &format!("{a} / {b}")).await;
     }
     assert_invariant_now(&url, RICH).await;
 }

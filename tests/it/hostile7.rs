@@ -7,8 +7,8 @@ use std::time::Duration;
 use sqlx::PgConnection;
 
 use crate::support::{
-    assert_invariant_now, both, command, connect, copy_ok, empty_db, exec, must_not_wait, run,
-    run_within,
+    assert_invariant_now, both, command, connect, copy_ok, empty_db, exec, must_not_wait,
+    run_within, sync_and_check,
 };
 
 const SER: &str = "tests/fixtures/hostile2_ser.yaml";
@@ -19,17 +19,6 @@ const SLOW: Duration = Duration::from_secs(60);
 
 async fn ok(c: &mut PgConnection, s: &str) {
     must_not_wait(c, s, s, QUICK).await;
-}
-
-async fn drain_ok(url: &str, mapping: &str) {
-    let out = run_within(url, &["sync", "-m", mapping], SLOW).await;
-    assert_eq!(out.status.code(), Some(0), "{}", both(&out));
-}
-
-async fn check(url: &str, mapping: &str, what: &str) {
-    drain_ok(url, mapping).await;
-    let v = crate::support::invariant_violations(url, mapping).await;
-    assert!(v.is_empty(), "after {what}: green != M(blue): {v:?}");
 }
 
 /// SERIALIZABLE, READ COMMITTED and REPEATABLE READ writers of the same rows of a row-local
@@ -79,7 +68,7 @@ async fn h7_serializable_mixed_with_rc_and_rr_on_the_same_rows() {
     ] {
         ok(&mut q, st).await;
     }
-    check(&url, SER, "stale-green RC/RR writers").await;
+    sync_and_check(&url, SER, "stale-green RC/RR writers").await;
 
     // 2. SET TRANSACTION before the first statement; a RC writer waits on the SERIALIZABLE one's
     //    row and goes on after its commit; the RR one begun before it.
@@ -102,8 +91,9 @@ async fn h7_serializable_mixed_with_rc_and_rr_on_the_same_rows() {
     .await;
     // validate while the SERIALIZABLE writer is open (its writes in flight)
     let out = run_within(&url, &["validate", "-m", SER, "--jobs", "1"], SLOW).await;
-    assert!(
-        matches!(out.status.code(), Some(0)),
+    assert_eq!(
+        out.status.code(),
+        Some(0),
         "validate with a SERIALIZABLE writer open: {}",
         both(&out)
     );
@@ -129,7 +119,7 @@ async fn h7_serializable_mixed_with_rc_and_rr_on_the_same_rows() {
     ok(&mut q, "DELETE FROM public.items WHERE id = 7777").await;
     ok(&mut q, "INSERT INTO public.items VALUES (7777, 8)").await;
     ok(&mut q, "COMMIT").await;
-    check(&url, SER, "SET TRANSACTION + waiter").await;
+    sync_and_check(&url, SER, "SET TRANSACTION + waiter").await;
 
     // 3. RC writer first, then SERIALIZABLE on the same key after it.
     ok(&mut r, "BEGIN").await;
@@ -148,7 +138,7 @@ async fn h7_serializable_mixed_with_rc_and_rr_on_the_same_rows() {
         "UPDATE public.items SET v = 123 WHERE id IN (50, 9050)",
     )
     .await;
-    check(&url, SER, "RC then SERIALIZABLE").await;
+    sync_and_check(&url, SER, "RC then SERIALIZABLE").await;
     assert_invariant_now(&url, SER).await;
 }
 
@@ -205,7 +195,7 @@ async fn h7_follower_running_with_serializable_and_rc_writers() {
         failures.is_empty(),
         "application statements failed: {failures:?}"
     );
-    check(&url, SER, "follower run").await;
+    sync_and_check(&url, SER, "follower run").await;
     assert_invariant_now(&url, SER).await;
 }
 
@@ -237,7 +227,7 @@ async fn h7_nullable_sync_key_follower_cases() {
         "INSERT INTO public.s VALUES (1, NULL, 1), (2, NULL, 2)",
     ] {
         exec(&mut c, st).await;
-        check(&url, NULLKEY, st).await;
+        sync_and_check(&url, NULLKEY, st).await;
     }
     assert_invariant_now(&url, NULLKEY).await;
 }
@@ -267,14 +257,12 @@ async fn h7_sync_key_other_than_conflict_key_follower_cases() {
         "UPDATE public.o SET code = code || '_'",
     ] {
         exec(&mut c, st).await;
-        check(&url, OTHERKEY, st).await;
+        sync_and_check(&url, OTHERKEY, st).await;
     }
     // Two transactions logged before one sync, the second taking the first's old code.
     exec(&mut c, "UPDATE public.o SET code = 'q' WHERE id = 101").await;
     exec(&mut c, "UPDATE public.o SET code = 'c_' WHERE id = 111").await;
     exec(&mut c, "UPDATE public.o SET code = 'a_' WHERE id = 102").await;
-    check(&url, OTHERKEY, "chained code moves").await;
-    let out = run(&url, &["status", "-m", OTHERKEY]).await;
-    let _ = out;
+    sync_and_check(&url, OTHERKEY, "chained code moves").await;
     assert_invariant_now(&url, OTHERKEY).await;
 }

@@ -5,9 +5,15 @@
 
 use sqlx::PgConnection;
 
-use crate::support::{assert_invariant_now, both, connect, copy_ok, count, empty_db, exec, run};
+use crate::support::{
+    assert_invariant_now, both, connect, copy_ok, count, empty_db, exec, run, sync_and_check,
+};
 
 const NARROW: &str = "tests/fixtures/narrow.yaml";
+
+/// The blue tables narrow.yaml reads.
+const BLUE: &str = "CREATE TABLE public.w (id integer PRIMARY KEY, name text, city text, amount numeric, doc json, note text, r text, n integer, b integer);
+     CREATE TABLE public.c (id integer PRIMARY KEY, w_id integer NOT NULL, v integer);";
 
 /// The change-log rows of table `w`: how many, and the distinct `entries` values (NULL: every
 /// entry), sorted.
@@ -35,20 +41,17 @@ async fn step(url: &str, c: &mut PgConnection, sql: &str, rows: i64, entries: &[
         (rows, entries.to_vec()),
         "logged by {sql}"
     );
-    let out = run(url, &["sync", "-m", NARROW]).await;
-    assert_eq!(out.status.code(), Some(0), "{}", both(&out));
-    assert_invariant_now(url, NARROW).await;
+    sync_and_check(url, NARROW, sql).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_update_is_logged_only_for_the_entries_whose_columns_it_changed() {
     let url = empty_db("narrow").await;
     let mut c = connect(&url).await;
+    exec(&mut c, BLUE).await;
     exec(
         &mut c,
-        "CREATE TABLE public.w (id integer PRIMARY KEY, name text, city text, amount numeric, doc json, note text, r text, n integer, b integer);
-         CREATE TABLE public.c (id integer PRIMARY KEY, w_id integer NOT NULL, v integer);
-         INSERT INTO public.w VALUES (1, 'A', 'Berlin', 1.0, '{\"a\": 1, \"b\": 2}', NULL, 'r', 1, 2),
+        "INSERT INTO public.w VALUES (1, 'A', 'Berlin', 1.0, '{\"a\": 1, \"b\": 2}', NULL, 'r', 1, 2),
                                      (2, 'B', 'Berlin', 2, '[]', NULL, 'r', 1, 2), (3, 'C', 'Köln', 3, 'null', NULL, 'r', 1, 2);
          INSERT INTO public.c VALUES (10, 1, 1), (20, 2, 2), (30, 3, 3);",
     )
@@ -224,11 +227,10 @@ async fn a_paired_update_whose_new_image_cannot_be_followed_sets_aside_that_imag
 async fn a_row_local_update_deletes_exactly_the_green_rows_whose_key_left() {
     let url = empty_db("narrow_keys").await;
     let mut c = connect(&url).await;
+    exec(&mut c, BLUE).await;
     exec(
         &mut c,
-        "CREATE TABLE public.w (id integer PRIMARY KEY, name text, city text, amount numeric, doc json, note text, r text, n integer, b integer);
-         CREATE TABLE public.c (id integer PRIMARY KEY, w_id integer NOT NULL, v integer);
-         INSERT INTO public.w (id, name, city) SELECT i, 'w' || i, 'c' || (i % 7) FROM generate_series(1, 2000) i;
+        "INSERT INTO public.w (id, name, city) SELECT i, 'w' || i, 'c' || (i % 7) FROM generate_series(1, 2000) i;
          INSERT INTO public.c SELECT i, i, i FROM generate_series(1, 50) i;",
     )
     .await;
@@ -242,8 +244,7 @@ async fn a_row_local_update_deletes_exactly_the_green_rows_whose_key_left() {
         "UPDATE public.w SET name = 'same key' WHERE id BETWEEN 1 AND 10",
     ] {
         exec(&mut c, sql).await;
-        let out = run(&url, &["sync", "-m", NARROW]).await;
-        assert_eq!(out.status.code(), Some(0), "{sql}: {}", both(&out));
-        assert_invariant_now(&url, NARROW).await;
+        sync_and_check(&url, NARROW, sql).await;
     }
+    assert_invariant_now(&url, NARROW).await;
 }

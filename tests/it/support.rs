@@ -181,6 +181,20 @@ pub async fn drain(url: &str, mapping: &str) {
     );
 }
 
+/// Apply the change log (`bluegreen sync`, which must exit 0: nothing failed) and assert the
+/// invariant; `what` (the statement just run) names the step in a failure.
+pub async fn sync_and_check(url: &str, mapping: &str, what: &str) {
+    let out = run_within(url, &["sync", "-m", mapping], Duration::from_secs(60)).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "sync after {what}: {}",
+        both(&out)
+    );
+    let v = invariant_violations(url, mapping).await;
+    assert!(v.is_empty(), "after {what}: green != M(blue): {v:?}");
+}
+
 /// Assert the invariant holds right now, with nothing drained first.
 pub async fn assert_invariant_now(url: &str, mapping: &str) {
     let v = invariant_violations(url, mapping).await;
