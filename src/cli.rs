@@ -65,6 +65,32 @@ pub enum Command {
     /// (a one-screen summary names each table and the first keys), 2 on error. Values in the
     /// report are masked unless --show-values.
     Validate(ValidateArgs),
+    /// Move the application to green: gates, then one short transaction that flips search_path,
+    /// with reverse sync keeping blue in step for a lossless rollback.
+    ///
+    /// Gates (each refuses with its reason, exit 1, nothing changed): phase live or rolled back; a
+    /// passing validation of this exact mapping, newer than --max-validation-age; no DDL drift; no
+    /// sync failures; no prepared transactions; no transaction older than --max-transaction-age
+    /// holding locks on blue tables; the privileges ALTER DATABASE / ALTER ROLE need; tables a
+    /// rollback would lose writes to need --accept-lossy-rollback; a confirmation unless --yes.
+    ///
+    /// Then one transaction, retried: lock the blue tables EXCLUSIVE (reads go on), drain the change
+    /// log (within --fence-timeout), lock the green tables, install the reverse triggers on green,
+    /// switch the blue triggers to their post-cutover bodies, interleave generated keys, record
+    /// every search_path setting exactly and set green first for the database and the roles whose
+    /// own setting would override it (and those given with --role); commit. Prints how long writes
+    /// were blocked. Sessions opened before the flip keep their search_path: their blue writes
+    /// still reach green (or fail with "schema moved" under --refuse-old-writes), and are listed
+    /// with --drain-timeout, ended with --terminate.
+    Cutover(CutoverArgs),
+    /// Move the application back to blue: restore every search_path setting byte for byte.
+    ///
+    /// Locks the green tables EXCLUSIVE for one short transaction, checks the settings are still as
+    /// the cutover left them, restores each and compares, switches the blue triggers back to live
+    /// sync; the reverse triggers stay (sessions opened meanwhile may still write green) and give
+    /// way to blue writers with a retryable error. Lossless for invertible tables: every write
+    /// made on green reached blue in its own transaction. `cutover` may follow again.
+    Rollback(RollbackArgs),
 }
 
 /// Flags every command that talks to a database shares.
@@ -239,6 +265,69 @@ pub struct ValidateArgs {
     #[arg(long, value_parser = parse_duration_ms, default_value = "60s")]
     pub max_snapshot_age: u64,
     /// Output on stdout: the summary (text) or the whole report (json).
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+#[derive(Args, Debug)]
+pub struct CutoverArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// The newest validation must be younger than this, e.g. 30min or 1h.
+    #[arg(long, value_parser = parse_duration_ms, default_value = "1h")]
+    pub max_validation_age: u64,
+    /// Cut over although a rollback would lose the writes made on green to some tables (`reverse:
+    /// none`, or blue columns no reverse rebuilds; `plan` lists them).
+    #[arg(long)]
+    pub accept_lossy_rollback: bool,
+    /// Also flip this role's own in-database search_path (repeatable). Roles whose own setting
+    /// would override the database's are flipped without being named.
+    #[arg(long = "role", value_name = "ROLE")]
+    pub roles: Vec<String>,
+    /// After the flip, make every blue write from a session still on the old search_path fail
+    /// with a "schema moved, reconnect" error instead of reaching green.
+    #[arg(long)]
+    pub refuse_old_writes: bool,
+    /// How long the fence may hold blue writes while it drains the change log, e.g. 500ms.
+    #[arg(long, value_parser = parse_duration_ms, default_value = "500ms")]
+    pub fence_timeout: u64,
+    /// Lock wait per attempt (capped below the server's deadlock_timeout and at 100 ms).
+    #[arg(long, value_parser = parse_duration_ms)]
+    pub lock_timeout: Option<u64>,
+    /// Refuse while a transaction older than this holds a lock on a blue table.
+    #[arg(long, value_parser = parse_duration_ms, default_value = "30s")]
+    pub max_transaction_age: u64,
+    /// Attempts at the fence before giving up (nothing changed).
+    #[arg(long, default_value_t = 10)]
+    pub attempts: u32,
+    /// After the flip, wait up to this many seconds until no session has written blue for 2 s.
+    #[arg(long, value_name = "SECS")]
+    pub drain_timeout: Option<u64>,
+    /// After --drain-timeout, end the sessions still writing blue (pg_terminate_backend).
+    #[arg(long, requires = "drain_timeout")]
+    pub terminate: bool,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    pub yes: bool,
+    /// Output format (text or json).
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+#[derive(Args, Debug)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Lock wait per attempt (capped below the server's deadlock_timeout and at 100 ms).
+    #[arg(long, value_parser = parse_duration_ms)]
+    pub lock_timeout: Option<u64>,
+    /// Attempts at the fence before giving up (nothing changed).
+    #[arg(long, default_value_t = 10)]
+    pub attempts: u32,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    pub yes: bool,
+    /// Output format (text or json).
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
 }

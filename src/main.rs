@@ -28,6 +28,8 @@ fn main() -> ExitCode {
             Command::Sync(a) => cmd::sync::run(a).await,
             Command::Status(a) => cmd::status::run(a).await,
             Command::Validate(a) => cmd::validate::run(a).await,
+            Command::Cutover(a) => cmd::cutover::run(a).await,
+            Command::Rollback(a) => cmd::cutover::rollback(a).await,
         }
     });
     match result {

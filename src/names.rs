@@ -44,6 +44,25 @@ pub fn sync_trigger(migration: &str, event: &str) -> String {
     bounded(format!("{PREFIX}{migration}_{event}"))
 }
 
+/// Per green table of an invertible entry (the `n`th entry): the reverse trigger function,
+/// installed by `cutover`, writing the application's green writes back into blue.
+pub fn reverse_function(control: &str, migration: &str, n: usize) -> QName {
+    QName::new(control, bounded(format!("{PREFIX}{migration}_rev_{n}")))
+}
+
+/// The reverse trigger on a green table (one per event).
+pub fn reverse_trigger(migration: &str, event: &str) -> String {
+    bounded(format!("{PREFIX}{migration}_rev_{event}"))
+}
+
+/// The transaction-local setting that carries the loop guard (which applier is writing, at which
+/// trigger depth): per migration, so two migrations never read each other's, and under a prefix
+/// no application setting uses.
+pub fn guard_setting(migration: &str) -> String {
+    let h = blake3::hash(format!("bluegreen:{migration}:guard").as_bytes()).to_hex();
+    format!("bluegreen.guard_{}", &h[..16])
+}
+
 /// A 64-bit advisory-lock key from text, the same in every process (blake3, not the server's
 /// hash, so the tool can compute it without a round trip).
 fn lock_key(text: &str) -> i64 {

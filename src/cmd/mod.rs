@@ -1,6 +1,7 @@
 //! One file per subcommand: glue between the CLI, the engines and the output. No logic of its own.
 
 pub mod copy;
+pub mod cutover;
 pub mod plan;
 pub mod prepare;
 pub mod status;

@@ -34,7 +34,7 @@ use crate::sql::{QName, Sql, sql};
 pub use phase::Phase;
 
 /// The tables of the control schema (`plan/control.sql`).
-const TABLES: [&str; 10] = [
+const TABLES: [&str; 11] = [
     "runs",
     "deferred",
     "chunks",
@@ -45,6 +45,7 @@ const TABLES: [&str; 10] = [
     "followers",
     "validations",
     "events",
+    "blue_writers",
 ];
 
 /// A table of the control schema, e.g. `table(m, "runs")`.

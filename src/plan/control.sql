@@ -48,7 +48,9 @@ CREATE TABLE IF NOT EXISTS {control}.changes (
     -- gave way, TRUNCATE); false: only the entries the follower keeps.
     all_entries boolean NOT NULL DEFAULT false,
     -- An updated row: the entries whose columns it changed (NULL: every entry reading the table).
-    entries    text[]
+    entries    text[],
+    -- After cutover: the entry whose reverse wrote these blue rows (not re-derived from them).
+    skip_entry text
 );
 -- An applier claims, with the oldest rows (by the primary key, in order), every other row their
 -- transactions logged (by txid). Each index is one more entry per row the application's writes
@@ -115,6 +117,22 @@ CREATE TABLE IF NOT EXISTS {control}.events (
     outcome   text NOT NULL,
     detail    jsonb
 );
+-- Sessions that wrote blue after the cutover (old sessions, or sessions pinned to blue): one row
+-- per session, refreshed by every statement; `status`, `cutover --drain-timeout` and `finalize`
+-- read "blue writes seen in the last N seconds" from it.
+CREATE TABLE IF NOT EXISTS {control}.blue_writers (
+    migration        text NOT NULL,
+    pid              int  NOT NULL,
+    backend_start    timestamptz NOT NULL,
+    usename          text,
+    application_name text,
+    client_addr      text,
+    blue_table       text,
+    first_write      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    last_write       timestamptz NOT NULL DEFAULT clock_timestamp(),
+    writes           bigint NOT NULL DEFAULT 1,
+    PRIMARY KEY (migration, pid, backend_start)
+);
 -- Columns added since a control schema may have been created: added in place (checked first, so
 -- a control schema that has them takes no lock).
 DO $upgrade$
@@ -124,7 +142,11 @@ BEGIN
     FOR c IN SELECT * FROM (VALUES ('deferred', 'ref_table', 'text'),
                                    ('changes', 'all_entries', 'boolean NOT NULL DEFAULT false'),
                                    ('changes', 'entries', 'text[]'),
-                                   ('runs', 'resolved', 'jsonb')) AS v(tab, col, def)
+                                   ('runs', 'resolved', 'jsonb'),
+                                   ('runs', 'cutover_at', 'timestamptz'),
+                                   ('runs', 'rollback_at', 'timestamptz'),
+                                   ('runs', 'refuse_old_writes', 'boolean NOT NULL DEFAULT false'),
+                                   ('changes', 'skip_entry', 'text')) AS v(tab, col, def)
     LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class t ON t.oid = a.attrelid
                        JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace

@@ -5,6 +5,7 @@
 
 pub mod checks;
 pub mod chunks;
+pub mod cutover;
 pub mod keys;
 pub mod query;
 pub mod render;

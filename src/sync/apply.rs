@@ -51,6 +51,10 @@ pub struct Plan {
     pub lock_timeout_ms: u64,
     /// The applier of a fence, which holds blue writes and the other appliers off.
     pub fenced: bool,
+    /// After cutover, the entries whose green writes reverse into blue: their green rows are
+    /// locked before blue is read (a new session's write commits first, with its reversed blue
+    /// row), and every other entry only inserts what green lacks. None before cutover.
+    pub cut_over: Option<BTreeSet<String>>,
 }
 
 impl Plan {
@@ -71,6 +75,7 @@ impl Plan {
             entries: entries.iter().map(|e| e.applier(m)).collect(),
             lock_timeout_ms: ROW_LOCAL_LOCK_TIMEOUT_MS,
             fenced: false,
+            cut_over: None,
         })
     }
     pub fn entry(&self, name: &str) -> Option<&ApplierEntry> {
@@ -92,6 +97,7 @@ impl Plan {
                 .collect(),
             lock_timeout_ms: self.lock_timeout_ms,
             fenced: true,
+            cut_over: self.cut_over.clone(),
         }
     }
 }
@@ -115,14 +121,44 @@ fn is_transient(d: &Diagnostic) -> bool {
 /// holds it exclusively, and its own applier runs without).
 async fn begin(conn: &mut PgConnection, m: &Mapping, plan: &Plan) -> Result<(), Diagnostic> {
     exec(conn, &sql!("BEGIN ISOLATION LEVEL READ COMMITTED")).await?;
-    if plan.fenced {
-        return Ok(());
-    }
-    sqlx::query("SELECT pg_catalog.pg_advisory_xact_lock_shared($1)")
-        .bind(names::appliers_lock(&m.migration))
+    // The loop guard: this transaction's green writes are forward sync, which the reverse
+    // triggers (after cutover) must not write back into blue.
+    sqlx::query("SELECT pg_catalog.set_config($1, 'f:0', true)")
+        .bind(names::guard_setting(&m.migration))
         .execute(&mut *conn)
         .await
         .map_err(db_error)?;
+    if plan.fenced {
+        return Ok(());
+    }
+    // With the appliers' lock held, the phase cannot change under this transaction (cutover
+    // and rollback take it exclusively): one planned for the other side of a flip gives way.
+    let phase: Option<String> = sqlx::query_scalar(
+        sql!(
+            "SELECT r.phase FROM (SELECT pg_catalog.pg_advisory_xact_lock_shared($1)) AS l, {} AS r WHERE r.migration = $2",
+            table(m, "runs")
+        )
+        .assert_safe(),
+    )
+    .bind(names::appliers_lock(&m.migration))
+    .bind(&m.migration)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    if (phase.as_deref() == Some(crate::control::Phase::CutOver.as_str()))
+        != plan.cut_over.is_some()
+    {
+        rollback(conn).await;
+        return Err(Diagnostic::error(
+            "phase-changed",
+            format!(
+                "migration {} moved to phase {} since this applier planned its work",
+                m.migration,
+                phase.unwrap_or_default()
+            ),
+        )
+        .hint("run the command again"));
+    }
     Ok(())
 }
 
@@ -198,7 +234,7 @@ async fn claim_and_apply(
     // only, and the txid index for the second.
     exec(conn, &sql!("SELECT pg_catalog.set_config(s, 'off', true) FROM pg_catalog.unnest(ARRAY['enable_seqscan', 'enable_bitmapscan', 'enable_sort']) AS s")).await?;
     let mut rows = sqlx::query(sql!(
-        "SELECT id, txid::pg_catalog.text AS txid, blue_table, op, all_entries, entries FROM {c} WHERE migration = $1 AND id <= $3 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+        "SELECT id, txid::pg_catalog.text AS txid, blue_table, op, all_entries, entries, skip_entry FROM {c} WHERE migration = $1 AND id <= $3 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
         c = table(m, "changes")
     ).assert_safe())
     .bind(&m.migration)
@@ -217,7 +253,7 @@ async fn claim_and_apply(
             .into_iter()
             .collect();
         let rest = sqlx::query(sql!(
-            "SELECT id, blue_table, op, all_entries, entries FROM {c} WHERE txid = ANY($2::text[]::pg_catalog.xid8[]) AND migration = $1 FOR UPDATE SKIP LOCKED",
+            "SELECT id, blue_table, op, all_entries, entries, skip_entry FROM {c} WHERE txid = ANY($2::text[]::pg_catalog.xid8[]) AND migration = $1 FOR UPDATE SKIP LOCKED",
             c = table(m, "changes")
         ).assert_safe())
         .bind(&m.migration)
@@ -238,7 +274,7 @@ async fn claim_and_apply(
     }
     let mut ids = Vec::new();
     // blue table -> its rows: (id, for every entry, the entries an update concerns)
-    type Logged = (i64, bool, Option<Vec<String>>);
+    type Logged = (i64, bool, Option<Vec<String>>, Option<String>);
     let mut by_table: BTreeMap<String, Vec<Logged>> = BTreeMap::new();
     let mut truncated: BTreeSet<String> = BTreeSet::new();
     for r in &rows {
@@ -249,10 +285,12 @@ async fn claim_and_apply(
             truncated.insert(t);
             continue;
         }
-        by_table
-            .entry(t)
-            .or_default()
-            .push((id, r.get("all_entries"), r.get("entries")));
+        by_table.entry(t).or_default().push((
+            id,
+            r.get("all_entries"),
+            r.get("entries"),
+            r.get("skip_entry"),
+        ));
     }
     for t in &truncated {
         for e in &plan.entries {
@@ -275,11 +313,12 @@ async fn claim_and_apply(
             // did the rest); an update is nothing to an entry whose columns it left unchanged.
             let these: Vec<i64> = logged
                 .iter()
-                .filter(|(_, every, concerns)| {
+                .filter(|(_, every, concerns, skip)| {
                     (*every || !e.row_local)
                         && concerns.as_ref().is_none_or(|c| c.contains(&e.name))
+                        && skip.as_deref() != Some(e.name.as_str())
                 })
-                .map(|(id, _, _)| *id)
+                .map(|(id, _, _, _)| *id)
                 .collect();
             if these.is_empty() {
                 continue;
@@ -656,12 +695,23 @@ pub async fn apply_keys(
         let Some(ks) = keys.get(&pos) else { continue };
         let ks: Vec<Key> = ks.iter().cloned().collect();
         let mut up = vec![];
-        if e.row_local {
-            up.extend(e.lock_blue.clone());
-            up.extend(e.lock_green.clone());
+        match &plan.cut_over {
+            Some(rev) if !rev.contains(&e.name) => up.push(e.insert_missing.clone()),
+            Some(_) => {
+                up.extend(e.lock_blue.clone());
+                up.push(e.green_lock.clone());
+                up.push(e.upsert.clone());
+                up.extend(e.unique_update.clone());
+            }
+            None => {
+                if e.row_local {
+                    up.extend(e.lock_blue.clone());
+                    up.extend(e.lock_green.clone());
+                }
+                up.push(e.upsert.clone());
+                up.extend(e.unique_update.clone());
+            }
         }
-        up.push(e.upsert.clone());
-        up.extend(e.unique_update.clone());
         let f = failures.entry(pos).or_default();
         phase(conn, e, &up, &ks, f, &mut waits).await?;
     }
@@ -677,11 +727,22 @@ pub async fn apply_keys(
             .collect();
         let ks: Vec<Key> = ks.iter().filter(|k| !skip.contains(k)).cloned().collect();
         let mut del = vec![];
-        // A delete in a transaction of its own takes the row locks the upsert took.
-        let lock = e.row_local && phases == Phases::Deletes;
-        if lock {
-            del.extend(e.lock_blue.clone());
-            del.extend(e.lock_green.clone());
+        match &plan.cut_over {
+            // Insert-only after cutover.
+            Some(rev) if !rev.contains(&e.name) => continue,
+            Some(_) => {
+                if phases == Phases::Deletes {
+                    del.extend(e.lock_blue.clone());
+                }
+                del.push(e.green_lock.clone());
+            }
+            None => {
+                // A delete in a transaction of its own takes the row locks the upsert took.
+                if e.row_local && phases == Phases::Deletes {
+                    del.extend(e.lock_blue.clone());
+                    del.extend(e.lock_green.clone());
+                }
+            }
         }
         del.push(e.delete.clone());
         del.extend(e.delete_null.clone());

@@ -38,6 +38,14 @@ impl Fence {
     }
 }
 
+/// Why a fence was not held (nothing is then).
+pub enum NotHeld {
+    /// The blue locks were not granted through every attempt.
+    NotGranted,
+    /// The change log did not drain within the budget.
+    NotDrained,
+}
+
 /// Fence blue writes, drain, export a snapshot. None when the lock is not granted after the
 /// retries or the drain does not finish within `budget` (nothing is held then).
 pub async fn fenced_snapshot(
@@ -47,6 +55,32 @@ pub async fn fenced_snapshot(
     lock_timeout_ms: u64,
     budget: Duration,
 ) -> Result<Option<Fence>, Diagnostic> {
+    let (mut f, granted) = match fence_blue(url, m, plan, lock_timeout_ms, budget).await? {
+        Ok(held) => held,
+        Err(_) => return Ok(None),
+    };
+    let snapshot: String = sqlx::query_scalar("SELECT pg_catalog.pg_export_snapshot()")
+        .fetch_one(&mut f)
+        .await
+        .map_err(db_error)?;
+    Ok(Some(Fence {
+        conn: f,
+        snapshot,
+        granted,
+    }))
+}
+
+/// Steps 1 and 2 of the cutover fence: pause the other appliers, lock the blue tables the
+/// mapping reads `EXCLUSIVE`, drain the change log with an applier on another connection. On
+/// success the returned connection is inside the transaction holding those locks, with when they
+/// were granted; otherwise nothing is held.
+pub async fn fence_blue(
+    url: &str,
+    m: &Mapping,
+    plan: &Plan,
+    lock_timeout_ms: u64,
+    budget: Duration,
+) -> Result<Result<(PgConnection, Instant), NotHeld>, Diagnostic> {
     let mut f = crate::pg::connect(url).await?;
     let mut tables = m.blue_tables_read();
     tables.sort();
@@ -90,7 +124,7 @@ pub async fn fenced_snapshot(
     }
     if !granted {
         eprintln!("bluegreen: fence: blue's writers held the tables through every lock attempt");
-        return Ok(None);
+        return Ok(Err(NotHeld::NotGranted));
     }
     let granted_at = Instant::now();
     // No blue writer is in flight, so the applier need not hold blue rows: its FOR SHARE would
@@ -112,18 +146,10 @@ pub async fn fenced_snapshot(
                 "bluegreen: fence: the change log did not drain within {} ms; writers let go",
                 budget.as_millis()
             );
-            return Ok(None);
+            return Ok(Err(NotHeld::NotDrained));
         }
     }
-    let snapshot: String = sqlx::query_scalar("SELECT pg_catalog.pg_export_snapshot()")
-        .fetch_one(&mut f)
-        .await
-        .map_err(db_error)?;
-    Ok(Some(Fence {
-        conn: f,
-        snapshot,
-        granted: granted_at,
-    }))
+    Ok(Ok((f, granted_at)))
 }
 
 /// With blue fenced and the other appliers paused: apply the log and the full re-derives, and

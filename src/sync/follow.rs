@@ -98,14 +98,22 @@ async fn run(
     crate::control::runs::check_mapping(&mut conn, m).await?;
     crate::control::runs::check_drift(&mut conn, m).await?;
     let m = &crate::control::runs::resolved_mapping(&mut conn, m).await?;
-    let plan: Plan = super::plan(&mut conn, m).await?;
+    let mut plan: Plan = super::plan(&mut conn, m).await?;
     register(&mut conn, m).await?;
     let mut last_beat = Instant::now();
     let mut last_retry = Instant::now();
     let mut last_report = Instant::now();
     let mut since_report = Applied::default();
     while !stop.load(Ordering::Relaxed) {
-        let a = apply::apply_batch(&mut conn, m, &plan, BATCH, i64::MAX).await?;
+        let a = match apply::apply_batch(&mut conn, m, &plan, BATCH, i64::MAX).await {
+            Err(d) if d.code == "phase-changed" => {
+                // A cutover or rollback committed: apply as the new phase says.
+                plan = super::plan(&mut conn, m).await?;
+                eprintln!("bluegreen: follower: {}; re-planned", d.message);
+                continue;
+            }
+            r => r?,
+        };
         done.changes += a.changes as u64;
         done.keys += a.keys as u64;
         done.failed += a.failed as u64;

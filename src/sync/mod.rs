@@ -4,6 +4,7 @@
 //! `plan::sync`.
 
 pub mod apply;
+pub mod cutover;
 pub mod fence;
 pub mod follow;
 
@@ -66,6 +67,15 @@ pub async fn plan(conn: &mut PgConnection, m: &Mapping) -> Result<Plan, Diagnost
     let mut plan = Plan::new(m, &cat)?;
     let deadlock = crate::pg::locking::deadlock_timeout_ms(conn).await?;
     plan.lock_timeout_ms = plan.lock_timeout_ms.min(deadlock / 2).max(1);
+    if runs::phase(conn, m).await? == Phase::CutOver {
+        let entries = sync_entries(m, &cat);
+        plan.cut_over = Some(
+            crate::plan::sync::reversals(m, &entries, &cat)
+                .into_iter()
+                .map(|r| r.entry)
+                .collect(),
+        );
+    }
     Ok(plan)
 }
 

@@ -45,6 +45,11 @@ pub struct ApplierEntry {
     /// them `FOR KEY SHARE` is no conflict).
     pub lock_blue: Option<Sql>,
     pub lock_green: Option<Sql>,
+    /// The green rows of the keys `FOR NO KEY UPDATE` (after cutover, every reversed entry: a
+    /// new session's write to them commits before the applier reads blue).
+    pub green_lock: Sql,
+    /// After cutover, for entries without a reverse: insert the rows green lacks, nothing else.
+    pub insert_missing: Sql,
     /// Every key green holds or M(blue) produces (a full re-derive, after a TRUNCATE).
     pub all_keys: Sql,
     /// `(key text[], row text)` of M(blue) restricted to the keys, in green's types; and of green.
@@ -391,6 +396,10 @@ impl SyncEntry<'_> {
         } else {
             self.green_keys_in()
         };
+        let green_lock = sql!(
+            "SELECT 1 FROM {t} AS bluegreen_g WHERE {} FOR NO KEY UPDATE",
+            self.green_keys_in()
+        );
         let (lock_blue, lock_green) = if self.row_local() {
             let d = self.entry.from_clause.driving();
             (
@@ -440,6 +449,8 @@ impl SyncEntry<'_> {
             }),
             lock_blue,
             lock_green,
+            green_lock,
+            insert_missing: sql!("{}", self.insert_missing(&self.restricted_m(m, false))),
             all_keys: sql!(
                 "SELECT {key_text} FROM {t} AS bluegreen_g UNION {}",
                 self.all_keys_of_blue()
@@ -527,6 +538,51 @@ impl SyncEntry<'_> {
         out.push(self.upsert(select.as_str()));
         out.extend(self.unique_update(select.as_str()));
         out
+    }
+
+    /// The trigger's insert-only step after cutover (an entry without a reverse: green is the new
+    /// application's, so blue only adds the rows green does not have).
+    pub(super) fn row_local_insert(&self, m: &Mapping) -> String {
+        let d = self.entry.from_clause.driving();
+        let cols = self.blue_key_columns();
+        let keys = format!(
+            "({}) IN (SELECT {} FROM new_rows AS n)",
+            join(
+                cols.iter()
+                    .map(|c| format!("{}.{}", Ident::new(&d.alias), Ident::new(c))),
+                ", "
+            ),
+            join(cols.iter().map(|c| format!("n.{}", Ident::new(c))), ", ")
+        );
+        let select = mapping_select(
+            self.entry,
+            self.green,
+            &m.control_schema,
+            &Shape {
+                extra_where: vec![keys],
+                ..Shape::default()
+            },
+        );
+        self.insert_missing(select.as_str())
+    }
+
+    /// `INSERT ... ON CONFLICT (green key) DO NOTHING`.
+    fn insert_missing(&self, select: &str) -> String {
+        let cols = self.mapped();
+        let overriding = cols
+            .iter()
+            .any(|c| self.green.column(c).is_some_and(|gc| gc.identity == "a"));
+        format!(
+            "INSERT INTO {t} AS bluegreen_g ({cols}){ov} SELECT * FROM ({select}) AS m ON CONFLICT ({key}) DO NOTHING",
+            t = self.green.qname(),
+            cols = join(cols.iter().map(|c| Ident::new(*c)), ", "),
+            ov = if overriding {
+                " OVERRIDING SYSTEM VALUE"
+            } else {
+                ""
+            },
+            key = join(self.upsert_key.iter().map(Ident::new), ", "),
+        )
     }
 
     /// The trigger's delete of a row-local entry: the green rows of `old_rows`' keys whose blue

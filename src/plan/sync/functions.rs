@@ -6,7 +6,8 @@
 //! step that could fail runs in a subtransaction under a short `lock_timeout`, and if it fails or
 //! times out its rows go to the change log, pending, for the follower.
 
-use super::{Mode, SyncEntry, function_settings};
+use super::reverse::{guard_declare, set_guard};
+use super::{Mode, Stage, SyncEntry, function_settings};
 use crate::mapping::Mapping;
 use crate::names;
 use crate::sql::{Ident, Literal, QName, Sql, join, sql};
@@ -65,6 +66,23 @@ fn log_rows(
     filter: Option<&UpdateFilter>,
     indent: &str,
 ) -> String {
+    log_rows_skipping(m, x, all_entries, filter, None, indent)
+}
+
+/// [`log_rows`], each row marked with the entry whose reverse wrote it (`skip`, an SQL text
+/// expression): the applier does not re-derive that entry from them.
+fn log_rows_skipping(
+    m: &Mapping,
+    x: &QName,
+    all_entries: bool,
+    filter: Option<&UpdateFilter>,
+    skip: Option<&str>,
+    indent: &str,
+) -> String {
+    let (skip_col, skip_val) = match skip {
+        Some(v) => (", skip_entry", format!(", {v}")),
+        None => ("", String::new()),
+    };
     let changes = QName::new(&m.control_schema, "changes");
     let mig = Literal::new(&m.migration);
     let bt = Literal::new(x.display());
@@ -75,7 +93,7 @@ fn log_rows(
             ("NULL", "pg_catalog.to_jsonb(r.*)")
         };
         format!(
-            "INSERT INTO {changes} (migration, blue_table, op, old_row, new_row, all_entries) SELECT {mig}, {bt}, '{op}', {old}, {new}, {all_entries} FROM {rel} AS r;"
+            "INSERT INTO {changes} (migration, blue_table, op, old_row, new_row, all_entries{skip_col}) SELECT {mig}, {bt}, '{op}', {old}, {new}, {all_entries}{skip_val} FROM {rel} AS r;"
         )
     };
     let update = match filter {
@@ -126,7 +144,7 @@ fn log_rows(
                 ", ",
             );
             format!(
-                "INSERT INTO {changes} (migration, blue_table, op, old_row, new_row, all_entries, entries) SELECT {mig}, {bt}, 'U', bluegreen_p.old_image, bluegreen_p.new_image, {all_entries}, bluegreen_p.entries FROM (SELECT CASE WHEN {} THEN pg_catalog.to_jsonb(bluegreen_o.*) END AS old_image, CASE WHEN {} THEN pg_catalog.to_jsonb(bluegreen_n.*) END AS new_image, CASE WHEN {} AND {} THEN pg_catalog.array_remove(ARRAY[{cases}]::pg_catalog.text[], NULL) END AS entries FROM old_rows AS bluegreen_o FULL JOIN new_rows AS bluegreen_n ON {on}) AS bluegreen_p WHERE bluegreen_p.entries IS NULL OR pg_catalog.cardinality(bluegreen_p.entries) > 0;",
+                "INSERT INTO {changes} (migration, blue_table, op, old_row, new_row, all_entries, entries{skip_col}) SELECT {mig}, {bt}, 'U', bluegreen_p.old_image, bluegreen_p.new_image, {all_entries}, bluegreen_p.entries{skip_val} FROM (SELECT CASE WHEN {} THEN pg_catalog.to_jsonb(bluegreen_o.*) END AS old_image, CASE WHEN {} THEN pg_catalog.to_jsonb(bluegreen_n.*) END AS new_image, CASE WHEN {} AND {} THEN pg_catalog.array_remove(ARRAY[{cases}]::pg_catalog.text[], NULL) END AS entries FROM old_rows AS bluegreen_o FULL JOIN new_rows AS bluegreen_n ON {on}) AS bluegreen_p WHERE bluegreen_p.entries IS NULL OR pg_catalog.cardinality(bluegreen_p.entries) > 0;",
                 present("bluegreen_o"),
                 present("bluegreen_n"),
                 present("bluegreen_o"),
@@ -185,6 +203,39 @@ pub fn live_trigger_function(
     bt: Option<&crate::catalog::Table>,
     n: usize,
 ) -> Sql {
+    live_body(m, entries, x, bt, n, false)
+}
+
+/// The forward trigger function for blue table `x` at a stage of the migration: live (before
+/// cutover), cut over, rolled back (the live body, its green writes marked with the loop guard so
+/// the reverse triggers that stay on green do not echo them). `reversed`: the entries whose green
+/// writes reverse into blue.
+pub fn forward_trigger_function(
+    m: &Mapping,
+    entries: &[SyncEntry],
+    x: &QName,
+    bt: Option<&crate::catalog::Table>,
+    n: usize,
+    stage: Stage,
+    reversed: &[String],
+) -> Sql {
+    match stage {
+        Stage::Live => live_body(m, entries, x, bt, n, false),
+        Stage::RolledBack => live_body(m, entries, x, bt, n, true),
+        Stage::CutOver { refuse_old_writes } => {
+            cut_over_body(m, entries, x, bt, n, refuse_old_writes, reversed)
+        }
+    }
+}
+
+fn live_body(
+    m: &Mapping,
+    entries: &[SyncEntry],
+    x: &QName,
+    bt: Option<&crate::catalog::Table>,
+    n: usize,
+    guard: bool,
+) -> Sql {
     let filter = bt.and_then(|bt| UpdateFilter::new(entries, bt));
     let filter = filter.as_ref();
     let followed = entries
@@ -202,7 +253,10 @@ pub fn live_trigger_function(
         return function(m, n, "", &body);
     }
     // The isolation level, read once per statement.
-    let declare = "DECLARE\n    lt text;\n    bluegreen_set text;\n    bluegreen_iso text := pg_catalog.current_setting('transaction_isolation');\n";
+    let mut declare = "DECLARE\n    lt text;\n    bluegreen_set text;\n    bluegreen_iso text := pg_catalog.current_setting('transaction_isolation');\n".to_string();
+    if guard {
+        declare.push_str(&guard_declare(m));
+    }
     // A SERIALIZABLE writer's rows go to the change log for every entry: a row-local step
     // reads blue inside the writer's transaction, and its predicate locks (which outlive the
     // step's subtransaction) would fail application commits that never conflicted (H2-11).
@@ -218,6 +272,12 @@ pub fn live_trigger_function(
     let all_infallible = local
         .iter()
         .all(|e| matches!(e.mode, Mode::RowLocal { infallible: true }));
+    if guard {
+        body.push_str(&format!(
+            "    {}\n",
+            set_guard(m, "'f:' || bluegreen_depth::pg_catalog.text")
+        ));
+    }
     if all_infallible {
         body.push_str(&format!(
             "    IF bluegreen_iso = 'read committed' THEN\n{}    ELSE\n{}    END IF;\n",
@@ -227,7 +287,150 @@ pub fn live_trigger_function(
     } else {
         body.push_str(&guarded(m, x, &local, filter, "    "));
     }
-    function(m, n, declare, &body)
+    if guard {
+        body.push_str(&format!("    {}\n", set_guard(m, "bluegreen_guard")));
+    }
+    function(m, n, &declare, &body)
+}
+
+/// After the flip. A blue write is either the echo of a reverse (the guard names the entry whose
+/// green write caused it: every other entry reading the table re-derives, that one not) or an old
+/// session's (opened before the flip, or pinned to blue): recorded in `blue_writers` per
+/// session, refused with `--refuse-old-writes`, and otherwise re-derived in its own statement
+/// under a short `lock_timeout`; a wait for a green row a new session holds gives way with
+/// `40001` to the old session, so old and new sessions never deadlock through sync. Entries
+/// without a reverse are insert-only from blue (green is the new application's). An old
+/// session's write to the driving table of a reversed entry the follower keeps is refused: the
+/// follower would apply it after a new session may have read the green row and written it back
+/// (design review C1).
+fn cut_over_body(
+    m: &Mapping,
+    entries: &[SyncEntry],
+    x: &QName,
+    bt: Option<&crate::catalog::Table>,
+    n: usize,
+    refuse_old_writes: bool,
+    reversed: &[String],
+) -> Sql {
+    let filter = bt.and_then(|bt| UpdateFilter::new(entries, bt));
+    let filter = filter.as_ref();
+    let followed = entries
+        .iter()
+        .any(|e| !e.row_local() && !e.aliases_of(x).is_empty());
+    let local: Vec<&SyncEntry> = entries
+        .iter()
+        .filter(|e| e.row_local() && e.driving() == x)
+        .collect();
+    let denied: Vec<&str> = entries
+        .iter()
+        .filter(|e| !e.row_local() && e.driving() == x && reversed.contains(&e.entry.name))
+        .map(|e| e.entry.name.as_str())
+        .collect();
+    let mut declare = String::from("DECLARE\n    lt text;\n    bluegreen_set text;\n");
+    declare.push_str(&guard_declare(m));
+    declare.push_str("    bluegreen_src text;\n    bluegreen_old boolean;\n");
+    let writers = QName::new(&m.control_schema, "blue_writers");
+    let moved = format!(
+        "RAISE EXCEPTION 'bluegreen: migration % moved the application to schema %; this session still writes %', {}, {}, {}::pg_catalog.text USING ERRCODE = 'object_not_in_prerequisite_state'",
+        Literal::new(&m.migration),
+        Literal::new(&m.green),
+        Literal::new(x.display()),
+    );
+    let mut old = format!(
+        "        INSERT INTO {writers} AS w (migration, pid, backend_start, usename, application_name, client_addr, blue_table) SELECT {mig}, a.pid, a.backend_start, pg_catalog.session_user()::pg_catalog.text, a.application_name, a.client_addr::pg_catalog.text, {bt} FROM pg_catalog.pg_stat_get_activity(pg_catalog.pg_backend_pid()) AS a ON CONFLICT (migration, pid, backend_start) DO UPDATE SET last_write = pg_catalog.clock_timestamp(), writes = w.writes + 1, blue_table = EXCLUDED.blue_table;\n",
+        mig = Literal::new(&m.migration),
+        bt = Literal::new(x.display()),
+    );
+    if refuse_old_writes {
+        old.push_str(&format!(
+            "        {moved}, HINT = 'reconnect: new sessions use the new schema (cutover --refuse-old-writes)';\n"
+        ));
+    }
+    old.push_str(&format!(
+        "        IF TG_OP = 'TRUNCATE' THEN\n            {moved}, HINT = 'reconnect: a TRUNCATE of blue after cutover cannot reach green';\n        END IF;\n"
+    ));
+    if !denied.is_empty() {
+        old.push_str(&format!(
+            "        {moved}, HINT = {};\n",
+            Literal::new(format!(
+                "reconnect: {} is kept by the follower and written by new sessions, so a write here could be lost",
+                denied.join(", ")
+            ))
+        ));
+    }
+    let mut body = format!(
+        "    bluegreen_src := CASE WHEN pg_catalog.left(bluegreen_guard, 2) = 'r:' AND pg_catalog.split_part(bluegreen_guard, ':', 2)::pg_catalog.int4 = bluegreen_depth - 1 THEN pg_catalog.substr(bluegreen_guard, pg_catalog.length(pg_catalog.split_part(bluegreen_guard, ':', 2)) + 4) END;\n    bluegreen_old := NOT (pg_catalog.left(bluegreen_guard, 2) IN ('r:', 'f:') AND pg_catalog.split_part(bluegreen_guard, ':', 2)::pg_catalog.int4 < bluegreen_depth);\n    IF bluegreen_old THEN\n{old}    END IF;\n"
+    );
+    body.push_str(&log_truncate(m, x));
+    if followed {
+        body.push_str(&log_rows_skipping(
+            m,
+            x,
+            false,
+            filter,
+            Some("bluegreen_src"),
+            "    ",
+        ));
+    }
+    if !local.is_empty() {
+        let inner = "        ";
+        body.push_str(&format!(
+            "    {}\n    BEGIN\n{inner}lt := pg_catalog.current_setting('lock_timeout');\n{inner}bluegreen_set := pg_catalog.set_config('lock_timeout', {STEP_LOCK_TIMEOUT}, true);\n{}{inner}bluegreen_set := pg_catalog.set_config('lock_timeout', lt, true);\n    EXCEPTION WHEN OTHERS THEN\n{inner}IF bluegreen_old THEN\n{inner}    IF SQLSTATE IN ('55P03', '40P01') THEN\n{inner}        RAISE EXCEPTION 'bluegreen: this blue write waited for a green row a session on the new schema holds; retry it (or reconnect to use the new schema)' USING ERRCODE = 'serialization_failure';\n{inner}    END IF;\n{inner}    RAISE;\n{inner}END IF;\n{}    END;\n    {}\n",
+            set_guard(m, "'f:' || bluegreen_depth::pg_catalog.text"),
+            cut_over_steps(m, &local, reversed, inner),
+            log_rows_skipping(m, x, true, filter, Some("bluegreen_src"), inner),
+            set_guard(m, "bluegreen_guard"),
+        ));
+    }
+    function(m, n, &declare, &body)
+}
+
+/// The row-local steps after the flip: each entry skipped when its own reverse wrote the rows;
+/// entries without a reverse only insert what green does not have.
+fn cut_over_steps(m: &Mapping, local: &[&SyncEntry], reversed: &[String], indent: &str) -> String {
+    let unless_src = |e: &SyncEntry, stmts: Vec<String>| {
+        let lines: String = stmts
+            .iter()
+            .map(|s| format!("{indent}        {s};\n"))
+            .collect();
+        format!(
+            "{indent}    IF bluegreen_src IS DISTINCT FROM {} THEN\n{lines}{indent}    END IF;\n",
+            Literal::new(&e.entry.name)
+        )
+    };
+    let is_rev = |e: &SyncEntry| reversed.contains(&e.entry.name);
+    let ups: String = local
+        .iter()
+        .map(|e| {
+            let stmts = if is_rev(e) {
+                e.row_local_upsert(m)
+            } else {
+                vec![e.row_local_insert(m)]
+            };
+            unless_src(e, stmts)
+        })
+        .collect();
+    let dels = |update: bool| -> String {
+        local
+            .iter()
+            .rev()
+            .filter(|e| is_rev(e))
+            .map(|e| {
+                let del = e.row_local_delete();
+                match (update, e.key_left()) {
+                    (true, Some(left)) => {
+                        unless_src(e, vec![format!("IF EXISTS ({left}) THEN {del}; END IF")])
+                    }
+                    _ => unless_src(e, vec![del]),
+                }
+            })
+            .collect()
+    };
+    format!(
+        "{indent}IF TG_OP = 'INSERT' THEN\n{ups}{indent}ELSIF TG_OP = 'UPDATE' THEN\n{ups}{}{indent}ELSIF TG_OP = 'DELETE' THEN\n{}{indent}END IF;\n",
+        dels(true),
+        dels(false),
+    )
 }
 
 /// The row-local steps in a subtransaction under a short `lock_timeout`; on any error their rows

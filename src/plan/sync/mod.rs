@@ -20,6 +20,7 @@
 mod derive;
 mod functions;
 mod keys;
+mod reverse;
 #[cfg(test)]
 mod tests;
 
@@ -31,7 +32,21 @@ use crate::sql::{Literal, QName, join};
 use std::collections::BTreeSet;
 
 pub use derive::ApplierEntry;
-pub use functions::{capture_trigger_function, live_trigger_function};
+pub use functions::{capture_trigger_function, forward_trigger_function, live_trigger_function};
+pub use reverse::{Reversal, reversals};
+
+/// Where the migration stands, as far as the trigger bodies are concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Before cutover: blue is the application's; green follows.
+    Live,
+    /// After cutover: green is the application's; old sessions' blue writes still reach it
+    /// (or are refused).
+    CutOver { refuse_old_writes: bool },
+    /// After a rollback: blue is the application's again; the reverse triggers stay for green
+    /// stragglers and give way.
+    RolledBack,
+}
 
 /// Settings pinned on every generated function, so expressions evaluate as in `plan` and `copy`
 /// whatever the application session's settings are: the session settings every connection pins

@@ -1,0 +1,288 @@
+//! Reverse sync (DESIGN.md steps 5 and 6, rules "after cutover"): after the flip the application
+//! writes green, and each invertible entry's green table carries a statement trigger that writes
+//! the same change back into its driving blue table, so blue stays `R(green)` and a rollback
+//! loses nothing.
+//!
+//! - a green `INSERT` is a plain blue `INSERT` (a key conflict is the green writer's error, never
+//!   merged); identity columns are written `OVERRIDING SYSTEM VALUE`, generated ones never;
+//! - an `UPDATE` writes only the blue columns whose reversed value changed between the row's old
+//!   and new green image (an old session's concurrent write to another column survives); an
+//!   update of a green key is refused (a statement trigger cannot pair its rows);
+//! - a `DELETE` deletes the blue rows by key; `TRUNCATE` is refused.
+//!
+//! The loop guard: a transaction-local setting (`names::guard_setting`) holding which applier is
+//! writing and at which trigger depth, `f:<depth>` for forward sync, `r:<depth>:<entry>` for a
+//! reverse; each sets it around its writes and restores the previous value. A reverse trigger
+//! does nothing inside a forward apply (its green writes are the echo of blue); the forward
+//! trigger on blue skips the entry whose reverse wrote the blue rows, and re-derives every other
+//! entry reading them.
+//!
+//! After a rollback the reverse triggers stay (sessions opened during the cutover may still write
+//! green), and give way: under a short `lock_timeout`, a wait for a blue row is turned into a
+//! retryable `40001` for the green straggler, never a wait the blue application depends on.
+
+use super::{SyncEntry, function_settings, functions::STEP_LOCK_TIMEOUT};
+use crate::catalog::{Catalog, Table};
+use crate::mapping::Mapping;
+use crate::names;
+use crate::plan::reverse::{Verdict, reverse_plan};
+use crate::sql::{Expr, Ident, Literal, QName, Sql, join, sql};
+
+/// What the reverse trigger of one entry writes.
+#[derive(Clone, Debug)]
+pub struct Reversal {
+    pub entry: String,
+    pub index: usize,
+    pub green: QName,
+    pub blue: QName,
+    /// (blue column, expression over the green row), generated blue columns left out.
+    pub columns: Vec<(String, String)>,
+    /// The blue key the rows are found by (primary key, else a strict unique key).
+    pub blue_key: Vec<String>,
+    /// The green columns that pair an update's old and new rows.
+    pub green_key: Vec<String>,
+    /// A blue identity column `GENERATED ALWAYS` is written.
+    pub overriding: bool,
+}
+
+/// The entries whose green writes reverse into blue: invertible (every blue column comes back),
+/// with the whole blue key among the reversed columns.
+pub fn reversals(m: &Mapping, entries: &[SyncEntry], cat: &Catalog) -> Vec<Reversal> {
+    let mut out = Vec::new();
+    for e in entries {
+        let rp = reverse_plan(m, e.entry, cat);
+        if rp.verdict != Verdict::Invertible {
+            continue;
+        }
+        let Some(bt) = cat.table(e.driving()) else {
+            continue;
+        };
+        let Some(blue_key) = blue_key(bt) else {
+            continue;
+        };
+        let columns: Vec<(String, String)> = rp
+            .columns
+            .iter()
+            .filter(|(c, _)| bt.column(c).is_some_and(|bc| bc.generated.is_empty()))
+            .cloned()
+            .collect();
+        if !blue_key.iter().all(|k| columns.iter().any(|(c, _)| c == k)) {
+            continue;
+        }
+        let overriding = columns
+            .iter()
+            .any(|(c, _)| bt.column(c).is_some_and(|bc| bc.identity == "a"));
+        out.push(Reversal {
+            entry: e.entry.name.clone(),
+            index: e.index,
+            green: e.green.qname(),
+            blue: bt.qname(),
+            columns,
+            blue_key,
+            green_key: e.upsert_key.clone(),
+            overriding,
+        });
+    }
+    out
+}
+
+fn blue_key(bt: &Table) -> Option<Vec<String>> {
+    bt.primary_key
+        .as_ref()
+        .map(|k| k.columns.clone())
+        .or_else(|| bt.strict_unique_keys().into_iter().next())
+}
+
+/// The guard value test: inside a forward apply (at any depth above this trigger).
+pub(super) fn in_forward_apply() -> &'static str {
+    "pg_catalog.left(bluegreen_guard, 2) = 'f:' AND pg_catalog.split_part(bluegreen_guard, ':', 2)::pg_catalog.int4 < bluegreen_depth"
+}
+
+/// `DECLARE` lines reading the guard once.
+pub(super) fn guard_declare(m: &Mapping) -> String {
+    format!(
+        "    bluegreen_guard text := COALESCE(pg_catalog.current_setting({}, true), '');\n    bluegreen_depth pg_catalog.int4 := pg_catalog.pg_trigger_depth();\n",
+        Literal::new(names::guard_setting(&m.migration))
+    )
+}
+
+/// Set the guard to `value` (an SQL text expression).
+pub(super) fn set_guard(m: &Mapping, value: &str) -> String {
+    format!(
+        "bluegreen_set := pg_catalog.set_config({}, {value}, true);",
+        Literal::new(names::guard_setting(&m.migration))
+    )
+}
+
+impl Reversal {
+    fn side(&self, rel: &str) -> String {
+        let mut cols: Vec<String> = self
+            .green_key
+            .iter()
+            .enumerate()
+            .map(|(j, k)| format!("{} AS gk{j}", Ident::new(k)))
+            .collect();
+        cols.extend(
+            self.columns
+                .iter()
+                .enumerate()
+                .map(|(j, (_, x))| format!("({}) AS v{j}", Expr(x))),
+        );
+        format!("SELECT {} FROM {rel}", join(cols, ", "))
+    }
+    fn col_index(&self, c: &str) -> usize {
+        self.columns
+            .iter()
+            .position(|(b, _)| b == c)
+            .expect("key columns are reversed")
+    }
+    fn key_match(&self, b: &str, p: &str, prefix: &str) -> String {
+        join(
+            self.blue_key
+                .iter()
+                .map(|k| format!("{b}.{} = {p}.{prefix}{}", Ident::new(k), self.col_index(k))),
+            " AND ",
+        )
+    }
+
+    fn insert(&self) -> String {
+        format!(
+            "INSERT INTO {} ({}){} SELECT {} FROM ({}) AS n",
+            self.blue,
+            join(self.columns.iter().map(|(c, _)| Ident::new(c)), ", "),
+            if self.overriding {
+                " OVERRIDING SYSTEM VALUE"
+            } else {
+                ""
+            },
+            join((0..self.columns.len()).map(|j| format!("n.v{j}")), ", "),
+            self.side("new_rows")
+        )
+    }
+
+    fn key_moved(&self) -> String {
+        let on = join(
+            (0..self.green_key.len()).map(|j| format!("n.gk{j} = o.gk{j}")),
+            " AND ",
+        );
+        format!(
+            "EXISTS (SELECT 1 FROM ({}) AS o WHERE NOT EXISTS (SELECT 1 FROM ({}) AS n WHERE {on}))",
+            self.side("old_rows"),
+            self.side("new_rows")
+        )
+    }
+
+    fn update(&self) -> Option<String> {
+        let set: Vec<(usize, &String)> = self
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, (c, _))| !self.blue_key.contains(c))
+            .map(|(j, (c, _))| (j, c))
+            .collect();
+        if set.is_empty() {
+            return None;
+        }
+        let on = join(
+            (0..self.green_key.len()).map(|j| format!("n.gk{j} = o.gk{j}")),
+            " AND ",
+        );
+        let mut cols: Vec<String> = (0..self.columns.len())
+            .map(|j| format!("o.v{j} AS o{j}, n.v{j} AS n{j}"))
+            .collect();
+        cols.dedup();
+        let differs = |j: usize| {
+            format!("(p.o{j})::pg_catalog.text IS DISTINCT FROM (p.n{j})::pg_catalog.text")
+        };
+        Some(format!(
+            "UPDATE {b} AS b SET {set} FROM (SELECT {cols} FROM ({o}) AS o JOIN ({n}) AS n ON {on}) AS p WHERE {key} AND ({any})",
+            b = self.blue,
+            set = join(
+                set.iter().map(|(j, c)| format!(
+                    "{c} = CASE WHEN {} THEN p.n{j} ELSE b.{c} END",
+                    differs(*j),
+                    c = Ident::new(*c)
+                )),
+                ", "
+            ),
+            cols = join(cols, ", "),
+            o = self.side("old_rows"),
+            n = self.side("new_rows"),
+            key = self.key_match("b", "p", "n"),
+            any = join(set.iter().map(|(j, _)| differs(*j)), " OR "),
+        ))
+    }
+
+    fn delete(&self) -> String {
+        format!(
+            "DELETE FROM {} AS b USING ({}) AS p WHERE {}",
+            self.blue,
+            self.side("old_rows"),
+            self.key_match("b", "p", "v")
+        )
+    }
+
+    /// The reverse trigger function (`rolled_back`: after a rollback, giving way to blue).
+    pub fn function(&self, m: &Mapping, rolled_back: bool) -> Sql {
+        let entry = Literal::new(&self.entry);
+        let steps = format!(
+            "        IF TG_OP = 'INSERT' THEN\n            {};\n        ELSIF TG_OP = 'UPDATE' THEN\n            IF {} THEN\n                RAISE EXCEPTION 'bluegreen: an UPDATE of the key of % cannot be written back to blue during the migration', {}::pg_catalog.text USING ERRCODE = 'feature_not_supported', HINT = 'delete the row and insert it with its new key';\n            END IF;\n{}        ELSIF TG_OP = 'DELETE' THEN\n            {};\n        END IF;\n",
+            self.insert(),
+            self.key_moved(),
+            Literal::new(self.green.display()),
+            self.update()
+                .map(|u| format!("            {u};\n"))
+                .unwrap_or_default(),
+            self.delete(),
+        );
+        let body = if rolled_back {
+            format!(
+                "    BEGIN\n        lt := pg_catalog.current_setting('lock_timeout');\n        bluegreen_set := pg_catalog.set_config('lock_timeout', {STEP_LOCK_TIMEOUT}, true);\n{steps}        bluegreen_set := pg_catalog.set_config('lock_timeout', lt, true);\n    EXCEPTION WHEN lock_not_available OR deadlock_detected THEN\n        RAISE EXCEPTION 'bluegreen: the application is back on blue; this write to green gave way to a blue writer' USING ERRCODE = 'serialization_failure', HINT = 'retry, or reconnect to use blue';\n    END;\n"
+            )
+        } else {
+            steps
+        };
+        sql!(
+            "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn$\n#variable_conflict use_column\nDECLARE\n    lt text;\n    bluegreen_set text;\n{declare}BEGIN\n    IF {inside} THEN\n        RETURN NULL;\n    END IF;\n    IF TG_OP = 'TRUNCATE' THEN\n        RAISE EXCEPTION 'bluegreen: TRUNCATE of % cannot be written back to blue during the migration', {g}::pg_catalog.text USING ERRCODE = 'feature_not_supported', HINT = 'DELETE the rows instead';\n    END IF;\n    {push}\n{body}    {pop}\n    RETURN NULL;\nEND\n$fn$",
+            f = names::reverse_function(&m.control_schema, &m.migration, self.index),
+            settings = function_settings(),
+            declare = guard_declare(m),
+            inside = in_forward_apply(),
+            g = Literal::new(self.green.display()),
+            push = set_guard(
+                m,
+                &format!("'r:' || bluegreen_depth::pg_catalog.text || ':' || {entry}")
+            ),
+            pop = set_guard(m, "bluegreen_guard"),
+        )
+    }
+
+    /// The triggers calling it (created or replaced; fired for every session).
+    pub fn triggers(&self, m: &Mapping) -> Vec<Sql> {
+        let f = names::reverse_function(&m.control_schema, &m.migration, self.index);
+        let mut out: Vec<Sql> = [
+            ("ins", "AFTER INSERT", "REFERENCING NEW TABLE AS new_rows "),
+            (
+                "upd",
+                "AFTER UPDATE",
+                "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows ",
+            ),
+            ("del", "AFTER DELETE", "REFERENCING OLD TABLE AS old_rows "),
+            ("trunc", "BEFORE TRUNCATE", ""),
+        ]
+        .into_iter()
+        .flat_map(|(ev, when, refs)| {
+            let name = Ident::new(names::reverse_trigger(&m.migration, ev));
+            [
+                sql!(
+                    "CREATE OR REPLACE TRIGGER {name} {when} ON {} {refs}FOR EACH STATEMENT EXECUTE FUNCTION {f}()",
+                    self.green
+                ),
+                sql!("ALTER TABLE {} ENABLE ALWAYS TRIGGER {name}", self.green),
+            ]
+        })
+        .collect();
+        out.shrink_to_fit();
+        out
+    }
+}
