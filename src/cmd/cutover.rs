@@ -123,7 +123,7 @@ pub async fn run(a: &CutoverArgs) -> anyhow::Result<Outcome> {
     }
     let flipped = engine::cutover(url, &m, &o).await.map_err(reject)?;
     let mut out = render("cutover", &m, &flipped);
-    let before = engine::sessions_before_flip(&mut conn, &m)
+    let before = crate::control::writers::sessions_before_flip(&mut conn, &m)
         .await
         .map_err(reject)?;
     out.push_str(&format!(

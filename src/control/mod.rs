@@ -19,6 +19,7 @@ pub mod phase;
 pub mod runs;
 pub mod status;
 pub mod validations;
+pub mod writers;
 
 use sqlx::PgConnection;
 use sqlx::postgres::{PgArguments, PgRow, Postgres};

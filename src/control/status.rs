@@ -35,7 +35,12 @@ pub struct Status {
     pub failed_changes: i64,
     pub warnings: Vec<String>,
     pub events: Vec<Event>,
+    /// Sessions that wrote blue after the cutover, in the last [`BLUE_WRITERS_WINDOW`].
+    pub blue_writers: Vec<super::writers::BlueWriter>,
 }
+
+/// How far back `status` looks for blue writers.
+pub const BLUE_WRITERS_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
 #[derive(Debug, Serialize)]
 pub struct Follower {
@@ -80,6 +85,7 @@ pub async fn status(conn: &mut PgConnection, m: &Mapping) -> Result<Status, Diag
         failed_changes: 0,
         warnings: Vec::new(),
         events: Vec::new(),
+        blue_writers: Vec::new(),
     };
     if phase == Phase::New {
         return Ok(st);
@@ -151,6 +157,9 @@ pub async fn status(conn: &mut PgConnection, m: &Mapping) -> Result<Status, Diag
     if let Err(d) = runs::check_drift(conn, m).await {
         st.warnings.push(d.message);
     }
+    if matches!(st.phase, Phase::CutOver | Phase::RolledBack) {
+        st.blue_writers = super::writers::blue_writers(conn, m, BLUE_WRITERS_WINDOW).await?;
+    }
     for r in query(m, "SELECT at::text AS at, who, command, outcome FROM {events} WHERE migration = $1 ORDER BY id DESC LIMIT 10")
     .fetch_all(&mut *conn)
     .await
@@ -207,6 +216,25 @@ pub fn render(st: &Status) -> String {
             o.push_str(&format!(
                 "  {} key {}: {} (at {})\n",
                 f.table, f.sync_key, f.error, f.failed_at
+            ));
+        }
+    }
+    if !st.blue_writers.is_empty() {
+        o.push_str(&format!(
+            "sessions that wrote blue after the cutover (last {} s):\n",
+            BLUE_WRITERS_WINDOW.as_secs()
+        ));
+        for w in &st.blue_writers {
+            o.push_str(&format!(
+                "  pid {} user {} application {} from {}: {} statement(s), last {:.1} s ago on {}{}\n",
+                w.pid,
+                w.usename.as_deref().unwrap_or("?"),
+                w.application_name.as_deref().unwrap_or(""),
+                w.client_addr.as_deref().unwrap_or("local"),
+                w.writes,
+                w.seconds_ago,
+                w.blue_table.as_deref().unwrap_or("?"),
+                if w.alive { "" } else { " (disconnected)" }
             ));
         }
     }

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::{Connection, PgConnection, Row};
 
 use super::fence::{NotHeld, fence_blue};
+use crate::control::writers::{BlueWriter, blue_writers, terminate_blue_writers};
 use crate::control::{self, Phase, changes, events, runs};
 use crate::diag::Diagnostic;
 use crate::mapping::Mapping;
@@ -174,6 +175,10 @@ pub async fn cutover_gates(
 ) -> Result<Vec<Refusal>, Diagnostic> {
     let mut out = Vec::new();
     let phase = runs::phase(conn, m).await?;
+    if phase == Phase::CutOver {
+        // Already there (a re-run after a crash or a success): `cutover` says so.
+        return Ok(out);
+    }
     if !matches!(phase, Phase::Live | Phase::RolledBack) {
         out.push(refusal(
             "phase",
@@ -770,6 +775,19 @@ pub async fn rollback(url: &str, m: &Mapping, o: &RollbackOptions) -> Result<Fli
                 exec(&mut tx, &r.function(m, true)).await?;
                 flipped.reverse_triggers.push(r.green.display());
             }
+            // Entries without a reverse were insert-only while green was the application's:
+            // re-derived whole, green = M(blue) again (their green writes are the accepted loss).
+            for e in m.tables.iter().filter(|e| !reversed.contains(&e.name)) {
+                sqlx::query(
+                    control::statement(m, "INSERT INTO {rederive} (migration, green_table) VALUES ($1, $2) ON CONFLICT (migration, green_table) DO UPDATE SET requested_at = pg_catalog.clock_timestamp()")
+                        .assert_safe(),
+                )
+                .bind(&m.migration)
+                .bind(&e.name)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+            }
             sqlx::query(
                 control::statement(m, "UPDATE {runs} SET rollback_at = now() WHERE migration = $1")
                     .assert_safe(),
@@ -821,91 +839,6 @@ pub async fn rollback(url: &str, m: &Mapping, o: &RollbackOptions) -> Result<Fli
         }
     }
     unreachable!("the last attempt returns")
-}
-
-/// Sessions that wrote blue after the flip, seen within the last `within` (pid, user,
-/// application, client, last write).
-#[derive(Clone, Debug, Serialize)]
-pub struct BlueWriter {
-    pub pid: i32,
-    pub usename: Option<String>,
-    pub application_name: Option<String>,
-    pub client_addr: Option<String>,
-    pub blue_table: Option<String>,
-    pub writes: i64,
-    pub seconds_ago: f64,
-    pub alive: bool,
-}
-
-pub async fn blue_writers(
-    conn: &mut PgConnection,
-    m: &Mapping,
-    within: Duration,
-) -> Result<Vec<BlueWriter>, Diagnostic> {
-    let rows = sqlx::query(
-        control::statement(
-            m,
-            "SELECT w.pid, w.usename, w.application_name, w.client_addr, w.blue_table, w.writes, extract(epoch FROM pg_catalog.clock_timestamp() - w.last_write)::float8 AS ago,
-                    EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = w.pid AND a.backend_start = w.backend_start) AS alive
-             FROM {blue_writers} w WHERE w.migration = $1 AND w.last_write > pg_catalog.clock_timestamp() - pg_catalog.make_interval(secs => $2)
-             ORDER BY w.last_write DESC",
-        )
-        .assert_safe(),
-    )
-    .bind(&m.migration)
-    .bind(within.as_secs_f64())
-    .fetch_all(conn)
-    .await
-    .map_err(db_error)?;
-    Ok(rows
-        .iter()
-        .map(|r| BlueWriter {
-            pid: r.get("pid"),
-            usename: r.get("usename"),
-            application_name: r.get("application_name"),
-            client_addr: r.get("client_addr"),
-            blue_table: r.get("blue_table"),
-            writes: r.get("writes"),
-            seconds_ago: r.get("ago"),
-            alive: r.get("alive"),
-        })
-        .collect())
-}
-
-/// Sessions of this database opened before the flip, still connected (they keep the old
-/// `search_path`).
-pub async fn sessions_before_flip(conn: &mut PgConnection, m: &Mapping) -> Result<i64, Diagnostic> {
-    sqlx::query_scalar(
-        control::statement(
-            m,
-            "SELECT count(*) FROM pg_catalog.pg_stat_activity a, {runs} r WHERE r.migration = $1 AND a.datname = pg_catalog.current_database() AND a.backend_type = 'client backend' AND a.pid <> pg_catalog.pg_backend_pid() AND a.backend_start < r.cutover_at",
-        )
-        .assert_safe(),
-    )
-    .bind(&m.migration)
-    .fetch_one(conn)
-    .await
-    .map_err(db_error)
-}
-
-/// End the sessions that wrote blue within `within` and are still connected; how many.
-pub async fn terminate_blue_writers(
-    conn: &mut PgConnection,
-    m: &Mapping,
-    within: Duration,
-) -> Result<i64, Diagnostic> {
-    sqlx::query_scalar(
-        control::statement(
-            m,
-            "SELECT count(*) FILTER (WHERE pg_catalog.pg_terminate_backend(a.pid)) FROM {blue_writers} w JOIN pg_catalog.pg_stat_activity a ON a.pid = w.pid AND a.backend_start = w.backend_start WHERE w.migration = $1 AND w.last_write > pg_catalog.clock_timestamp() - pg_catalog.make_interval(secs => $2) AND a.pid <> pg_catalog.pg_backend_pid()",
-        )
-        .assert_safe(),
-    )
-    .bind(&m.migration)
-    .bind(within.as_secs_f64())
-    .fetch_one(conn)
-    .await
-    .map_err(db_error)
 }
 
 /// A connection pooler in front of the database, seen by its application name: poolers in

@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one throwaway PostgreSQL per process, a database per test.
 
 mod copy;
+mod cutover;
 mod explain;
 mod hostile;
 mod hostile2;

@@ -1,0 +1,695 @@
+//! cutover and rollback (DESIGN.md step 5, "the cutover fence", "after cutover"): the application
+//! moves to green and back while it writes, nothing it committed on either side is lost, generated
+//! keys never collide, the previous `search_path` settings come back byte for byte, and a cutover
+//! that cannot get its locks gives up having changed nothing. Each scenario ends on the exact
+//! comparison of blue and green as multisets.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use sqlx::PgConnection;
+
+use crate::support::{
+    both, cluster, connect, copy_ok, count, empty_db, exec, fingerprint, invariant_violations,
+    run_within, stdout,
+};
+
+const PGB: &str = "tests/fixtures/cutover_pgbench.yaml";
+const SMALL: &str = "tests/fixtures/cutover_small.yaml";
+const LIMIT: Duration = Duration::from_secs(120);
+
+async fn ok(url: &str, args: &[&str]) -> String {
+    let out = run_within(url, args, LIMIT).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}: {}",
+        args.join(" "),
+        both(&out)
+    );
+    stdout(&out)
+}
+
+/// The database's fingerprint less the control schema's sequence positions (a refusal is
+/// recorded in the audit trail: that is all it writes).
+async fn unchanged(url: &str) -> Vec<String> {
+    fingerprint(url)
+        .await
+        .into_iter()
+        .filter(|l| !l.starts_with("seq bluegreen."))
+        .collect()
+}
+
+/// pgbench from the cluster's binaries against database `db`.
+fn pgbench(db: &str, args: &[&str]) -> std::process::Command {
+    let cl = cluster();
+    let mut c = std::process::Command::new(cl.bindir().join("pgbench"));
+    c.args([
+        "-h",
+        &cl.socket_dir().display().to_string(),
+        "-U",
+        "postgres",
+    ])
+    .args(args)
+    .arg(db)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    c
+}
+
+/// Rows of `a` not in `b` plus rows of `b` not in `a`, as multisets, on `cols` (cast to text).
+async fn differ(c: &mut PgConnection, a: &str, b: &str, cols: &str) -> i64 {
+    count(
+        c,
+        &format!(
+            "SELECT (SELECT count(*) FROM (SELECT {cols} FROM {a} EXCEPT ALL SELECT {cols} FROM {b}) x)
+                  + (SELECT count(*) FROM (SELECT {cols} FROM {b} EXCEPT ALL SELECT {cols} FROM {a}) y)"
+        ),
+    )
+    .await
+}
+
+/// Both directions for the pgbench mapping: every table the same in blue and green.
+async fn assert_pgbench_sides_equal(c: &mut PgConnection, what: &str) {
+    for (t, cols) in [
+        ("pgbench_branches", "bid, bbalance::int8, filler"),
+        ("pgbench_tellers", "tid, bid, tbalance::int8, filler"),
+        ("pgbench_accounts", "aid, bid, abalance::int8, filler"),
+        (
+            "pgbench_history",
+            "hid, tid, bid, aid, delta::int8, mtime, filler",
+        ),
+    ] {
+        let n = differ(c, &format!("public.{t}"), &format!("pgb_green.{t}"), cols).await;
+        assert_eq!(n, 0, "{what}: blue and green {t} differ in {n} row(s)");
+    }
+}
+
+async fn sums(c: &mut PgConnection, schema: &str) -> Vec<i64> {
+    let mut out = Vec::new();
+    for q in [
+        "SELECT coalesce(sum(abalance), 0)::int8 FROM {s}.pgbench_accounts",
+        "SELECT coalesce(sum(tbalance), 0)::int8 FROM {s}.pgbench_tellers",
+        "SELECT coalesce(sum(bbalance), 0)::int8 FROM {s}.pgbench_branches",
+        "SELECT coalesce(sum(delta), 0)::int8 FROM {s}.pgbench_history",
+    ] {
+        out.push(count(c, &q.replace("{s}", schema)).await);
+    }
+    out
+}
+
+fn processed(out: &std::process::Output) -> (i64, i64) {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let grab = |label: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(label))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse::<i64>().ok())
+            .unwrap_or_else(|| panic!("no `{label}` in pgbench output:\n{text}"))
+    };
+    (
+        grab("number of transactions actually processed: "),
+        grab("number of failed transactions: "),
+    )
+}
+
+/// The issue's acceptance scenario: pgbench as the application, with a new connection per
+/// transaction (so each transaction follows search_path: blue, then green, then blue, then green)
+/// and with long-lived sessions opened before the first flip (blue throughout), through copy,
+/// validate, cutover, rollback and a second cutover. Afterwards the four sums agree in both
+/// schemas, history holds exactly the committed transactions, blue and green are equal as
+/// multisets, validate passes, and the server logged no deadlock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pgbench_moves_to_green_and_back_and_forward_again_losing_nothing() {
+    let db = "cut_pgbench";
+    let url = empty_db(db).await;
+    let init = pgbench(db, &["-i", "-s", "1", "-q"]).output().unwrap();
+    assert!(init.status.success(), "pgbench -i: {}", both(&init));
+    let mut c = connect(&url).await;
+    exec(
+        &mut c,
+        "ALTER TABLE pgbench_history ADD COLUMN hid bigserial PRIMARY KEY; ALTER SEQUENCE pgbench_history_hid_seq CACHE 20",
+    )
+    .await;
+    let seconds = "30";
+    let common = [
+        "-n",
+        "-c",
+        "2",
+        "-T",
+        seconds,
+        "--max-tries=1000",
+        "-b",
+        "tpcb-like",
+    ];
+    let long = pgbench(db, &common).spawn().unwrap();
+    let mut per_txn: Vec<&str> = common.to_vec();
+    per_txn.push("-C");
+    let fresh = pgbench(db, &per_txn).spawn().unwrap();
+    copy_ok(&url, PGB).await;
+    ok(&url, &["validate", "-m", PGB]).await;
+    let first = ok(&url, &["cutover", "-m", PGB, "--yes"]).await;
+    assert!(first.contains("writes blocked at most"), "{first}");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // New sessions wrote green meanwhile: their writes reached blue through the reverse triggers.
+    ok(&url, &["rollback", "-m", PGB, "--yes"]).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    ok(&url, &["cutover", "-m", PGB, "--yes"]).await;
+    let long = tokio::task::spawn_blocking(move || long.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let fresh = tokio::task::spawn_blocking(move || fresh.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let (n_long, failed_long) = processed(&long);
+    let (n_fresh, failed_fresh) = processed(&fresh);
+    assert_eq!(
+        (failed_long, failed_fresh),
+        (0, 0),
+        "{}\n{}",
+        both(&long),
+        both(&fresh)
+    );
+    assert!(
+        n_long > 0 && n_fresh > 0,
+        "{}\n{}",
+        both(&long),
+        both(&fresh)
+    );
+    ok(&url, &["sync", "-m", PGB]).await;
+    let blue = sums(&mut c, "public").await;
+    let green = sums(&mut c, "pgb_green").await;
+    assert!(blue.iter().all(|s| *s == blue[0]), "blue sums {blue:?}");
+    assert_eq!(blue, green, "blue and green sums");
+    let history = n_long + n_fresh;
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM public.pgbench_history").await,
+        history
+    );
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM pgb_green.pgbench_history").await,
+        history
+    );
+    assert_pgbench_sides_equal(&mut c, "after the second cutover").await;
+    assert!(invariant_violations(&url, PGB).await.is_empty());
+    ok(&url, &["validate", "-m", PGB]).await;
+    let deadlocks: Vec<String> = cluster()
+        .log()
+        .lines()
+        .filter(|l| l.contains(&format!("db={db} ")) && l.contains("deadlock detected"))
+        .map(String::from)
+        .collect();
+    assert!(deadlocks.is_empty(), "deadlocks: {deadlocks:?}");
+}
+
+const SMALL_BLUE: &str = "CREATE TABLE public.acct (id serial PRIMARY KEY, owner text NOT NULL, balance integer NOT NULL DEFAULT 0);
+    ALTER SEQUENCE public.acct_id_seq CACHE 20;
+    INSERT INTO public.acct (owner, balance) SELECT 'o' || (i % 7), i FROM generate_series(1, 50) i;";
+
+async fn small(db: &str) -> (String, PgConnection) {
+    let url = empty_db(db).await;
+    let mut c = connect(&url).await;
+    exec(&mut c, SMALL_BLUE).await;
+    copy_ok(&url, SMALL).await;
+    ok(&url, &["validate", "-m", SMALL]).await;
+    (url, c)
+}
+
+async fn cut_over_small(url: &str) {
+    ok(
+        url,
+        &["cutover", "-m", SMALL, "--yes", "--accept-lossy-rollback"],
+    )
+    .await;
+}
+
+/// The invertible entry of the small mapping, both directions.
+async fn assert_acct_sides_equal(c: &mut PgConnection, what: &str) {
+    let n = differ(
+        c,
+        "public.acct",
+        "small_green.acct",
+        "id, owner, balance::int8",
+    )
+    .await;
+    assert_eq!(n, 0, "{what}: blue and green acct differ in {n} row(s)");
+}
+
+/// A session on the new search_path (a fresh connection after the flip).
+async fn green_session(url: &str) -> PgConnection {
+    let mut c = connect(url).await;
+    let path: String = sqlx::query_scalar("SELECT current_setting('search_path')")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert!(path.starts_with("small_green"), "search_path {path}");
+    c
+}
+
+/// Design review C1: an old session's +100 and a new session's +5 on one account, the new one
+/// waiting for the old one's open transaction: both survive, on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_sessions_write_and_a_new_sessions_write_on_one_row_both_survive() {
+    let (url, mut old) = small("cut_c1").await;
+    cut_over_small(&url).await;
+    let mut new = green_session(&url).await;
+    let before = count(
+        &mut old,
+        "SELECT balance::int8 FROM public.acct WHERE id = 1",
+    )
+    .await;
+    exec(
+        &mut old,
+        "BEGIN; UPDATE acct SET balance = balance + 100 WHERE id = 1",
+    )
+    .await;
+    let url2 = url.clone();
+    let waiter = tokio::spawn(async move {
+        let _ = url2;
+        exec(
+            &mut new,
+            "UPDATE acct SET balance = balance + 5 WHERE id = 1",
+        )
+        .await;
+        new
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    exec(&mut old, "COMMIT").await;
+    let mut new = waiter.await.unwrap();
+    // And the other way round: the new session first, the old one waiting.
+    exec(
+        &mut new,
+        "BEGIN; UPDATE acct SET balance = balance + 7 WHERE id = 1",
+    )
+    .await;
+    let blocked = tokio::spawn(async move {
+        let r = sqlx::raw_sql("UPDATE acct SET balance = balance + 1000 WHERE id = 1")
+            .execute(&mut old)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        (old, r)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    exec(&mut new, "COMMIT").await;
+    let (mut old, r) = blocked.await.unwrap();
+    // The old session either waited for the blue row and went on, or gave way (40001) while
+    // its step waited for the green row: then the +1000 is not committed anywhere.
+    let plus = match r {
+        Ok(()) => 1000,
+        Err(e) => {
+            assert!(e.contains("40001") || e.contains("retry"), "{e}");
+            0
+        }
+    };
+    let want = before + 100 + 5 + 7 + plus;
+    assert_eq!(
+        count(
+            &mut old,
+            "SELECT balance::int8 FROM public.acct WHERE id = 1"
+        )
+        .await,
+        want
+    );
+    assert_eq!(
+        count(
+            &mut old,
+            "SELECT balance FROM small_green.acct WHERE id = 1"
+        )
+        .await,
+        want
+    );
+    assert_acct_sides_equal(&mut old, "after C1").await;
+}
+
+/// Writes on green after cutover are in blue after rollback; a green insert reverses into blue
+/// and reaches the sibling entries reading that blue table (acct_upper in the statement,
+/// by_owner through the follower); generated keys of both sides never collide, across cutover,
+/// rollback and a second cutover, with sequence caches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn green_writes_reach_blue_and_siblings_and_keys_never_collide() {
+    let (url, mut old) = small("cut_keys").await;
+    // An old session with a cached range of blue ids, opened before the flip.
+    exec(&mut old, "INSERT INTO acct (owner) VALUES ('before')").await;
+    cut_over_small(&url).await;
+    let mut new = green_session(&url).await;
+    for i in 0..30 {
+        exec(
+            &mut new,
+            &format!(
+                "INSERT INTO acct (owner, balance) VALUES ('green{}', {i})",
+                i % 3
+            ),
+        )
+        .await;
+        exec(
+            &mut old,
+            &format!(
+                "INSERT INTO acct (owner, balance) VALUES ('blue{}', {i})",
+                i % 3
+            ),
+        )
+        .await;
+    }
+    exec(&mut new, "UPDATE acct SET balance = balance * 2 WHERE owner LIKE 'green%'; DELETE FROM acct WHERE id = 3").await;
+    ok(&url, &["sync", "-m", SMALL]).await;
+    assert_acct_sides_equal(&mut old, "after cutover").await;
+    // The sibling entries got the rows green inserted (insert-only after the flip).
+    assert_eq!(
+        count(
+            &mut old,
+            "SELECT count(*) FROM small_green.acct_upper WHERE owner_upper LIKE 'GREEN%'"
+        )
+        .await,
+        30
+    );
+    assert_eq!(
+        count(
+            &mut old,
+            "SELECT count(*) FROM small_green.by_owner WHERE owner LIKE 'green%'"
+        )
+        .await,
+        3
+    );
+    ok(&url, &["rollback", "-m", SMALL, "--yes"]).await;
+    // After the rollback blue is the application's again: a fresh session writes blue, and the
+    // straggler on green still reaches blue.
+    let mut back = connect(&url).await;
+    for i in 0..20 {
+        exec(
+            &mut back,
+            &format!("INSERT INTO acct (owner) VALUES ('back{i}')"),
+        )
+        .await;
+        exec(
+            &mut new,
+            &format!("INSERT INTO acct (owner) VALUES ('straggler{i}')"),
+        )
+        .await;
+    }
+    ok(&url, &["sync", "-m", SMALL]).await;
+    assert_acct_sides_equal(&mut old, "after rollback").await;
+    assert!(
+        invariant_violations(&url, SMALL).await.is_empty(),
+        "green = M(blue) after rollback"
+    );
+    ok(&url, &["validate", "-m", SMALL]).await;
+    cut_over_small(&url).await;
+    let mut again = green_session(&url).await;
+    for i in 0..20 {
+        exec(
+            &mut again,
+            &format!("INSERT INTO acct (owner) VALUES ('again{i}')"),
+        )
+        .await;
+        exec(
+            &mut back,
+            &format!("INSERT INTO acct (owner) VALUES ('old{i}')"),
+        )
+        .await;
+    }
+    ok(&url, &["sync", "-m", SMALL]).await;
+    assert_acct_sides_equal(&mut old, "after the second cutover").await;
+    assert_eq!(
+        count(
+            &mut old,
+            "SELECT count(*) - count(DISTINCT id) FROM public.acct"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(&mut old, "SELECT count(*) FROM public.acct").await,
+        50 + 1 + 60 - 1 + 40 + 40
+    );
+}
+
+/// A role with its own search_path, a quoted schema name with a comma, a single-literal setting,
+/// a role-wide and an in-database setting for one role, a role given with --role and none: the
+/// flip puts green first for each, and rollback restores every byte of pg_db_role_setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_restores_every_search_path_setting_byte_for_byte() {
+    let db = "cut_paths";
+    let url = empty_db(db).await;
+    let mut c = connect(&url).await;
+    exec(&mut c, SMALL_BLUE).await;
+    exec(
+        &mut c,
+        &format!(
+            "DO $$ BEGIN
+                 CREATE ROLE cut_r1; CREATE ROLE cut_r2; CREATE ROLE cut_r3; CREATE ROLE \"Cut R4\";
+             EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+             ALTER ROLE cut_r1 SET search_path = \"a, b\", public;
+             ALTER ROLE cut_r2 IN DATABASE {db} SET search_path = '\"$user\", public';
+             ALTER ROLE cut_r3 SET search_path = x;
+             ALTER ROLE cut_r3 IN DATABASE {db} SET search_path = \"My Schema\", public;
+             ALTER DATABASE {db} SET search_path = \"my, schema\", public;
+             ALTER DATABASE {db} SET work_mem = '8MB';"
+        ),
+    )
+    .await;
+    let settings = "SELECT coalesce(r.rolname, '-') || ' ' || s.setdatabase::text || ' ' || array_to_string(s.setconfig, '|') FROM pg_db_role_setting s LEFT JOIN pg_roles r ON r.oid = s.setrole WHERE coalesce(r.rolname, '') LIKE 'cut%' OR coalesce(r.rolname, '') = 'Cut R4' OR s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database()) ORDER BY 1";
+    let snapshot = async |c: &mut PgConnection| -> Vec<String> {
+        sqlx::query_scalar(settings).fetch_all(c).await.unwrap()
+    };
+    let before = snapshot(&mut c).await;
+    copy_ok(&url, SMALL).await;
+    ok(&url, &["validate", "-m", SMALL]).await;
+    ok(
+        &url,
+        &[
+            "cutover",
+            "-m",
+            SMALL,
+            "--yes",
+            "--accept-lossy-rollback",
+            "--role",
+            "Cut R4",
+        ],
+    )
+    .await;
+    let flipped = snapshot(&mut c).await;
+    let joined = flipped.join("\n");
+    for want in [
+        "search_path=small_green, \"my, schema\", public",
+        "cut_r1",
+        "search_path=small_green, \"a, b\", public",
+        "search_path=small_green, \"\"\"$user\"\", public\"",
+        "search_path=small_green, \"My Schema\", public",
+        "Cut R4",
+        "work_mem=8MB",
+    ] {
+        assert!(
+            joined.contains(want),
+            "after cutover, no `{want}` in:\n{joined}"
+        );
+    }
+    ok(&url, &["rollback", "-m", SMALL, "--yes"]).await;
+    assert_eq!(
+        snapshot(&mut c).await,
+        before,
+        "rollback restores every setting"
+    );
+    // A setting changed behind the tool's back after a cutover stops the rollback, unchanged.
+    ok(&url, &["validate", "-m", SMALL]).await;
+    ok(
+        &url,
+        &["cutover", "-m", SMALL, "--yes", "--accept-lossy-rollback"],
+    )
+    .await;
+    exec(
+        &mut c,
+        &format!("ALTER DATABASE {db} SET search_path = elsewhere"),
+    )
+    .await;
+    let changed = snapshot(&mut c).await;
+    let out = run_within(&url, &["rollback", "-m", SMALL, "--yes"], LIMIT).await;
+    assert_eq!(out.status.code(), Some(2), "{}", both(&out));
+    assert!(
+        both(&out).contains("changed since the cutover"),
+        "{}",
+        both(&out)
+    );
+    assert_eq!(snapshot(&mut c).await, changed);
+}
+
+/// Tables a rollback would lose green writes to refuse the cutover (exit 1, nothing changed)
+/// unless accepted; so does a missing validation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lossy_cutover_is_refused_unless_accepted_and_a_refusal_changes_nothing() {
+    let url = empty_db("cut_lossy").await;
+    let mut c = connect(&url).await;
+    exec(&mut c, SMALL_BLUE).await;
+    copy_ok(&url, SMALL).await;
+    let before = unchanged(&url).await;
+    let out = run_within(
+        &url,
+        &["cutover", "-m", SMALL, "--yes", "--accept-lossy-rollback"],
+        LIMIT,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
+    assert!(
+        stdout(&out).contains("no validation has run"),
+        "{}",
+        both(&out)
+    );
+    assert_eq!(unchanged(&url).await, before);
+    ok(&url, &["validate", "-m", SMALL]).await;
+    let out = run_within(&url, &["cutover", "-m", SMALL, "--yes"], LIMIT).await;
+    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("acct_upper")
+            && text.contains("by_owner")
+            && text.contains("--accept-lossy-rollback"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("acct (reverse"),
+        "acct is invertible: {text}"
+    );
+    assert_eq!(unchanged(&url).await, before);
+    // Without --yes and no terminal: refused before anything is done.
+    let out = run_within(
+        &url,
+        &["cutover", "-m", SMALL, "--accept-lossy-rollback"],
+        LIMIT,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", both(&out));
+    assert!(both(&out).contains("--yes"), "{}", both(&out));
+    assert_eq!(unchanged(&url).await, before);
+    cut_over_small(&url).await;
+    assert_ne!(unchanged(&url).await, before);
+}
+
+/// A transaction holding a lock on a blue table makes the cutover give up after its attempts,
+/// naming it, with nothing changed; the application's other writes went on meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_cutover_gives_up_naming_the_blocker_and_changes_nothing() {
+    let (url, mut c) = small("cut_blocked").await;
+    let before = unchanged(&url).await;
+    let mut blocker = connect(&url).await;
+    exec(
+        &mut blocker,
+        "BEGIN; LOCK TABLE public.acct IN ROW EXCLUSIVE MODE",
+    )
+    .await;
+    let pid = count(&mut blocker, "SELECT pg_backend_pid()::int8").await;
+    let out = run_within(
+        &url,
+        &[
+            "cutover",
+            "-m",
+            SMALL,
+            "--yes",
+            "--accept-lossy-rollback",
+            "--attempts",
+            "2",
+        ],
+        LIMIT,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", both(&out));
+    assert!(both(&out).contains(&format!("pid {pid}")), "{}", both(&out));
+    assert!(both(&out).contains("nothing was changed"), "{}", both(&out));
+    exec(&mut blocker, "ROLLBACK").await;
+    assert_eq!(unchanged(&url).await, before);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM bluegreen.runs WHERE phase = 'live'"
+        )
+        .await,
+        1
+    );
+    cut_over_small(&url).await;
+}
+
+/// kill -9 of cutover and of rollback at any moment, then a re-run: the phase, the triggers and
+/// the settings agree, and the writes on both sides are all there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutover_and_rollback_killed_at_any_moment_then_rerun_are_consistent() {
+    let (url, mut c) = small("cut_kill").await;
+    for (i, delay) in [5u64, 40, 80, 150, 300].into_iter().enumerate() {
+        for cmd in ["cutover", "rollback"] {
+            let mut args = vec![cmd, "-m", SMALL, "--yes"];
+            if cmd == "cutover" {
+                args.push("--accept-lossy-rollback");
+            }
+            let mut child = crate::support::command(&url, &args).spawn().unwrap();
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            let _ = child.kill();
+            let _ = child.wait();
+            // Whatever the kill left, the re-run finishes the move.
+            ok(&url, &args).await;
+            let phase: String = sqlx::query_scalar("SELECT phase FROM bluegreen.runs")
+                .fetch_one(&mut c)
+                .await
+                .unwrap();
+            let path: Option<String> = sqlx::query_scalar(
+                "SELECT array_to_string(setconfig, ',') FROM pg_db_role_setting WHERE setrole = 0 AND setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            .fetch_optional(&mut c)
+            .await
+            .unwrap();
+            match cmd {
+                "cutover" => {
+                    assert_eq!(phase, "cut_over");
+                    assert!(path.unwrap_or_default().contains("small_green"));
+                    let mut g = green_session(&url).await;
+                    exec(&mut g, &format!("INSERT INTO acct (owner) VALUES ('g{i}')")).await;
+                }
+                _ => {
+                    assert_eq!(phase, "rolled_back");
+                    assert_eq!(path, None, "the database had no setting before");
+                    exec(
+                        &mut c,
+                        &format!("INSERT INTO public.acct (owner) VALUES ('b{i}')"),
+                    )
+                    .await;
+                }
+            }
+            assert_acct_sides_equal(&mut c, &format!("{cmd} killed after {delay} ms")).await;
+        }
+        ok(&url, &["validate", "-m", SMALL]).await;
+    }
+}
+
+/// Design review H6: a session that pins its search_path to blue keeps writing blue after the
+/// flip; its writes reach green and it is seen as a blue writer by user and application.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_pinned_to_blue_is_seen_writing_blue_after_the_flip() {
+    let (url, _c) = small("cut_h6").await;
+    cut_over_small(&url).await;
+    let mut pinned = connect(&url).await;
+    exec(
+        &mut pinned,
+        "SET application_name = 'legacy-worker'; SET search_path = public",
+    )
+    .await;
+    exec(
+        &mut pinned,
+        "UPDATE acct SET balance = balance + 1 WHERE id = 2",
+    )
+    .await;
+    assert_acct_sides_equal(&mut pinned, "after a pinned write").await;
+    let out = ok(
+        &url,
+        &["cutover", "-m", SMALL, "--yes", "--accept-lossy-rollback"],
+    )
+    .await;
+    assert!(out.contains("already"), "{out}");
+    let seen = count(
+        &mut pinned,
+        "SELECT count(*) FROM bluegreen.blue_writers WHERE application_name = 'legacy-worker' AND usename = 'postgres'",
+    )
+    .await;
+    assert_eq!(seen, 1);
+    let out = ok(&url, &["status", "-m", SMALL]).await;
+    assert!(
+        out.contains("legacy-worker"),
+        "status names the blue writer:\n{out}"
+    );
+}
