@@ -350,63 +350,38 @@ pub fn all(m: &Mapping, cat: &Catalog, s: &EffectiveSettings) -> Vec<Step> {
 
     // cutover
     let blue_list = join(blue_read.iter(), ", ");
-    let db = Ident::new(&cat.server.database);
-    let db_previous = cat
+    let stored: Vec<crate::plan::cutover::Stored> = cat
         .search_path_settings
         .iter()
-        .find(|s| s.role.is_none() && s.in_this_database)
-        .map(|s| s.search_path.clone());
-    let green_first = |previous: &str| {
-        let rest = requote_search_path(previous);
-        if rest.is_empty() {
-            Ident::new(&m.green).to_string()
-        } else {
-            format!("{}, {rest}", Ident::new(&m.green))
-        }
-    };
-    let mut flip = vec![format!(
-        "ALTER DATABASE {db} SET search_path = {}",
-        green_first(db_previous.as_deref().unwrap_or("\"$user\", public"))
-    )];
-    let mut restore = vec![match &db_previous {
-        Some(p) => format!(
-            "ALTER DATABASE {db} SET search_path = {}",
-            requote_search_path(p)
-        ),
-        None => format!("ALTER DATABASE {db} RESET search_path"),
-    }];
-    // A role's own setting overrides the database's: flip each, keeping its other schemas, and
-    // restore each on rollback (a role-wide setting gets an in-database override, reset after).
-    for sp in cat.search_path_settings.iter().filter(|s| s.role.is_some()) {
-        let r = Ident::new(sp.role.as_deref().unwrap_or_default());
-        flip.push(format!(
-            "ALTER ROLE {r} IN DATABASE {db} SET search_path = {}",
-            green_first(&sp.search_path)
-        ));
-        restore.push(if sp.in_this_database {
-            format!(
-                "ALTER ROLE {r} IN DATABASE {db} SET search_path = {}",
-                requote_search_path(&sp.search_path)
-            )
-        } else {
-            format!("ALTER ROLE {r} IN DATABASE {db} RESET search_path")
-        });
-    }
-    // Generated keys: green sequences continue past every id sync wrote since the copy.
-    let seqs: Vec<String> = advance_sequences(m, cat)
-        .into_iter()
-        .map(|(_, sql)| sql.into_string())
+        .map(|s| crate::plan::cutover::Stored {
+            role: s.role.clone(),
+            in_database: s.in_this_database,
+            value: s.search_path.clone(),
+        })
+        .collect();
+    // The database's setting and every role's whose own would override it: green first, each
+    // recorded as stored and restored byte for byte on rollback.
+    let targets = crate::plan::cutover::flip_targets(&m.green, &stored, &[]);
+    let database = &cat.server.database;
+    let flip: Vec<String> = targets
+        .iter()
+        .map(|(p, e)| {
+            crate::plan::cutover::set_statement(database, p.role.as_deref(), e).into_string()
+        })
+        .collect();
+    let restore: Vec<String> = targets
+        .iter()
+        .map(|(p, _)| crate::plan::cutover::restore_statement(database, p).into_string())
         .collect();
     out.push(step(
         "cutover",
-        "fence blue writes (reads go on), finish sync, flip search_path: one short transaction",
+        "fence blue writes (reads go on), drain sync, reverse sync on, flip search_path: one short transaction, retried",
         format!(
-            "BEGIN;\n{lt};\nLOCK TABLE {blue_list} IN EXCLUSIVE MODE;\n-- final catch-up of the change log (normally empty in live mode)\n-- reverse triggers installed on the green tables ({});\n{}{};\nUPDATE {} SET phase = 'cut_over', previous_search_path = $1, updated_at = now() WHERE migration = {};\nCOMMIT",
-            green_tables.iter().map(|q| q.display()).collect::<Vec<_>>().join(", "),
-            seqs.iter().map(|s| format!("{s};\n")).collect::<String>(),
+            "BEGIN;\nSELECT pg_advisory_xact_lock(<appliers of {mig}>);  -- followers pause between batches\n{lt};\nLOCK TABLE {blue_list} IN EXCLUSIVE MODE;\n-- drain the change log on another connection, within --fence-timeout (no green lock held)\nLOCK TABLE {green_list} IN SHARE ROW EXCLUSIVE MODE;\n-- check: nothing pending, no sync failure\n-- reverse triggers on the invertible green tables; blue triggers to their post-cutover bodies\n-- generated keys interleaved: each blue sequence and the green ones it fills step by the same increment from disjoint residues, past every value used or cached\n{};\nUPDATE {} SET phase = 'cut_over', previous_search_path = <every search_path setting as stored>, cutover_at = now() WHERE migration = {mig};\nCOMMIT",
             flip.join(";\n"),
             QName::new(control, "runs"),
-            Literal::new(&m.migration)
+            green_list = join(green_tables.iter(), ", "),
+            mig = Literal::new(&m.migration)
         ),
         format!("EXCLUSIVE on {} (writes wait, reads go on; {retry}); SHARE ROW EXCLUSIVE on the green tables for their triggers", blue_read.iter().map(QName::display).collect::<Vec<_>>().join(", ")),
     ));
@@ -415,9 +390,9 @@ pub fn all(m: &Mapping, cat: &Catalog, s: &EffectiveSettings) -> Vec<Step> {
     let green_list = join(green_tables.iter(), ", ");
     out.push(step(
         "rollback",
-        "fence green writes, finish reverse sync, restore the previous search_path",
+        "fence green writes, restore the previous search_path byte for byte: one short transaction, retried",
         format!(
-            "BEGIN;\n{lt};\nLOCK TABLE {green_list} IN EXCLUSIVE MODE;\n-- final reverse catch-up: blue rebuilt from green for invertible tables\n{};\nUPDATE {} SET phase = 'rolled_back', updated_at = now() WHERE migration = {};\nCOMMIT",
+            "BEGIN;\n{lt};\nLOCK TABLE {green_list} IN EXCLUSIVE MODE;\n-- blue already holds every green write (reverse sync runs in the writer's transaction)\n-- check: the settings are as the cutover left them\n{};\n-- check: the settings are byte for byte as before the cutover\n-- blue triggers back to live sync; reverse triggers stay, giving way to blue writers (40001)\n-- entries without a reverse marked for a full re-derive\nUPDATE {} SET phase = 'rolled_back', rollback_at = now() WHERE migration = {};\nCOMMIT",
             restore.join(";\n"),
             QName::new(control, "runs"),
             Literal::new(&m.migration)
@@ -425,17 +400,4 @@ pub fn all(m: &Mapping, cat: &Catalog, s: &EffectiveSettings) -> Vec<Step> {
         format!("EXCLUSIVE on {} (writes wait, reads go on; {retry})", green_tables.iter().map(QName::display).collect::<Vec<_>>().join(", ")),
     ));
     out
-}
-
-/// A stored `search_path` value (`"$user", public`) re-rendered element by element through the
-/// renderer, so catalog text never reaches SQL unquoted.
-pub fn requote_search_path(value: &str) -> String {
-    join(
-        value
-            .split(',')
-            .map(|p| p.trim())
-            .filter(|p| !p.is_empty())
-            .map(|p| Ident::new(p.trim_matches('"').replace("\"\"", "\""))),
-        ", ",
-    )
 }

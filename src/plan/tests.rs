@@ -234,7 +234,7 @@ fn steps_lock_blue_tables_only_briefly_and_under_lock_timeout() {
     assert!(
         cutover
             .sql
-            .contains("ALTER DATABASE \"app\" SET search_path = \"v2\", \"$user\", \"public\"")
+            .contains("ALTER DATABASE \"app\" SET search_path = 'v2', '$user', 'public'")
     );
     let rollback = plan.steps.iter().find(|s| s.phase == "rollback").unwrap();
     assert!(
@@ -245,10 +245,14 @@ fn steps_lock_blue_tables_only_briefly_and_under_lock_timeout() {
 }
 
 #[test]
-fn search_path_values_are_requoted() {
-    assert_eq!(
-        steps::requote_search_path("\"$user\", public"),
-        "\"$user\", \"public\""
+fn search_path_values_reach_sql_as_literals() {
+    let s = crate::plan::cutover::set_statement(
+        "app",
+        None,
+        &crate::plan::cutover::parse_list("\"a\"\"; DROP\", public"),
     );
-    assert_eq!(steps::requote_search_path("a\"; DROP"), "\"a\"\"; DROP\"");
+    assert_eq!(
+        s.into_string(),
+        "ALTER DATABASE \"app\" SET search_path = 'a\"; DROP', 'public'"
+    );
 }
