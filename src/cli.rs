@@ -91,6 +91,15 @@ pub enum Command {
     /// way to blue writers with a retryable error. Lossless for invertible tables: every write
     /// made on green reached blue in its own transaction. `cutover` may follow again.
     Rollback(RollbackArgs),
+    /// After the soak: take sync out, leaving only the archive (runs, validations, events).
+    ///
+    /// Refused while sessions still write blue (seen in the last --quiet seconds) or changes are
+    /// pending, and unless the migration is cut over (or rolled back, with --abandon, which drops
+    /// green instead). Drops every trigger and function bluegreen generated for the migration,
+    /// puts the interleaved sequences back to plain increments past every used value, deletes the
+    /// migration's change log, failures, follower state and chunk ledger. Blue tables stay unless
+    /// --drop-blue.
+    Finalize(FinalizeArgs),
 }
 
 /// Flags every command that talks to a database shares.
@@ -324,6 +333,30 @@ pub struct RollbackArgs {
     /// Attempts at the fence before giving up (nothing changed).
     #[arg(long, default_value_t = 10)]
     pub attempts: u32,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    pub yes: bool,
+    /// Output format (text or json).
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+#[derive(Args, Debug)]
+pub struct FinalizeArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// After a rollback: give the migration up and drop the green schema.
+    #[arg(long)]
+    pub abandon: bool,
+    /// Also drop the blue tables the mapping reads (asks, unless --yes).
+    #[arg(long, conflicts_with = "abandon")]
+    pub drop_blue: bool,
+    /// Refuse while a session wrote blue within this long, e.g. 60s.
+    #[arg(long, value_parser = parse_duration_ms, default_value = "60s")]
+    pub quiet: u64,
+    /// Lock timeout for the drops (overrides settings.lock_timeout).
+    #[arg(long, value_parser = parse_duration_ms)]
+    pub lock_timeout: Option<u64>,
     /// Do not ask for confirmation.
     #[arg(long)]
     pub yes: bool,

@@ -9,6 +9,7 @@ use bluegreen::cmd::{self, Outcome};
 use bluegreen::diag::Rejected;
 
 fn main() -> ExitCode {
+    bluegreen::control::events::mark_start();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -30,6 +31,7 @@ fn main() -> ExitCode {
             Command::Validate(a) => cmd::validate::run(a).await,
             Command::Cutover(a) => cmd::cutover::run(a).await,
             Command::Rollback(a) => cmd::cutover::rollback(a).await,
+            Command::Finalize(a) => cmd::cutover::finalize(a).await,
         }
     });
     match result {

@@ -63,6 +63,31 @@ pub fn guard_setting(migration: &str) -> String {
     format!("bluegreen.guard_{}", &h[..16])
 }
 
+/// Everything a migration generates in the database, by name: the one list `finalize` removes
+/// and its test checks is gone.
+pub struct Generated {
+    /// Trigger names (on blue tables, their partitions and children, and green tables).
+    pub triggers: Vec<String>,
+    pub functions: Vec<QName>,
+}
+
+/// The generated names of a migration reading `blue_tables` blue tables with `entries` entries.
+pub fn generated(control: &str, migration: &str, blue_tables: usize, entries: usize) -> Generated {
+    let mut triggers: Vec<String> = EVENTS
+        .iter()
+        .map(|(ev, _)| sync_trigger(migration, ev))
+        .collect();
+    triggers.extend(EVENTS.iter().map(|(ev, _)| reverse_trigger(migration, ev)));
+    let mut functions: Vec<QName> = (0..blue_tables)
+        .map(|n| sync_function(control, migration, n))
+        .collect();
+    functions.extend((0..entries).map(|n| reverse_function(control, migration, n)));
+    Generated {
+        triggers,
+        functions,
+    }
+}
+
 /// A 64-bit advisory-lock key from text, the same in every process (blake3, not the server's
 /// hash, so the tool can compute it without a round trip).
 fn lock_key(text: &str) -> i64 {

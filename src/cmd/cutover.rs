@@ -1,11 +1,11 @@
-//! `bluegreen cutover` and `bluegreen rollback`: gates (exit 1 when one refuses), a confirmation,
-//! the flip, then for cutover the sessions still writing blue.
+//! `bluegreen cutover`, `rollback` and `finalize`: gates (exit 1 when one refuses), a
+//! confirmation, the work, then for cutover the sessions still writing blue.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::time::Duration;
 
 use super::{Outcome, reject, settings};
-use crate::cli::{CutoverArgs, Format, RollbackArgs};
+use crate::cli::{CutoverArgs, FinalizeArgs, Format, RollbackArgs};
 use crate::control::events;
 use crate::diag::Diagnostic;
 use crate::mapping::Mapping;
@@ -88,6 +88,7 @@ fn render(command: &str, m: &Mapping, f: &Flipped) -> String {
 
 pub async fn run(a: &CutoverArgs) -> anyhow::Result<Outcome> {
     let m = crate::mapping::load(&a.common.mapping)?;
+    super::upgrade_control(&a.common.database_url, &m).await?;
     let url = &a.common.database_url;
     let s = settings(&m, None, None, a.lock_timeout);
     let o = engine::CutoverOptions {
@@ -173,6 +174,7 @@ pub async fn run(a: &CutoverArgs) -> anyhow::Result<Outcome> {
 
 pub async fn rollback(a: &RollbackArgs) -> anyhow::Result<Outcome> {
     let m = crate::mapping::load(&a.common.mapping)?;
+    super::upgrade_control(&a.common.database_url, &m).await?;
     let url = &a.common.database_url;
     let s = settings(&m, None, None, a.lock_timeout);
     let mut conn = crate::pg::connect(url).await.map_err(reject)?;
@@ -201,6 +203,90 @@ pub async fn rollback(a: &RollbackArgs) -> anyhow::Result<Outcome> {
             serde_json::to_string_pretty(&serde_json::json!({"rollback": flipped}))? + "\n"
         }
         _ => render("rolled back", &m, &flipped),
+    };
+    crate::output::print_stdout(&text)?;
+    Ok(Outcome::Success)
+}
+
+pub async fn finalize(a: &FinalizeArgs) -> anyhow::Result<Outcome> {
+    let m = crate::mapping::load(&a.common.mapping)?;
+    super::upgrade_control(&a.common.database_url, &m).await?;
+    let url = &a.common.database_url;
+    let s = settings(&m, None, None, a.lock_timeout);
+    let o = crate::sync::finalize::FinalizeOptions {
+        abandon: a.abandon,
+        drop_blue: a.drop_blue,
+        quiet: Duration::from_millis(a.quiet),
+        lock_timeout_ms: s.lock_timeout_ms,
+    };
+    let mut conn = crate::pg::connect(url).await.map_err(reject)?;
+    let gates = crate::sync::finalize::gates(&mut conn, &m, &o)
+        .await
+        .map_err(reject)?;
+    if !gates.is_empty() {
+        return refused(url, &m, "finalize", &gates, a.format).await;
+    }
+    let what = if a.abandon {
+        format!(
+            "Abandon {}: drop schema {} and every trigger and function of the migration; blue stays as it is.",
+            m.migration, m.green
+        )
+    } else if a.drop_blue {
+        format!(
+            "Finalize {}: remove sync and DROP the blue tables {}.",
+            m.migration,
+            m.blue_tables_read()
+                .iter()
+                .map(crate::sql::QName::display)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    } else {
+        format!(
+            "Finalize {}: remove sync (triggers, functions, change log); blue tables stay.",
+            m.migration
+        )
+    };
+    if !a.yes && !confirm(&what)? {
+        eprintln!("bluegreen: not confirmed; nothing was changed");
+        return Ok(Outcome::Problem);
+    }
+    let f = crate::sync::finalize::finalize(&mut conn, &m, &o)
+        .await
+        .map_err(reject)?;
+    let text = match a.format {
+        Format::Json => serde_json::to_string_pretty(&serde_json::json!({"finalize": f}))? + "\n",
+        _ if f.already => format!(
+            "migration {} was already finalized; nothing to do\n",
+            m.migration
+        ),
+        _ => {
+            let mut t = format!(
+                "finalized {}: {} trigger(s) and {} function(s) dropped\n",
+                m.migration,
+                f.triggers_dropped.len(),
+                f.functions_dropped.len()
+            );
+            for q in &f.sequences {
+                t.push_str(&format!("  sequence {q}\n"));
+            }
+            if let Some(g) = &f.dropped_schema {
+                t.push_str(&format!("  dropped schema {g}\n"));
+            }
+            if !f.dropped_blue.is_empty() {
+                t.push_str(&format!(
+                    "  dropped blue tables {}\n",
+                    f.dropped_blue.join(", ")
+                ));
+            }
+            if !f.control_tables_dropped.is_empty() {
+                t.push_str(&format!(
+                    "  control schema {}: only the archive is left (runs, validations, events)\n",
+                    m.control_schema
+                ));
+            }
+            t
+        }
     };
     crate::output::print_stdout(&text)?;
     Ok(Outcome::Success)

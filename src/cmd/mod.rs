@@ -77,6 +77,13 @@ async fn check_before_writing(
     Ok(())
 }
 
+/// An existing control schema brought up to this version before a command reads it (a migration
+/// prepared by an older bluegreen).
+async fn upgrade_control(url: &str, m: &Mapping) -> anyhow::Result<()> {
+    let mut conn = crate::pg::connect(url).await.map_err(reject)?;
+    crate::control::upgrade(&mut conn, m).await.map_err(reject)
+}
+
 /// A flag set by Ctrl-C or SIGTERM: a long-running command (the follower) checks it between
 /// batches, so the batch in flight finishes.
 fn stop_on_signal() -> std::sync::Arc<std::sync::atomic::AtomicBool> {

@@ -6,6 +6,7 @@ use crate::control::status;
 
 pub async fn run(a: &StatusArgs) -> anyhow::Result<Outcome> {
     let m = crate::mapping::load(&a.common.mapping)?;
+    super::upgrade_control(&a.common.database_url, &m).await?;
     let mut conn = crate::pg::connect(&a.common.database_url)
         .await
         .map_err(reject)?;

@@ -6,6 +6,7 @@ use crate::cli::{Format, SyncArgs};
 
 pub async fn run(a: &SyncArgs) -> anyhow::Result<Outcome> {
     let m = crate::mapping::load(&a.common.mapping)?;
+    super::upgrade_control(&a.common.database_url, &m).await?;
     if a.follow {
         let done = crate::sync::follow::follow(&a.common.database_url, &m, stop_on_signal())
             .await

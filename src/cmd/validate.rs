@@ -6,6 +6,7 @@ use crate::diag::Diagnostic;
 
 pub async fn run(a: &ValidateArgs) -> anyhow::Result<Outcome> {
     let m = crate::mapping::load(&a.common.mapping)?;
+    super::upgrade_control(&a.common.database_url, &m).await?;
     let s = settings(&m, a.jobs, a.chunk_rows, None);
     let o = crate::validate::Options {
         jobs: s.jobs,

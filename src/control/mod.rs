@@ -78,6 +78,20 @@ where
     sqlx::query_scalar(statement(m, text).assert_safe()).bind(m.migration.clone())
 }
 
+/// Bring an existing control schema up to this version (tables and columns added since it was
+/// created, in place; nothing when it is current or absent), before a command that reads them.
+pub async fn upgrade(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagnostic> {
+    // A finalized migration keeps only its archive: nothing is recreated for it.
+    if !exists(conn, m).await? || runs::phase(conn, m).await? == Phase::Finalized {
+        return Ok(());
+    }
+    exec(
+        conn,
+        &sql!("{}", crate::plan::steps::control_ddl(&m.control_schema)),
+    )
+    .await
+}
+
 /// Whether the control schema holds its tables yet (it does after the first `prepare`).
 pub async fn exists(conn: &mut PgConnection, m: &Mapping) -> Result<bool, Diagnostic> {
     sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")

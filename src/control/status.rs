@@ -65,9 +65,16 @@ pub struct TableStatus {
 #[derive(Debug, Serialize)]
 pub struct Event {
     pub at: String,
+    /// The database role.
     pub who: String,
     pub command: String,
     pub outcome: String,
+    pub os_user: String,
+    pub host: String,
+    /// From the command's start to this event.
+    pub seconds: f64,
+    /// For cutover and rollback: how long application writes were blocked.
+    pub writes_blocked_ms: Option<i64>,
 }
 
 pub async fn status(conn: &mut PgConnection, m: &Mapping) -> Result<Status, Diagnostic> {
@@ -88,6 +95,11 @@ pub async fn status(conn: &mut PgConnection, m: &Mapping) -> Result<Status, Diag
         blue_writers: Vec::new(),
     };
     if phase == Phase::New {
+        return Ok(st);
+    }
+    if phase == Phase::Finalized {
+        // Only the archive is left: the run, its validations and its events.
+        st.events = recent_events(conn, m).await?;
         return Ok(st);
     }
     let progress = chunks::progress(conn, m).await?;
@@ -160,14 +172,31 @@ pub async fn status(conn: &mut PgConnection, m: &Mapping) -> Result<Status, Diag
     if matches!(st.phase, Phase::CutOver | Phase::RolledBack) {
         st.blue_writers = super::writers::blue_writers(conn, m, BLUE_WRITERS_WINDOW).await?;
     }
-    for r in query(m, "SELECT at::text AS at, who, command, outcome FROM {events} WHERE migration = $1 ORDER BY id DESC LIMIT 10")
+    st.events = recent_events(conn, m).await?;
+    Ok(st)
+}
+
+/// The last audit events, newest first.
+async fn recent_events(conn: &mut PgConnection, m: &Mapping) -> Result<Vec<Event>, Diagnostic> {
+    let mut out = Vec::new();
+    for r in query(m, "SELECT at::text AS at, who, command, outcome, coalesce(os_user, '') AS os_user, coalesce(host, '') AS host, coalesce(extract(epoch FROM at - started_at)::float8, 0) AS seconds, coalesce((detail->>'writes_blocked_ms')::int8, -1) AS blocked FROM {events} WHERE migration = $1 ORDER BY id DESC LIMIT 10")
     .fetch_all(&mut *conn)
     .await
     .map_err(db_error)?
     {
-        st.events.push(Event { at: r.get("at"), who: r.get("who"), command: r.get("command"), outcome: r.get("outcome") });
+        let blocked: i64 = r.get("blocked");
+        out.push(Event {
+            at: r.get("at"),
+            who: r.get("who"),
+            command: r.get("command"),
+            outcome: r.get("outcome"),
+            os_user: r.get("os_user"),
+            host: r.get("host"),
+            seconds: r.get("seconds"),
+            writes_blocked_ms: (blocked >= 0).then_some(blocked),
+        });
     }
-    Ok(st)
+    Ok(out)
 }
 
 pub fn render(st: &Status) -> String {
@@ -244,9 +273,18 @@ pub fn render(st: &Status) -> String {
     if !st.events.is_empty() {
         o.push_str("recent events:\n");
         for e in &st.events {
+            let by = if e.os_user.is_empty() {
+                e.who.clone()
+            } else {
+                format!("{} ({}@{})", e.who, e.os_user, e.host)
+            };
+            let blocked = e
+                .writes_blocked_ms
+                .map(|b| format!(", writes blocked {b} ms"))
+                .unwrap_or_default();
             o.push_str(&format!(
-                "  {} {} {} {}\n",
-                e.at, e.who, e.command, e.outcome
+                "  {} {by} {} {} ({:.1} s{blocked})\n",
+                e.at, e.command, e.outcome, e.seconds
             ));
         }
     }

@@ -146,7 +146,11 @@ BEGIN
                                    ('runs', 'cutover_at', 'timestamptz'),
                                    ('runs', 'rollback_at', 'timestamptz'),
                                    ('runs', 'refuse_old_writes', 'boolean NOT NULL DEFAULT false'),
-                                   ('changes', 'skip_entry', 'text')) AS v(tab, col, def)
+                                   ('changes', 'skip_entry', 'text'),
+                                   ('events', 'os_user', 'text'),
+                                   ('events', 'host', 'text'),
+                                   ('events', 'args', 'jsonb'),
+                                   ('events', 'started_at', 'timestamptz')) AS v(tab, col, def)
     LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class t ON t.oid = a.attrelid
                        JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace

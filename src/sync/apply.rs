@@ -145,6 +145,13 @@ async fn begin(conn: &mut PgConnection, m: &Mapping, plan: &Plan) -> Result<(), 
     .fetch_optional(&mut *conn)
     .await
     .map_err(db_error)?;
+    if phase.as_deref() == Some(crate::control::Phase::Finalized.as_str()) {
+        rollback(conn).await;
+        return Err(Diagnostic::error(
+            "finalized",
+            format!("migration {} is finalized: sync is over", m.migration),
+        ));
+    }
     if (phase.as_deref() == Some(crate::control::Phase::CutOver.as_str()))
         != plan.cut_over.is_some()
     {

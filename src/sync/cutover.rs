@@ -394,6 +394,25 @@ async fn interleave(
     m: &Mapping,
     cat: &crate::catalog::Catalog,
 ) -> Result<Vec<String>, Diagnostic> {
+    sequences(tx, m, cat, false).await
+}
+
+/// `finalize`: every sequence `interleave` touched back to plain increments, past every value
+/// used or cached.
+pub async fn plain_sequences(
+    tx: &mut PgConnection,
+    m: &Mapping,
+    cat: &crate::catalog::Catalog,
+) -> Result<Vec<String>, Diagnostic> {
+    sequences(tx, m, cat, true).await
+}
+
+async fn sequences(
+    tx: &mut PgConnection,
+    m: &Mapping,
+    cat: &crate::catalog::Catalog,
+    plain: bool,
+) -> Result<Vec<String>, Diagnostic> {
     let mut done = Vec::new();
     for (bt, bc, greens) in sequence_groups(m, cat) {
         let seq_of = async |tx: &mut PgConnection,
@@ -445,6 +464,18 @@ async fn interleave(
             .map_err(db_error)?
             .flatten();
             high = high.max(v.unwrap_or(0)).max(last.unwrap_or(0));
+        }
+        if plain {
+            for (_, _, s) in &members {
+                let start = high + 1;
+                exec(
+                    tx,
+                    &sql!("ALTER SEQUENCE {s} INCREMENT BY 1 RESTART WITH {start}"),
+                )
+                .await?;
+                done.push(format!("{}: from {start} by 1", s.display()));
+            }
+            continue;
         }
         // The first multiple of k above high, then one residue each.
         let base = (high / k + 1) * k;
@@ -527,14 +558,17 @@ pub async fn cutover(url: &str, m: &Mapping, o: &CutoverOptions) -> Result<Flipp
                 flipped.writes_blocked_ms = granted.elapsed().as_millis();
                 flipped.attempts = attempt;
                 let _ = f.close().await;
-                events::record(
+                if let Err(d) = events::record(
                     &mut conn,
                     m,
                     "cutover",
                     "cut_over",
                     serde_json::json!({"writes_blocked_ms": flipped.writes_blocked_ms, "attempts": attempt, "reverse_triggers": flipped.reverse_triggers, "sequences": flipped.sequences, "refuse_old_writes": o.refuse_old_writes}),
                 )
-                .await?;
+                .await
+                {
+                    eprintln!("bluegreen: warning: cut over, but the audit event was not recorded: {}", d.message);
+                }
                 return Ok(flipped);
             }
             Err(d) if is_transient(&d) && attempt < o.attempts => {
@@ -805,14 +839,17 @@ pub async fn rollback(url: &str, m: &Mapping, o: &RollbackOptions) -> Result<Fli
                 tx.commit().await.map_err(db_error)?;
                 flipped.writes_blocked_ms = granted.elapsed().as_millis();
                 flipped.attempts = attempt;
-                events::record(
+                if let Err(d) = events::record(
                     &mut conn,
                     m,
                     "rollback",
                     "rolled_back",
                     serde_json::json!({"writes_blocked_ms": flipped.writes_blocked_ms, "attempts": attempt}),
                 )
-                .await?;
+                .await
+                {
+                    eprintln!("bluegreen: warning: rolled back, but the audit event was not recorded: {}", d.message);
+                }
                 return Ok(flipped);
             }
             Err(d) if is_transient(&d) && attempt < o.attempts => {

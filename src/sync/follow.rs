@@ -95,6 +95,13 @@ async fn run(
     done: &mut Followed,
 ) -> Result<(), Diagnostic> {
     let mut conn = crate::pg::connect(url).await?;
+    if crate::control::runs::phase(&mut conn, m).await? == crate::control::Phase::Finalized {
+        eprintln!(
+            "bluegreen: follower: migration {} is finalized: nothing to follow",
+            m.migration
+        );
+        return Ok(());
+    }
     crate::control::runs::check_mapping(&mut conn, m).await?;
     crate::control::runs::check_drift(&mut conn, m).await?;
     let m = &crate::control::runs::resolved_mapping(&mut conn, m).await?;
@@ -106,6 +113,10 @@ async fn run(
     let mut since_report = Applied::default();
     while !stop.load(Ordering::Relaxed) {
         let a = match apply::apply_batch(&mut conn, m, &plan, BATCH, i64::MAX).await {
+            Err(d) if d.code == "finalized" => {
+                eprintln!("bluegreen: follower: {}; stopping", d.message);
+                return Ok(());
+            }
             Err(d) if d.code == "phase-changed" => {
                 // A cutover or rollback committed: apply as the new phase says.
                 plan = super::plan(&mut conn, m).await?;

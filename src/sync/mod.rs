@@ -6,6 +6,7 @@
 pub mod apply;
 pub mod cutover;
 pub mod fence;
+pub mod finalize;
 pub mod follow;
 
 use serde::Serialize;
@@ -204,6 +205,12 @@ pub async fn sync(conn: &mut PgConnection, m: &Mapping) -> Result<SyncReport, Di
     let phase = runs::phase(conn, m).await?;
     if phase < Phase::Copied {
         return Err(not_copied(m, phase));
+    }
+    if phase == Phase::Finalized {
+        return Err(Diagnostic::error(
+            "finalized",
+            format!("migration {} is finalized: sync is over", m.migration),
+        ));
     }
     runs::check_mapping(conn, m).await?;
     runs::check_drift(conn, m).await?;

@@ -693,3 +693,163 @@ async fn a_session_pinned_to_blue_is_seen_writing_blue_after_the_flip() {
         "status names the blue writer:\n{out}"
     );
 }
+
+/// Everything bluegreen generated for a migration that is still in the database: triggers and
+/// functions by the one list of generated names, and the control schema's tables.
+async fn leftovers(c: &mut PgConnection, mapping: &str) -> Vec<String> {
+    let m = bluegreen::mapping::load(&crate::support::root().join(mapping)).unwrap();
+    let g = bluegreen::names::generated(
+        &m.control_schema,
+        &m.migration,
+        m.blue_tables_read().len(),
+        m.tables.len(),
+    );
+    let mut out: Vec<String> = sqlx::query_scalar(
+        "SELECT 'trigger ' || tgname FROM pg_trigger WHERE tgname = ANY($1)
+         UNION ALL SELECT 'function ' || p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = $2
+         UNION ALL SELECT 'table ' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $2 AND c.relkind = 'r' AND c.relname NOT IN ('runs', 'validations', 'events')
+         ORDER BY 1",
+    )
+    .bind(&g.triggers)
+    .bind(&m.control_schema)
+    .fetch_all(&mut *c)
+    .await
+    .unwrap();
+    let functions: Vec<String> = g.functions.iter().map(|f| f.to_string()).collect();
+    let left: Vec<String> = sqlx::query_scalar(
+        "SELECT 'function ' || f FROM unnest($1::text[]) f WHERE to_regproc(f) IS NOT NULL",
+    )
+    .bind(&functions)
+    .fetch_all(&mut *c)
+    .await
+    .unwrap();
+    out.extend(left);
+    out
+}
+
+/// finalize after a cutover: refused while a session still writes blue, then nothing generated
+/// is left but the archive (the run, its validations and its events), sequences step by one
+/// again past every used value, and the application keeps writing green.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finalize_leaves_nothing_but_the_archive() {
+    let (url, mut c) = small("cut_final").await;
+    let out = run_within(&url, &["finalize", "-m", SMALL, "--yes"], LIMIT).await;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "not cut over yet: {}",
+        both(&out)
+    );
+    cut_over_small(&url).await;
+    exec(&mut c, "UPDATE acct SET balance = 0 WHERE id = 1").await;
+    let out = run_within(&url, &["finalize", "-m", SMALL, "--yes"], LIMIT).await;
+    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
+    assert!(stdout(&out).contains("wrote blue"), "{}", both(&out));
+    let out = run_within(
+        &url,
+        &["finalize", "-m", SMALL, "--yes", "--abandon"],
+        LIMIT,
+    )
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "abandon while cut over: {}",
+        both(&out)
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    ok(&url, &["sync", "-m", SMALL]).await;
+    let done = ok(&url, &["finalize", "-m", SMALL, "--yes", "--quiet", "1s"]).await;
+    assert!(done.contains("only the archive is left"), "{done}");
+    assert_eq!(leftovers(&mut c, SMALL).await, Vec::<String>::new());
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM pg_sequence WHERE seqincrement <> 1"
+        )
+        .await,
+        0
+    );
+    let mut g = connect(&url).await;
+    exec(&mut g, "INSERT INTO acct (owner) VALUES ('after')").await;
+    assert_eq!(
+        count(
+            &mut g,
+            "SELECT count(*) - count(DISTINCT id) FROM small_green.acct"
+        )
+        .await,
+        0
+    );
+    // The archive: the run finalized, every command's event with who, where and what.
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM bluegreen.runs WHERE phase = 'finalized'"
+        )
+        .await,
+        1
+    );
+    let cutovers = count(
+        &mut c,
+        "SELECT count(*) FROM bluegreen.events WHERE command = 'cutover' AND outcome = 'cut_over' AND os_user <> '' AND host <> '' AND args::text LIKE '%--yes%' AND started_at <= at AND (detail->>'writes_blocked_ms') IS NOT NULL",
+    )
+    .await;
+    assert_eq!(cutovers, 1);
+    let out = ok(&url, &["status", "-m", SMALL]).await;
+    assert!(
+        out.contains("phase finalized") && out.contains("finalize finalized"),
+        "{out}"
+    );
+    assert_eq!(
+        leftovers(&mut c, SMALL).await,
+        Vec::<String>::new(),
+        "status wrote nothing"
+    );
+    let again = ok(&url, &["finalize", "-m", SMALL, "--yes"]).await;
+    assert!(again.contains("already finalized"), "{again}");
+}
+
+/// finalize --abandon after a rollback drops green and every generated object; blue is as the
+/// application left it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finalize_abandon_after_a_rollback_drops_green() {
+    let (url, mut c) = small("cut_abandon").await;
+    cut_over_small(&url).await;
+    let mut g = green_session(&url).await;
+    exec(&mut g, "INSERT INTO acct (owner) VALUES ('kept')").await;
+    ok(&url, &["rollback", "-m", SMALL, "--yes"]).await;
+    let out = run_within(&url, &["finalize", "-m", SMALL, "--yes"], LIMIT).await;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "rolled back needs --abandon: {}",
+        both(&out)
+    );
+    ok(&url, &["finalize", "-m", SMALL, "--yes", "--abandon"]).await;
+    assert_eq!(leftovers(&mut c, SMALL).await, Vec::<String>::new());
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'small_green'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM public.acct WHERE owner = 'kept'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM pg_sequence WHERE seqincrement <> 1"
+        )
+        .await,
+        0
+    );
+    exec(&mut c, "INSERT INTO public.acct (owner) VALUES ('plain')").await;
+}
