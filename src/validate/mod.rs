@@ -69,6 +69,67 @@ pub struct TableResult {
     pub pending_rechecked: u64,
     /// Keys still pending after every re-check round: neither verified nor found different.
     pub unverified_hot: u64,
+    /// After a cutover, for an invertible table: `blue = R(green)` (the other direction).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reverse: Option<ReverseResult>,
+    /// After a cutover, an entry without a reverse is the new application's (insert-only from
+    /// blue): not compared.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub not_compared: bool,
+}
+
+/// `blue.S = R(green)` for one invertible entry, in one snapshot.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReverseResult {
+    pub blue_table: String,
+    pub matches: bool,
+    /// Rows R(green) produces that blue lacks, and blue rows (of keys green holds) it does not.
+    pub missing_in_blue: u64,
+    pub extra_in_blue: u64,
+    /// Up to ten of their blue keys.
+    pub keys: Vec<String>,
+}
+
+/// After a cutover (or a rollback, while reverse sync stays): for every invertible entry,
+/// `blue = R(green)` in one snapshot of its own. Together with `green = M(blue)`, which the
+/// forward comparison checks, a row where the round trip `M(R(g))` differs from `g` shows up as
+/// a difference in one direction or the other, with its key.
+async fn reverse_checks(
+    url: &str,
+    m: &Mapping,
+    cat: &catalog::Catalog,
+) -> Result<Vec<(String, ReverseResult)>, Diagnostic> {
+    let entries = crate::plan::sync::sync_entries(m, cat);
+    let revs = crate::plan::sync::reversals(m, &entries, cat);
+    if revs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut c = crate::pg::connect(url).await?;
+    exec(
+        &mut c,
+        &sql!("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
+    )
+    .await?;
+    let mut out = Vec::new();
+    for r in &revs {
+        let row = sqlx::query(r.diff().assert_safe())
+            .fetch_one(&mut c)
+            .await
+            .map_err(|e| crate::pg::db_error_in(e, &r.diff()))?;
+        let (missing, extra): (i64, i64) = (row.get("green_side"), row.get("blue_side"));
+        out.push((
+            r.entry.clone(),
+            ReverseResult {
+                blue_table: r.blue.display(),
+                matches: missing == 0 && extra == 0,
+                missing_in_blue: missing as u64,
+                extra_in_blue: extra as u64,
+                keys: row.get("keys"),
+            },
+        ));
+    }
+    exec(&mut c, &sql!("COMMIT")).await?;
+    Ok(out)
 }
 
 /// One chunk to compare: the same key range on both sides.
@@ -407,6 +468,8 @@ pub async fn compare(url: &str, m: &Mapping, o: &Options) -> Result<Outcome, Dia
             changed: count(DifferenceKind::Changed),
             pending_rechecked: 0,
             unverified_hot: 0,
+            reverse: None,
+            not_compared: false,
         });
         all_diffs.extend(diffs);
     }
@@ -444,6 +507,30 @@ pub async fn run(url: &str, m: &Mapping, o: &Options) -> Result<report::Report, 
         }
     };
     let mut outcome = compare(url, m, o).await?;
+    let reverse = if matches!(
+        outcome.phase,
+        control::Phase::CutOver | control::Phase::RolledBack
+    ) {
+        let mut c = crate::pg::connect(url).await?;
+        let cat = control::load_catalog(&mut c, m).await?;
+        reverse_checks(url, m, &cat).await?
+    } else {
+        Vec::new()
+    };
+    // After the flip green is the application's: entries without a reverse only take inserts
+    // from blue, so green = M(blue) is no longer theirs to hold.
+    let not_compared: Vec<String> = if outcome.phase == control::Phase::CutOver {
+        m.tables
+            .iter()
+            .filter(|e| !reverse.iter().any(|(r, _)| *r == e.name))
+            .map(|e| e.name.clone())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    outcome
+        .differences
+        .retain(|d| !not_compared.contains(&d.table));
     // Differences of keys a pending change touches are not differences: apply, re-check, decide.
     let settled = lag::settle(
         url,
@@ -462,6 +549,14 @@ pub async fn run(url: &str, m: &Mapping, o: &Options) -> Result<report::Report, 
         t.pending_rechecked = settled.rechecked.get(&t.table).copied().unwrap_or(0);
         t.unverified_hot = settled.hot.iter().filter(|d| d.table == t.table).count() as u64;
         t.matches = real.is_empty() && (t.unverified_hot == 0 || o.allow_hot);
+        if not_compared.contains(&t.table) {
+            t.matches = true;
+            t.not_compared = true;
+        }
+        if let Some((_, rr)) = reverse.iter().find(|(e, _)| *e == t.table) {
+            t.matches &= rr.matches;
+            t.reverse = Some(rr.clone());
+        }
     }
     let (pending_applied, hot_total) = (settled.applied, settled.hot.len() as u64);
     let pending_rechecked: u64 = settled.rechecked.values().sum();

@@ -245,7 +245,13 @@ pub fn summary(r: &Report) -> String {
             "  {:<20} {:>10} rows  {}",
             t.table,
             t.green_rows,
-            if t.matches { "match" } else { "DIFFERS" }
+            if t.not_compared {
+                "not compared after cutover (no reverse: green is the application's)"
+            } else if t.matches {
+                "match"
+            } else {
+                "DIFFERS"
+            }
         );
         if !t.matches {
             let first: Vec<String> = r
@@ -264,6 +270,20 @@ pub fn summary(r: &Report) -> String {
                 t.changed,
                 first.join(", ")
             );
+        }
+        if let Some(rr) = &t.reverse {
+            if rr.matches {
+                let _ = write!(o, "; blue {} = R(green): match", rr.blue_table);
+            } else {
+                let _ = write!(
+                    o,
+                    "; blue {} = R(green) DIFFERS ({} row(s) of R(green) missing in blue, {} blue row(s) not in R(green); keys: {})",
+                    rr.blue_table,
+                    rr.missing_in_blue,
+                    rr.extra_in_blue,
+                    rr.keys.join(", ")
+                );
+            }
         }
         if t.unverified_hot > 0 {
             let _ = write!(o, "  {} key(s) unverified (hot)", t.unverified_hot);

@@ -43,6 +43,8 @@ pub struct Reversal {
     pub green_key: Vec<String>,
     /// A blue identity column `GENERATED ALWAYS` is written.
     pub overriding: bool,
+    /// The blue type of each of `columns`.
+    pub types: Vec<String>,
 }
 
 /// The entries whose green writes reverse into blue: invertible (every blue column comes back),
@@ -72,6 +74,14 @@ pub fn reversals(m: &Mapping, entries: &[SyncEntry], cat: &Catalog) -> Vec<Rever
         let overriding = columns
             .iter()
             .any(|(c, _)| bt.column(c).is_some_and(|bc| bc.identity == "a"));
+        let types = columns
+            .iter()
+            .map(|(c, _)| {
+                bt.column(c)
+                    .map(|bc| bc.type_sql.clone())
+                    .unwrap_or_default()
+            })
+            .collect();
         out.push(Reversal {
             entry: e.entry.name.clone(),
             index: e.index,
@@ -81,6 +91,7 @@ pub fn reversals(m: &Mapping, entries: &[SyncEntry], cat: &Catalog) -> Vec<Rever
             blue_key,
             green_key: e.upsert_key.clone(),
             overriding,
+            types,
         });
     }
     out
@@ -219,6 +230,43 @@ impl Reversal {
             self.blue,
             self.side("old_rows"),
             self.key_match("b", "p", "v")
+        )
+    }
+
+    /// `blue.S = R(green)` on the keys green reaches, as multisets of rows rendered in blue's
+    /// types: `(rows of R(green) blue lacks, rows of blue R(green) lacks, up to 10 of their blue
+    /// keys as text)`. Blue rows whose key green does not hold (outside the mapping's filter)
+    /// are not part of it.
+    pub fn diff(&self) -> Sql {
+        let r = join(
+            self.columns
+                .iter()
+                .zip(&self.types)
+                .enumerate()
+                .map(|(j, ((_, x), t))| format!("(({})::{t})::pg_catalog.text AS v{j}", Expr(x))),
+            ", ",
+        );
+        let b = join(
+            self.columns
+                .iter()
+                .enumerate()
+                .map(|(j, (c, _))| format!("b.{}::pg_catalog.text AS v{j}", Ident::new(c))),
+            ", ",
+        );
+        let key_idx: Vec<usize> = self.blue_key.iter().map(|k| self.col_index(k)).collect();
+        let kv = |p: &str| join(key_idx.iter().map(|j| format!("{p}v{j}")), ", ");
+        let bk = join(
+            self.blue_key
+                .iter()
+                .map(|k| format!("b.{}::pg_catalog.text", Ident::new(k))),
+            ", ",
+        );
+        sql!(
+            "WITH r AS (SELECT {r} FROM {g}), b AS (SELECT {b} FROM {blue} AS b WHERE ({bk}) IN (SELECT {rk} FROM r)), x AS (SELECT * FROM r EXCEPT ALL SELECT * FROM b), y AS (SELECT * FROM b EXCEPT ALL SELECT * FROM r) SELECT (SELECT count(*) FROM x)::pg_catalog.int8 AS green_side, (SELECT count(*) FROM y)::pg_catalog.int8 AS blue_side, ARRAY(SELECT DISTINCT ROW({kx})::pg_catalog.text FROM (SELECT * FROM x UNION ALL SELECT * FROM y) AS d ORDER BY 1 LIMIT 10) AS keys",
+            g = self.green,
+            blue = self.blue,
+            rk = kv(""),
+            kx = kv("d."),
         )
     }
 
