@@ -85,11 +85,34 @@ pub async fn upgrade(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagnos
     if !exists(conn, m).await? || runs::phase(conn, m).await? == Phase::Finalized {
         return Ok(());
     }
+    // Current already (the usual case): nothing runs. The DDL would take locks on control tables
+    // the application's triggers write (CREATE INDEX IF NOT EXISTS locks the change log before it
+    // looks), and a writer's open transaction would then hold every later writer behind it.
+    let current: bool = sqlx::query_scalar(
+        "SELECT pg_catalog.to_regclass($2) IS NOT NULL AND (SELECT count(*) FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND NOT a.attisdropped AND (c.relname, a.attname) IN (('events', 'started_at'), ('changes', 'skip_entry'), ('runs', 'refuse_old_writes'))) = 3",
+    )
+    .bind(&m.control_schema)
+    .bind(table(m, "blue_writers").to_string())
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    if current {
+        return Ok(());
+    }
+    eprintln!(
+        "bluegreen: upgrading control schema {} in place (tables and columns this version added)",
+        m.control_schema
+    );
+    let mut tx = sqlx::Connection::begin(&mut *conn)
+        .await
+        .map_err(db_error)?;
+    exec(&mut tx, &sql!("SET LOCAL lock_timeout = '2s'")).await?;
     exec(
-        conn,
+        &mut tx,
         &sql!("{}", crate::plan::steps::control_ddl(&m.control_schema)),
     )
-    .await
+    .await?;
+    tx.commit().await.map_err(db_error)
 }
 
 /// Whether the control schema holds its tables yet (it does after the first `prepare`).

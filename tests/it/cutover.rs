@@ -14,7 +14,7 @@ use crate::support::{
     run_within, stdout,
 };
 
-const PGB: &str = "tests/fixtures/cutover_pgbench.yaml";
+const PGB: &str = "mappings/pgbench_cutover.yaml";
 const SMALL: &str = "tests/fixtures/cutover_small.yaml";
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -889,4 +889,86 @@ async fn validate_after_cutover_checks_both_directions() {
         text.contains("R(green) DIFFERS") && text.contains("(5)"),
         "{text}"
     );
+}
+
+const JOINED: &str = "tests/fixtures/cutover_join.yaml";
+
+/// Design review C1 on an entry the follower keeps: after the flip an old session's write to its
+/// driving table is re-derived in the old session's statement (not left to the follower, where a
+/// new session's read-modify-write of the stale green row would lose it); both sessions' writes
+/// survive in either order, and a write to the joined table reaches green through the follower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_sessions_write_to_a_follower_kept_entry_survives_a_new_sessions_write() {
+    let url = empty_db("cut_joined").await;
+    let mut old = connect(&url).await;
+    exec(
+        &mut old,
+        "CREATE TABLE public.w (id integer PRIMARY KEY, name text);
+         CREATE TABLE public.c (id integer PRIMARY KEY, w_id integer NOT NULL REFERENCES public.w, v integer NOT NULL);
+         INSERT INTO public.w VALUES (1, 'one'), (2, 'two');
+         INSERT INTO public.c SELECT i, 1 + i % 2, i FROM generate_series(1, 20) i;",
+    )
+    .await;
+    copy_ok(&url, JOINED).await;
+    ok(&url, &["validate", "-m", JOINED]).await;
+    ok(&url, &["cutover", "-m", JOINED, "--yes"]).await;
+    let mut new = connect(&url).await;
+    exec(&mut old, "BEGIN; UPDATE c SET v = v + 100 WHERE id = 1").await;
+    let waiter = tokio::spawn(async move {
+        exec(&mut new, "UPDATE cj SET v = v + 5 WHERE id = 1").await;
+        new
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    exec(&mut old, "COMMIT").await;
+    let mut new = waiter.await.unwrap();
+    exec(&mut new, "BEGIN; UPDATE cj SET v = v + 7 WHERE id = 1").await;
+    let blocked = tokio::spawn(async move {
+        let r = sqlx::raw_sql("UPDATE c SET v = v + 1000 WHERE id = 1")
+            .execute(&mut old)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        (old, r)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    exec(&mut new, "COMMIT").await;
+    let (mut old, r) = blocked.await.unwrap();
+    let plus = match r {
+        Ok(()) => 1000,
+        Err(e) => {
+            assert!(e.contains("40001") || e.contains("retry"), "{e}");
+            0
+        }
+    };
+    let want = 1 + 100 + 5 + 7 + plus;
+    assert_eq!(
+        count(&mut old, "SELECT v::int8 FROM public.c WHERE id = 1").await,
+        want
+    );
+    assert_eq!(
+        count(&mut old, "SELECT v FROM joined_green.cj WHERE id = 1").await,
+        want
+    );
+    // The joined table: logged, applied by the follower (here `sync`), green row locked first.
+    exec(
+        &mut old,
+        "UPDATE w SET name = 'uno' WHERE id = 1; INSERT INTO c VALUES (21, 1, 0)",
+    )
+    .await;
+    ok(&url, &["sync", "-m", JOINED]).await;
+    assert_eq!(
+        count(
+            &mut old,
+            "SELECT count(*) FROM joined_green.cj WHERE wname = 'uno'"
+        )
+        .await,
+        11
+    );
+    let n = differ(&mut old, "public.c", "joined_green.cj", "id, w_id, v::int8").await;
+    assert_eq!(n, 0, "blue c and green cj differ");
+    assert!(
+        invariant_violations(&url, JOINED).await.is_empty(),
+        "green = M(blue)"
+    );
+    ok(&url, &["validate", "-m", JOINED]).await;
 }

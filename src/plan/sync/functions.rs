@@ -321,14 +321,30 @@ fn cut_over_body(
         .iter()
         .filter(|e| e.row_local() && e.driving() == x)
         .collect();
-    let denied: Vec<&str> = entries
+    // Reversed entries the follower keeps, driven by this table: an old session's write
+    // re-derives them in its own statement too (their keys straight from its rows), or, when a
+    // key needs a join, is refused.
+    let kept: Vec<&SyncEntry> = entries
         .iter()
         .filter(|e| !e.row_local() && e.driving() == x && reversed.contains(&e.entry.name))
+        .collect();
+    let in_statement: Vec<&SyncEntry> = kept
+        .iter()
+        .copied()
+        .filter(|e| e.keys_of_driving_rows("new_rows").is_some())
+        .collect();
+    let denied: Vec<&str> = kept
+        .iter()
+        .filter(|e| e.keys_of_driving_rows("new_rows").is_none())
         .map(|e| e.entry.name.as_str())
         .collect();
     let mut declare = String::from("DECLARE\n    lt text;\n    bluegreen_set text;\n");
     declare.push_str(&guard_declare(m));
     declare.push_str("    bluegreen_src text;\n    bluegreen_old boolean;\n");
+    let nkeys = in_statement.iter().map(|e| e.keys.len()).max().unwrap_or(0);
+    for j in 0..nkeys {
+        declare.push_str(&format!("    bluegreen_k{j} text[];\n"));
+    }
     let writers = QName::new(&m.control_schema, "blue_writers");
     let moved = format!(
         "RAISE EXCEPTION 'bluegreen: migration % moved the application to schema %; this session still writes %', {}, {}, {}::pg_catalog.text USING ERRCODE = 'object_not_in_prerequisite_state'",
@@ -358,6 +374,17 @@ fn cut_over_body(
             ))
         ));
     }
+    if !in_statement.is_empty() {
+        old.push_str(&format!(
+            "        {}\n        BEGIN\n            lt := pg_catalog.current_setting('lock_timeout');\n            bluegreen_set := pg_catalog.set_config('lock_timeout', {STEP_LOCK_TIMEOUT}, true);\n{}            bluegreen_set := pg_catalog.set_config('lock_timeout', lt, true);\n        EXCEPTION WHEN OTHERS THEN\n            IF SQLSTATE IN ('55P03', '40P01') THEN\n                RAISE EXCEPTION 'bluegreen: this blue write waited for a green row a session on the new schema holds; retry it (or reconnect to use the new schema)' USING ERRCODE = 'serialization_failure';\n            END IF;\n            RAISE;\n        END;\n        {}\n",
+            set_guard(m, "'f:' || bluegreen_depth::pg_catalog.text"),
+            in_statement
+                .iter()
+                .map(|e| old_session_apply(m, e, "            "))
+                .collect::<String>(),
+            set_guard(m, "bluegreen_guard"),
+        ));
+    }
     let mut body = format!(
         "    bluegreen_src := CASE WHEN pg_catalog.left(bluegreen_guard, 2) = 'r:' AND pg_catalog.split_part(bluegreen_guard, ':', 2)::pg_catalog.int4 = bluegreen_depth - 1 THEN pg_catalog.substr(bluegreen_guard, pg_catalog.length(pg_catalog.split_part(bluegreen_guard, ':', 2)) + 4) END;\n    bluegreen_old := NOT (pg_catalog.left(bluegreen_guard, 2) IN ('r:', 'f:') AND pg_catalog.split_part(bluegreen_guard, ':', 2)::pg_catalog.int4 < bluegreen_depth);\n    IF bluegreen_old THEN\n{old}    END IF;\n"
     );
@@ -383,6 +410,42 @@ fn cut_over_body(
         ));
     }
     function(m, n, &declare, &body)
+}
+
+/// An old session's write re-deriving a reversed entry the follower keeps, in its own statement:
+/// the keys of its changed rows as text arrays, then the applier's own statements for them (green
+/// rows locked first, upsert, other unique keys, the rows no longer produced deleted), run with
+/// `EXECUTE ... USING`.
+fn old_session_apply(m: &Mapping, e: &SyncEntry, indent: &str) -> String {
+    let a = e.applier(m);
+    let n = e.keys.len();
+    let into = join((0..n).map(|j| format!("bluegreen_k{j}")), ", ");
+    let agg = join(
+        (0..n).map(|j| format!("pg_catalog.array_agg(u.k{j})")),
+        ", ",
+    );
+    let keys = |rel: &str| e.keys_of_driving_rows(rel).expect("checked by the caller");
+    let mut stmts = vec![a.green_lock.clone(), a.upsert.clone()];
+    stmts.extend(a.unique_update.clone());
+    stmts.push(a.delete.clone());
+    stmts.extend(a.delete_null.clone());
+    let using = join((0..n).map(|j| format!("bluegreen_k{j}")), ", ");
+    let run: String = stmts
+        .iter()
+        .map(|s| {
+            format!(
+                "{indent}EXECUTE {} USING {using};\n",
+                Literal::new(s.clone().into_string())
+            )
+        })
+        .collect();
+    format!(
+        "{indent}IF TG_OP = 'INSERT' THEN\n{indent}    SELECT {agg} INTO {into} FROM ({}) AS u;\n{indent}ELSIF TG_OP = 'UPDATE' THEN\n{indent}    SELECT {agg} INTO {into} FROM ({} UNION {}) AS u;\n{indent}ELSE\n{indent}    SELECT {agg} INTO {into} FROM ({}) AS u;\n{indent}END IF;\n{run}",
+        keys("new_rows"),
+        keys("new_rows"),
+        keys("old_rows"),
+        keys("old_rows"),
+    )
 }
 
 /// The row-local steps after the flip: each entry skipped when its own reverse wrote the rows;

@@ -50,6 +50,27 @@ impl SyncEntry<'_> {
         }
     }
 
+    /// The keys of the rows of `rel` (a transition table of the driving table), as
+    /// `SELECT DISTINCT k0, ...` in the applier's text form; None when a key reads another alias
+    /// than the driving one (its keys need the join: the follower's).
+    pub(super) fn keys_of_driving_rows(&self, rel: &str) -> Option<String> {
+        let d = &self.entry.from_clause.driving().alias;
+        let aliases: Vec<&str> = self
+            .entry
+            .from_clause
+            .items
+            .iter()
+            .map(|i| i.alias.as_str())
+            .collect();
+        self.keys
+            .iter()
+            .all(|k| {
+                let refs = referenced_aliases(&k.expr, &aliases);
+                !refs.is_empty() && refs.iter().all(|a| a == d)
+            })
+            .then(|| self.touched_keys(d, rel))
+    }
+
     /// The keys touched by the change-log rows `$1` (ids) of blue table `x`, through every alias
     /// that reads it (through their old images only when `$2`).
     pub(super) fn find_keys_in_log(&self, m: &crate::mapping::Mapping, x: &QName) -> Sql {
