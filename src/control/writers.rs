@@ -66,7 +66,7 @@ pub async fn sessions_before_flip(conn: &mut PgConnection, m: &Mapping) -> Resul
     sqlx::query_scalar(
         super::statement(
             m,
-            "SELECT count(*) FROM pg_catalog.pg_stat_activity a, {runs} r WHERE r.migration = $1 AND a.datname = pg_catalog.current_database() AND a.backend_type = 'client backend' AND a.pid <> pg_catalog.pg_backend_pid() AND a.backend_start < r.cutover_at",
+            "SELECT count(*) FROM pg_catalog.pg_stat_activity a, {runs} r WHERE r.migration = $1 AND a.datname = pg_catalog.current_database() AND a.backend_type = 'client backend' AND a.pid <> pg_catalog.pg_backend_pid() AND a.application_name IS DISTINCT FROM 'bluegreen' AND a.backend_start < r.cutover_at",
         )
         .assert_safe(),
     )

@@ -101,16 +101,21 @@ pub fn green_first(green: &str, previous: &[String]) -> Vec<String> {
     out
 }
 
-/// The server's own default, when nothing overrides it.
-const DEFAULT_PATH: &str = "\"$user\", public";
+/// PostgreSQL's built-in default, when nothing else sets the path.
+pub const DEFAULT_PATH: &str = "\"$user\", public";
 
 /// What the flip records and sets: per target, the previous stored value and the new elements.
 /// `stored`: the `search_path` rows of `pg_db_role_setting` that apply in this database;
-/// `roles`: the roles given with `--role`.
+/// `roles`: the roles given with `--role`; `server`: the server's own setting (configuration
+/// file, `ALTER SYSTEM`), the path of sessions nothing else sets it for. A role whose own path
+/// does not name `blue` is left alone unless given: it does not read the application's tables
+/// unqualified, and green first could shadow what it does read.
 pub fn flip_targets(
     green: &str,
+    blue: &str,
     stored: &[Stored],
     roles: &[String],
+    server: &str,
 ) -> Vec<(Previous, Vec<String>)> {
     let db = stored
         .iter()
@@ -120,10 +125,7 @@ pub fn flip_targets(
         .iter()
         .find(|s| s.role.is_none() && !s.in_database)
         .map(|s| s.value.clone());
-    let base = db
-        .clone()
-        .or(all)
-        .unwrap_or_else(|| DEFAULT_PATH.to_string());
+    let base = db.clone().or(all).unwrap_or_else(|| server.to_string());
     let mut out = vec![(
         Previous {
             role: None,
@@ -147,6 +149,9 @@ pub fn flip_targets(
             .clone()
             .or(mine(false))
             .unwrap_or_else(|| base.clone());
+        if !roles.contains(&r) && !parse_list(&effective).iter().any(|e| e == blue) {
+            continue;
+        }
         out.push((
             Previous {
                 role: Some(r),
@@ -217,8 +222,13 @@ mod tests {
                 value: "\"a, b\"".into(),
             },
         ];
-        let t = flip_targets("green", &stored, &["web".into()]);
+        let t = flip_targets("green", "a, b", &stored, &["web".into()], DEFAULT_PATH);
         assert_eq!(t.len(), 3);
+        // A role whose own path never named blue is left alone.
+        assert_eq!(
+            flip_targets("green", "app", &stored, &[], DEFAULT_PATH).len(),
+            1
+        );
         assert_eq!(t[0].0.value.as_deref(), Some("app, public"));
         assert_eq!(t[0].1, vec!["green", "app", "public"]);
         assert_eq!(t[1].0.role.as_deref(), Some("web"));

@@ -361,7 +361,13 @@ pub fn all(m: &Mapping, cat: &Catalog, s: &EffectiveSettings) -> Vec<Step> {
         .collect();
     // The database's setting and every role's whose own would override it: green first, each
     // recorded as stored and restored byte for byte on rollback.
-    let targets = crate::plan::cutover::flip_targets(&m.green, &stored, &[]);
+    let targets = crate::plan::cutover::flip_targets(
+        &m.green,
+        &m.blue,
+        &stored,
+        &[],
+        crate::plan::cutover::DEFAULT_PATH,
+    );
     let database = &cat.server.database;
     let flip: Vec<String> = targets
         .iter()

@@ -133,14 +133,20 @@ async fn begin(conn: &mut PgConnection, m: &Mapping, plan: &Plan) -> Result<(), 
     }
     // With the appliers' lock held, the phase cannot change under this transaction (cutover
     // and rollback take it exclusively): one planned for the other side of a flip gives way.
+    sqlx::query("SELECT pg_catalog.pg_advisory_xact_lock_shared($1)")
+        .bind(names::appliers_lock(&m.migration))
+        .execute(&mut *conn)
+        .await
+        .map_err(db_error)?;
+    // In a statement of its own, after the lock: READ COMMITTED takes a statement's snapshot
+    // before it waits, and a phase read with the lock wait would miss the flip it waited for.
     let phase: Option<String> = sqlx::query_scalar(
         sql!(
-            "SELECT r.phase FROM (SELECT pg_catalog.pg_advisory_xact_lock_shared($1)) AS l, {} AS r WHERE r.migration = $2",
+            "SELECT phase FROM {} WHERE migration = $1",
             table(m, "runs")
         )
         .assert_safe(),
     )
-    .bind(names::appliers_lock(&m.migration))
     .bind(&m.migration)
     .fetch_optional(&mut *conn)
     .await

@@ -96,6 +96,29 @@ struct Record {
     after: Vec<(Option<String>, bool, String)>,
 }
 
+/// The server's own `search_path` (configuration file, `ALTER SYSTEM`), where this role may read
+/// it; PostgreSQL's built-in default otherwise.
+async fn server_search_path(conn: &mut PgConnection) -> Result<String, Diagnostic> {
+    let readable: bool = sqlx::query_scalar(
+        "SELECT pg_catalog.has_table_privilege('pg_catalog.pg_file_settings', 'SELECT')",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    if readable {
+        let v: Option<String> = sqlx::query_scalar(
+            "SELECT setting FROM pg_catalog.pg_file_settings WHERE name = 'search_path' AND applied ORDER BY seqno DESC LIMIT 1",
+        )
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db_error)?;
+        if let Some(v) = v {
+            return Ok(v);
+        }
+    }
+    Ok(crate::plan::cutover::DEFAULT_PATH.to_string())
+}
+
 /// The `search_path` rows of `pg_db_role_setting` that apply in this database.
 async fn stored_settings(conn: &mut PgConnection) -> Result<Vec<Stored>, Diagnostic> {
     let rows = sqlx::query(
@@ -310,7 +333,8 @@ pub async fn cutover_gates(
         ));
     }
     let stored = stored_settings(conn).await?;
-    let targets = flip_targets(&m.green, &stored, &o.roles);
+    let server = server_search_path(conn).await?;
+    let targets = flip_targets(&m.green, &m.blue, &stored, &o.roles, &server);
     for (p, _) in &targets {
         let Some(r) = &p.role else { continue };
         let ok: Option<bool> = sqlx::query_scalar(
@@ -420,7 +444,9 @@ async fn sequences(
                             c: &str|
                -> Result<Option<QName>, Diagnostic> {
             let row = sqlx::query(
-                "SELECT n.nspname::text AS s, c.relname::text AS r FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = pg_catalog.pg_get_serial_sequence($1, $2)::pg_catalog.regclass",
+                // Owned (serial, identity), or else the sequence the column's default calls
+                // (`nextval('s')` on a sequence owned by nothing).
+                "SELECT n.nspname::text AS s, c.relname::text AS r FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = COALESCE(pg_catalog.pg_get_serial_sequence($1, $2)::pg_catalog.regclass::pg_catalog.oid, (SELECT d.refobjid FROM pg_catalog.pg_attrdef ad JOIN pg_catalog.pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass AND d.objid = ad.oid AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass JOIN pg_catalog.pg_class q ON q.oid = d.refobjid AND q.relkind = 'S' WHERE ad.adrelid = $1::pg_catalog.regclass AND a.attname = $2 LIMIT 1))",
             )
             .bind(t.to_string())
             .bind(c)
@@ -521,10 +547,32 @@ pub async fn cutover(url: &str, m: &Mapping, o: &CutoverOptions) -> Result<Flipp
     let wait = attempt_timeout_ms(o.lock_timeout_ms, deadlock).min(100);
     let mut delay = Duration::from_millis(50);
     for attempt in 1..=o.attempts {
-        let (mut f, granted) = match fence_blue(url, m, &plan, o.lock_timeout_ms, o.fence_timeout)
-            .await?
+        let (mut f, granted) = match fence_blue(
+            url,
+            m,
+            &plan,
+            o.lock_timeout_ms,
+            o.fence_timeout,
+            Some(&[Phase::Live, Phase::RolledBack]),
+        )
+        .await?
         {
             Ok(held) => held,
+            Err(NotHeld::Moved(Phase::CutOver)) => {
+                return Ok(Flipped {
+                    already: true,
+                    ..Flipped::default()
+                });
+            }
+            Err(NotHeld::Moved(p)) => {
+                return Err(Diagnostic::error(
+                    "phase-changed",
+                    format!(
+                        "migration {} moved to phase {p} while cutover waited for its fence; nothing was changed",
+                        m.migration
+                    ),
+                ));
+            }
             Err(why) => {
                 if attempt == o.attempts {
                     let who = blockers(&mut conn, &m.blue_tables_read())
@@ -535,8 +583,8 @@ pub async fn cutover(url: &str, m: &Mapping, o: &CutoverOptions) -> Result<Flipp
                             format!(
                                 "cutover gave up after {attempt} attempt(s): {}; nothing was changed{}",
                                 match why {
-                                    NotHeld::NotGranted => "the blue tables could not be locked in time",
                                     NotHeld::NotDrained => "the change log did not drain within --fence-timeout",
+                                    _ => "the blue tables could not be locked in time",
                                 },
                                 if who.is_empty() { String::new() } else { format!("; in the way: {}", who.join("; ")) }
                             ),
@@ -616,7 +664,19 @@ async fn fence_rest(
         .fetch_one(&mut *f)
         .await
         .map_err(db_error)?;
-    let (failed, _) = changes::failures(f, m, 0).await?;
+    let (failures, _) = changes::failures(f, m, 0).await?;
+    let set_aside: i64 = sqlx::query_scalar(
+        control::statement(
+            m,
+            "SELECT count(*) FROM {failed_changes} WHERE migration = $1",
+        )
+        .assert_safe(),
+    )
+    .bind(&m.migration)
+    .fetch_one(&mut *f)
+    .await
+    .map_err(db_error)?;
+    let failed = failures + set_aside;
     if left > 0 || failed > 0 {
         return Err(Diagnostic::error(
             "fence-not-clean",
@@ -648,7 +708,8 @@ async fn fence_rest(
         .fetch_one(&mut *f)
         .await
         .map_err(db_error)?;
-    let targets = flip_targets(&m.green, &before, &o.roles);
+    let server = server_search_path(f).await?;
+    let targets = flip_targets(&m.green, &m.blue, &before, &o.roles, &server);
     for (p, elements) in &targets {
         let s = set_statement(&database, p.role.as_deref(), elements);
         exec(f, &s).await?;
@@ -741,6 +802,14 @@ pub async fn rollback(url: &str, m: &Mapping, o: &RollbackOptions) -> Result<Fli
     for attempt in 1..=o.attempts {
         let mut tx = conn.begin().await.map_err(db_error)?;
         let result = async {
+            // The appliers first (as the cutover fence): a follower holding their lock shared
+            // while it writes green would otherwise wait for this fence's green lock while the
+            // fence waits for it.
+            sqlx::query("SELECT pg_catalog.pg_advisory_xact_lock($1)")
+                .bind(crate::names::appliers_lock(&m.migration))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
             exec(&mut tx, &sql!("SET LOCAL lock_timeout = '{wait}ms'")).await?;
             exec(
                 &mut tx,
@@ -748,11 +817,24 @@ pub async fn rollback(url: &str, m: &Mapping, o: &RollbackOptions) -> Result<Fli
             )
             .await?;
             let granted = Instant::now();
-            sqlx::query("SELECT pg_catalog.pg_advisory_xact_lock($1)")
-                .bind(crate::names::appliers_lock(&m.migration))
-                .execute(&mut *tx)
-                .await
-                .map_err(db_error)?;
+            match runs::phase(&mut tx, m).await? {
+                Phase::CutOver => {}
+                Phase::RolledBack => {
+                    return Ok((
+                        Flipped {
+                            already: true,
+                            ..Flipped::default()
+                        },
+                        granted,
+                    ));
+                }
+                p => {
+                    return Err(Diagnostic::error(
+                        "phase-changed",
+                        format!("migration {} moved to phase {p} while rollback waited; nothing was changed", m.migration),
+                    ));
+                }
+            }
             let record: Option<String> = sqlx::query_scalar(
                 control::statement(m, "SELECT previous_search_path::text FROM {runs} WHERE migration = $1")
                     .assert_safe(),
@@ -835,6 +917,10 @@ pub async fn rollback(url: &str, m: &Mapping, o: &RollbackOptions) -> Result<Fli
         }
         .await;
         match result {
+            Ok((flipped, _)) if flipped.already => {
+                tx.commit().await.map_err(db_error)?;
+                return Ok(flipped);
+            }
             Ok((mut flipped, granted)) => {
                 tx.commit().await.map_err(db_error)?;
                 flipped.writes_blocked_ms = granted.elapsed().as_millis();

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use sqlx::{Connection, PgConnection};
 
 use super::{Plan, drain};
+use crate::control::{Phase, runs};
 use crate::diag::Diagnostic;
 use crate::mapping::Mapping;
 use crate::pg::locking::{attempt_timeout_ms, deadlock_timeout_ms, is_transient};
@@ -44,6 +45,9 @@ pub enum NotHeld {
     NotGranted,
     /// The change log did not drain within the budget.
     NotDrained,
+    /// Another command moved the migration to this phase meanwhile (read once the locks were
+    /// held).
+    Moved(Phase),
 }
 
 /// Fence blue writes, drain, export a snapshot. None when the lock is not granted after the
@@ -55,7 +59,7 @@ pub async fn fenced_snapshot(
     lock_timeout_ms: u64,
     budget: Duration,
 ) -> Result<Option<Fence>, Diagnostic> {
-    let (mut f, granted) = match fence_blue(url, m, plan, lock_timeout_ms, budget).await? {
+    let (mut f, granted) = match fence_blue(url, m, plan, lock_timeout_ms, budget, None).await? {
         Ok(held) => held,
         Err(_) => return Ok(None),
     };
@@ -80,6 +84,7 @@ pub async fn fence_blue(
     plan: &Plan,
     lock_timeout_ms: u64,
     budget: Duration,
+    expect: Option<&[Phase]>,
 ) -> Result<Result<(PgConnection, Instant), NotHeld>, Diagnostic> {
     let mut f = crate::pg::connect(url).await?;
     let mut tables = m.blue_tables_read();
@@ -127,6 +132,15 @@ pub async fn fence_blue(
         return Ok(Err(NotHeld::NotGranted));
     }
     let granted_at = Instant::now();
+    // The phase as committed now, in a statement after the locks (a second cutover that waited
+    // for the first one's fence must not drain, nor flip, again).
+    if let Some(expect) = expect {
+        let now = runs::phase(&mut f, m).await?;
+        if !expect.contains(&now) {
+            exec(&mut f, &sql!("ROLLBACK")).await?;
+            return Ok(Err(NotHeld::Moved(now)));
+        }
+    }
     // No blue writer is in flight, so the applier need not hold blue rows: its FOR SHARE would
     // wait for this very fence.
     let fenced = plan.fenced();

@@ -474,7 +474,6 @@ async fn rollback_restores_every_search_path_setting_byte_for_byte() {
         "search_path=small_green, \"my, schema\", public",
         "cut_r1",
         "search_path=small_green, \"a, b\", public",
-        "search_path=small_green, \"\"\"$user\"\", public\"",
         "search_path=small_green, \"My Schema\", public",
         "Cut R4",
         "work_mem=8MB",
@@ -484,6 +483,15 @@ async fn rollback_restores_every_search_path_setting_byte_for_byte() {
             "after cutover, no `{want}` in:\n{joined}"
         );
     }
+    // cut_r2's one element (`"$user", public` as a single schema name) names no blue schema:
+    // left alone.
+    let r2 = |rows: &[String]| -> Vec<String> {
+        rows.iter()
+            .filter(|l| l.starts_with("cut_r2"))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(r2(&flipped), r2(&before), "{joined}");
     ok(&url, &["rollback", "-m", SMALL, "--yes"]).await;
     assert_eq!(
         snapshot(&mut c).await,
@@ -971,4 +979,91 @@ async fn an_old_sessions_write_to_a_follower_kept_entry_survives_a_new_sessions_
         "green = M(blue)"
     );
     ok(&url, &["validate", "-m", JOINED]).await;
+}
+
+/// Hostile review of the cutover, finding 1: two cutovers started at once flip once (the second,
+/// waiting for the first one's fence, finds it done), so the record of the previous settings is
+/// the real one and the rollback restores it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_cutovers_at_once_flip_once_and_the_rollback_restores_the_settings() {
+    let db = "cut_twice";
+    let url = empty_db(db).await;
+    let mut c = connect(&url).await;
+    exec(&mut c, SMALL_BLUE).await;
+    exec(
+        &mut c,
+        &format!("ALTER DATABASE {db} SET search_path = app, public"),
+    )
+    .await;
+    copy_ok(&url, SMALL).await;
+    ok(&url, &["validate", "-m", SMALL]).await;
+    let setting = "SELECT array_to_string(setconfig, '|') FROM pg_db_role_setting WHERE setrole = 0 AND setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())";
+    let before: String = sqlx::query_scalar(setting).fetch_one(&mut c).await.unwrap();
+    let args = ["cutover", "-m", SMALL, "--yes", "--accept-lossy-rollback"];
+    let a = crate::support::command(&url, &args).spawn().unwrap();
+    let b = crate::support::command(&url, &args).spawn().unwrap();
+    let a = crate::support::wait_child(a, LIMIT, "cutover a".into()).await;
+    let b = crate::support::wait_child(b, LIMIT, "cutover b".into()).await;
+    assert_eq!(
+        (a.status.code(), b.status.code()),
+        (Some(0), Some(0)),
+        "{}\n{}",
+        both(&a),
+        both(&b)
+    );
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM bluegreen.events WHERE command = 'cutover' AND outcome = 'cut_over'").await,
+        1,
+        "one flip"
+    );
+    ok(&url, &["rollback", "-m", SMALL, "--yes"]).await;
+    let after: String = sqlx::query_scalar(setting).fetch_one(&mut c).await.unwrap();
+    assert_eq!(after, before);
+}
+
+/// Hostile review finding 4: a blue key from a sequence no column owns is interleaved with
+/// green's identity too: new and old sessions' inserts never collide, and none is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unowned_sequence_is_interleaved_too() {
+    const SEQ: &str = "tests/fixtures/cutover_seq.yaml";
+    let url = empty_db("cut_seq").await;
+    let mut old = connect(&url).await;
+    exec(
+        &mut old,
+        "CREATE SEQUENCE public.note_seq;
+         CREATE TABLE public.note (id integer PRIMARY KEY DEFAULT nextval('public.note_seq'), body text);
+         INSERT INTO public.note (body) SELECT 'n' || i FROM generate_series(1, 100) i;",
+    )
+    .await;
+    copy_ok(&url, SEQ).await;
+    exec(
+        &mut old,
+        "INSERT INTO public.note (body) SELECT 'late' || i FROM generate_series(1, 5) i",
+    )
+    .await;
+    ok(&url, &["validate", "-m", SEQ]).await;
+    ok(&url, &["cutover", "-m", SEQ, "--yes"]).await;
+    let mut new = connect(&url).await;
+    for i in 0..10 {
+        exec(
+            &mut new,
+            &format!("INSERT INTO note (body) VALUES ('green{i}')"),
+        )
+        .await;
+        exec(
+            &mut old,
+            &format!("INSERT INTO note (body) VALUES ('blue{i}')"),
+        )
+        .await;
+    }
+    assert_eq!(
+        count(&mut old, "SELECT count(*) FROM public.note").await,
+        125
+    );
+    assert_eq!(
+        count(&mut old, "SELECT count(*) FROM seqs_green.note").await,
+        125
+    );
+    let n = differ(&mut old, "public.note", "seqs_green.note", "id, body").await;
+    assert_eq!(n, 0);
 }

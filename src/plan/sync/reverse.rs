@@ -104,9 +104,12 @@ fn blue_key(bt: &Table) -> Option<Vec<String>> {
         .or_else(|| bt.strict_unique_keys().into_iter().next())
 }
 
-/// The guard value test: inside a forward apply (at any depth above this trigger).
+/// The guard value test: this statement is forward sync's own write, one trigger level below
+/// the apply that set the guard (an applier outside any trigger sets depth 0). A write made
+/// deeper, by an application trigger or a foreign-key cascade that the apply set off, is the
+/// application's, and reverses like any other (design review L1).
 pub(super) fn in_forward_apply() -> &'static str {
-    "pg_catalog.left(bluegreen_guard, 2) = 'f:' AND pg_catalog.split_part(bluegreen_guard, ':', 2)::pg_catalog.int4 < bluegreen_depth"
+    "bluegreen_guard = 'f:' || (bluegreen_depth - 1)::pg_catalog.text"
 }
 
 /// `DECLARE` lines reading the guard once.
