@@ -893,7 +893,21 @@ pub async fn rollback(url: &str, m: &Mapping, o: &RollbackOptions) -> Result<Fli
             }
             // Entries without a reverse were insert-only while green was the application's:
             // re-derived whole, green = M(blue) again (their green writes are the accepted loss).
-            for e in m.tables.iter().filter(|e| !reversed.contains(&e.name)) {
+            // So are reversed entries with a column computed from others (its green value was
+            // not recomputed when the application wrote the columns it reads).
+            let computed = |e: &crate::mapping::TableEntry| {
+                let d = &e.from_clause.driving().alias;
+                e.columns.iter().any(|c| {
+                    c.value_map.is_some()
+                        || (crate::plan::keys::plain_column_of(&c.expr.text, d).is_none()
+                            && crate::plan::keys::cast_of(&c.expr.text, d).is_none())
+                })
+            };
+            for e in m
+                .tables
+                .iter()
+                .filter(|e| !reversed.contains(&e.name) || computed(e))
+            {
                 sqlx::query(
                     control::statement(m, "INSERT INTO {rederive} (migration, green_table) VALUES ($1, $2) ON CONFLICT (migration, green_table) DO UPDATE SET requested_at = pg_catalog.clock_timestamp()")
                         .assert_safe(),

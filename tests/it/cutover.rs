@@ -179,7 +179,10 @@ async fn pgbench_moves_to_green_and_back_and_forward_again_losing_nothing() {
     ok(&url, &["sync", "-m", PGB]).await;
     let blue = sums(&mut c, "public").await;
     let green = sums(&mut c, "pgb_green").await;
-    assert!(blue.iter().all(|s| *s == blue[0]), "blue sums {blue:?}");
+    assert!(
+        blue.iter().all(|s| *s == blue[0]),
+        "blue sums {blue:?} (green {green:?})"
+    );
     assert_eq!(blue, green, "blue and green sums");
     let history = n_long + n_fresh;
     assert_eq!(

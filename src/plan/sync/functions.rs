@@ -282,10 +282,10 @@ fn live_body(
         body.push_str(&format!(
             "    IF bluegreen_iso = 'read committed' THEN\n{}    ELSE\n{}    END IF;\n",
             row_local_steps(m, &local, "        "),
-            guarded(m, x, &local, filter, "        ")
+            guarded(m, x, &local, filter, "        ", !guard)
         ));
     } else {
-        body.push_str(&guarded(m, x, &local, filter, "    "));
+        body.push_str(&guarded(m, x, &local, filter, "    ", !guard));
     }
     if guard {
         body.push_str(&format!("    {}\n", set_guard(m, "bluegreen_guard")));
@@ -498,16 +498,31 @@ fn cut_over_steps(m: &Mapping, local: &[&SyncEntry], reversed: &[String], indent
 
 /// The row-local steps in a subtransaction under a short `lock_timeout`; on any error their rows
 /// go to the change log (all entries re-derive them), and the writer's statement goes on.
+/// `short_wait` false after a rollback: the blue writer then waits for a green row a straggler
+/// on green holds (the straggler's reverse gives way within milliseconds), rather than going on
+/// and committing a blue write the straggler's reverse, waiting for the blue row, would then
+/// overwrite with a value computed from green before it.
 fn guarded(
     m: &Mapping,
     x: &QName,
     local: &[&SyncEntry],
     filter: Option<&UpdateFilter>,
     indent: &str,
+    short_wait: bool,
 ) -> String {
     let inner = format!("{indent}    ");
+    let (set, reset) = if short_wait {
+        (
+            format!(
+                "{inner}lt := pg_catalog.current_setting('lock_timeout');\n{inner}bluegreen_set := pg_catalog.set_config('lock_timeout', {STEP_LOCK_TIMEOUT}, true);\n"
+            ),
+            format!("{inner}bluegreen_set := pg_catalog.set_config('lock_timeout', lt, true);\n"),
+        )
+    } else {
+        (String::new(), String::new())
+    };
     format!(
-        "{indent}BEGIN\n{inner}lt := pg_catalog.current_setting('lock_timeout');\n{inner}bluegreen_set := pg_catalog.set_config('lock_timeout', {STEP_LOCK_TIMEOUT}, true);\n{}{inner}bluegreen_set := pg_catalog.set_config('lock_timeout', lt, true);\n{indent}EXCEPTION WHEN OTHERS THEN\n{inner}-- Never the writer's failure: the rows go to the change log, pending.\n{}{indent}END;\n",
+        "{indent}BEGIN\n{set}{}{reset}{indent}EXCEPTION WHEN OTHERS THEN\n{inner}-- Never the writer's failure: the rows go to the change log, pending.\n{}{indent}END;\n",
         row_local_steps(m, local, &inner),
         log_rows(m, x, true, filter, &inner)
     )
