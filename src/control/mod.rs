@@ -35,7 +35,7 @@ use crate::sql::{QName, Sql, sql};
 pub use phase::Phase;
 
 /// The tables of the control schema (`plan/control.sql`).
-const TABLES: [&str; 11] = [
+const TABLES: [&str; 12] = [
     "runs",
     "deferred",
     "chunks",
@@ -47,6 +47,7 @@ const TABLES: [&str; 11] = [
     "validations",
     "events",
     "blue_writers",
+    "reverse_failures",
 ];
 
 /// A table of the control schema, e.g. `table(m, "runs")`.
@@ -92,7 +93,7 @@ pub async fn upgrade(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagnos
         "SELECT pg_catalog.to_regclass($2) IS NOT NULL AND (SELECT count(*) FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND NOT a.attisdropped AND (c.relname, a.attname) IN (('events', 'started_at'), ('changes', 'skip_entry'), ('runs', 'refuse_old_writes'))) = 3",
     )
     .bind(&m.control_schema)
-    .bind(table(m, "blue_writers").to_string())
+    .bind(table(m, "reverse_failures").to_string())
     .fetch_one(&mut *conn)
     .await
     .map_err(db_error)?;

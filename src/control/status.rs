@@ -33,6 +33,10 @@ pub struct Status {
     pub failures: Vec<changes::Failure>,
     /// Change-log rows set aside because their keys could not be found.
     pub failed_changes: i64,
+    /// After cutover: green writes whose reverse into blue failed, and the newest of them
+    /// (table, green key, error).
+    pub reverse_failures: i64,
+    pub reverse_failure_list: Vec<(String, String, String)>,
     pub warnings: Vec<String>,
     pub events: Vec<Event>,
     /// Sessions that wrote blue after the cutover, in the last [`BLUE_WRITERS_WINDOW`].
@@ -90,6 +94,8 @@ pub async fn status(conn: &mut PgConnection, m: &Mapping) -> Result<Status, Diag
         failures_total: 0,
         failures: Vec::new(),
         failed_changes: 0,
+        reverse_failures: 0,
+        reverse_failure_list: Vec::new(),
         warnings: Vec::new(),
         events: Vec::new(),
         blue_writers: Vec::new(),
@@ -171,6 +177,14 @@ pub async fn status(conn: &mut PgConnection, m: &Mapping) -> Result<Status, Diag
     }
     if matches!(st.phase, Phase::CutOver | Phase::RolledBack) {
         st.blue_writers = super::writers::blue_writers(conn, m, BLUE_WRITERS_WINDOW).await?;
+        for r in query(m, "SELECT green_table, green_key::text AS k, error, count(*) OVER () AS n FROM {reverse_failures} WHERE migration = $1 ORDER BY failed_at DESC LIMIT 10")
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db_error)?
+        {
+            st.reverse_failures = r.get("n");
+            st.reverse_failure_list.push((r.get("green_table"), r.get("k"), r.get("error")));
+        }
     }
     st.events = recent_events(conn, m).await?;
     Ok(st)
@@ -246,6 +260,15 @@ pub fn render(st: &Status) -> String {
                 "  {} key {}: {} (at {})\n",
                 f.table, f.sync_key, f.error, f.failed_at
             ));
+        }
+    }
+    if st.reverse_failures > 0 {
+        o.push_str(&format!(
+            "reverse failures: {} green write(s) did not reach blue (retry with `bluegreen sync`; rollback refuses meanwhile)\n",
+            st.reverse_failures
+        ));
+        for (t, k, e) in &st.reverse_failure_list {
+            o.push_str(&format!("  {t} key {k}: {e}\n"));
         }
     }
     if !st.blue_writers.is_empty() {

@@ -117,6 +117,16 @@ CREATE TABLE IF NOT EXISTS {control}.events (
     outcome   text NOT NULL,
     detail    jsonb
 );
+-- After cutover: green writes whose reverse into blue failed (the green write stands), by green
+-- key; `sync` retries them, `rollback` refuses while any is left.
+CREATE TABLE IF NOT EXISTS {control}.reverse_failures (
+    migration   text NOT NULL,
+    green_table text NOT NULL,
+    green_key   jsonb NOT NULL,
+    error       text NOT NULL,
+    failed_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (migration, green_table, green_key)
+);
 -- Sessions that wrote blue after the cutover (old sessions, or sessions pinned to blue): one row
 -- per session, refreshed by every statement; `status`, `cutover --drain-timeout` and `finalize`
 -- read "blue writes seen in the last N seconds" from it.

@@ -274,10 +274,11 @@ pub async fn cutover_gates(
     .fetch_one(&mut *conn)
     .await
     .map_err(db_error)?;
-    if failures + failed_changes > 0 {
+    let reverse = reverse_failures(conn, m).await?;
+    if failures + failed_changes + reverse > 0 {
         out.push(refusal(
             "sync failures",
-            format!("{failures} key(s) and {failed_changes} change(s) failed to sync"),
+            format!("{failures} key(s) and {failed_changes} change(s) failed to sync, {reverse} green write(s) to reach blue"),
             "see `bluegreen status`; fix the cause and run `bluegreen sync` until none is left",
         ));
     }
@@ -769,6 +770,14 @@ pub async fn rollback_gates(
     if let Err(d) = runs::check_drift(conn, m).await {
         out.push(refusal("drift", d.message, d.hint.unwrap_or_default()));
     }
+    let failed = reverse_failures(conn, m).await?;
+    if failed > 0 {
+        out.push(refusal(
+            "reverse failures",
+            format!("{failed} green write(s) did not reach blue (see `bluegreen status`): a rollback now would lose them"),
+            "fix the cause (a value blue's type cannot hold, a blue constraint) and run `bluegreen sync` until none is left",
+        ));
+    }
     Ok(out)
 }
 
@@ -1036,4 +1045,108 @@ pub async fn drain_blue_writers(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Reverse failures of this migration (green writes that did not reach blue).
+pub async fn reverse_failures(conn: &mut PgConnection, m: &Mapping) -> Result<i64, Diagnostic> {
+    sqlx::query_scalar(
+        control::statement(
+            m,
+            "SELECT count(*) FROM {reverse_failures} WHERE migration = $1",
+        )
+        .assert_safe(),
+    )
+    .bind(&m.migration)
+    .fetch_one(conn)
+    .await
+    .map_err(db_error)
+}
+
+/// `sync`: retry the green keys whose reverse failed, each in a transaction of its own marked as
+/// that entry's reverse (the forward echo re-derives the other entries, not that one). Returns
+/// (fixed, left).
+pub async fn retry_reverse(conn: &mut PgConnection, m: &Mapping) -> Result<(i64, i64), Diagnostic> {
+    if !matches!(
+        runs::phase(conn, m).await?,
+        Phase::CutOver | Phase::RolledBack
+    ) {
+        return Ok((0, 0));
+    }
+    let cat = control::load_catalog_for_sync(conn, m).await?;
+    let entries = sync_entries(m, &cat);
+    let revs = reversals(m, &entries, &cat);
+    let rows = sqlx::query(
+        control::statement(
+            m,
+            "SELECT green_table, green_key::text AS raw, ARRAY(SELECT x FROM pg_catalog.jsonb_array_elements_text(green_key) WITH ORDINALITY AS t(x, n) ORDER BY n) AS k FROM {reverse_failures} WHERE migration = $1 ORDER BY failed_at LIMIT 1000",
+        )
+        .assert_safe(),
+    )
+    .bind(&m.migration)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    let mut fixed = 0;
+    for r in rows {
+        let entry: String = r.get("green_table");
+        let raw: String = r.get("raw");
+        let key: Vec<String> = r.get("k");
+        let Some(rev) = revs.iter().find(|x| x.entry == entry) else {
+            continue;
+        };
+        let attempt = async {
+            exec(conn, &sql!("BEGIN")).await?;
+            sqlx::query("SELECT pg_catalog.set_config($1, $2, true)")
+                .bind(crate::names::guard_setting(&m.migration))
+                .bind(format!("r:0:{entry}"))
+                .execute(&mut *conn)
+                .await
+                .map_err(db_error)?;
+            sqlx::query(rev.retry().assert_safe())
+                .bind(&key)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| crate::pg::db_error_in(e, &rev.retry()))?;
+            sqlx::query(
+                control::statement(
+                    m,
+                    "DELETE FROM {reverse_failures} WHERE migration = $1 AND green_table = $2 AND green_key = $3::jsonb",
+                )
+                .assert_safe(),
+            )
+            .bind(&m.migration)
+            .bind(&entry)
+            .bind(&raw)
+            .execute(&mut *conn)
+            .await
+            .map_err(db_error)?;
+            exec(conn, &sql!("COMMIT")).await
+        }
+        .await;
+        match attempt {
+            Ok(()) => fixed += 1,
+            Err(d) => {
+                let _ = exec(conn, &sql!("ROLLBACK")).await;
+                sqlx::query(
+                    control::statement(
+                        m,
+                        "UPDATE {reverse_failures} SET error = $4, failed_at = now() WHERE migration = $1 AND green_table = $2 AND green_key = $3::jsonb",
+                    )
+                    .assert_safe(),
+                )
+                .bind(&m.migration)
+                .bind(&entry)
+                .bind(&raw)
+                .bind(format!(
+                    "{}: {}",
+                    d.sqlstate().unwrap_or(""),
+                    d.message.lines().next().unwrap_or("")
+                ))
+                .execute(&mut *conn)
+                .await
+                .map_err(db_error)?;
+            }
+        }
+    }
+    Ok((fixed, reverse_failures(conn, m).await?))
 }

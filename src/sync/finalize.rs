@@ -23,7 +23,7 @@ use crate::sql::{Ident, QName, join, sql};
 
 /// The control tables that hold operational state (dropped with the last migration finalized);
 /// `runs`, `validations` and `events` are the archive.
-pub const OPERATIONAL: [&str; 8] = [
+pub const OPERATIONAL: [&str; 9] = [
     "changes",
     "sync_failures",
     "failed_changes",
@@ -32,6 +32,7 @@ pub const OPERATIONAL: [&str; 8] = [
     "chunks",
     "deferred",
     "blue_writers",
+    "reverse_failures",
 ];
 
 #[derive(Clone, Debug)]

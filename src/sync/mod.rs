@@ -224,6 +224,7 @@ pub async fn sync(conn: &mut PgConnection, m: &Mapping) -> Result<SyncReport, Di
     let drained = drain(conn, m, &plan).await?;
     let rederived = apply::rederive_marked(conn, m, &plan).await?;
     let retried = retry_all(conn, m, &plan).await?;
+    let (_, reverse_left) = cutover::retry_reverse(conn, m).await?;
     let report = status::status(conn, m).await?;
     // Rows logged before this sync started that are still there were held by another applier
     // (or a writer): pending, not done.
@@ -251,7 +252,7 @@ pub async fn sync(conn: &mut PgConnection, m: &Mapping) -> Result<SyncReport, Di
         replayed: drained.changes as i64,
         keys: (drained.keys + rederived.keys) as i64,
         retried: retried.keys as i64,
-        failures_left: report.failures_total + report.failed_changes,
+        failures_left: report.failures_total + report.failed_changes + reverse_left,
         // A full re-derive still marked (keys that cannot all be computed yet) is pending too.
         pending_left: older + report.rederive.len() as i64,
         status: report,

@@ -112,11 +112,29 @@ async fn reverse_checks(
     .await?;
     let mut out = Vec::new();
     for r in &revs {
-        let row = sqlx::query(r.diff().assert_safe())
+        let diff = r.diff(m);
+        let row = sqlx::query(diff.assert_safe())
             .fetch_one(&mut c)
             .await
-            .map_err(|e| crate::pg::db_error_in(e, &r.diff()))?;
-        let (missing, extra): (i64, i64) = (row.get("green_side"), row.get("blue_side"));
+            .map_err(|e| crate::pg::db_error_in(e, &diff))?;
+        let (mut missing, extra): (i64, i64) = (row.get("green_side"), row.get("blue_side"));
+        let mut keys: Vec<String> = row.get("keys");
+        // Green writes whose reverse failed: not in blue, whatever their value.
+        let failed: Vec<String> = sqlx::query_scalar(
+            control::statement(
+                m,
+                "SELECT green_key::text FROM {reverse_failures} WHERE migration = $1 AND green_table = $2 ORDER BY 1",
+            )
+            .assert_safe(),
+        )
+        .bind(&m.migration)
+        .bind(&r.entry)
+        .fetch_all(&mut c)
+        .await
+        .map_err(db_error)?;
+        missing += failed.len() as i64;
+        keys.extend(failed.into_iter().map(|k| format!("{k} (reverse failed)")));
+        keys.truncate(10);
         out.push((
             r.entry.clone(),
             ReverseResult {
@@ -124,7 +142,7 @@ async fn reverse_checks(
                 matches: missing == 0 && extra == 0,
                 missing_in_blue: missing as u64,
                 extra_in_blue: extra as u64,
-                keys: row.get("keys"),
+                keys,
             },
         ));
     }

@@ -10,8 +10,8 @@ use std::time::Duration;
 use sqlx::PgConnection;
 
 use crate::support::{
-    both, cluster, connect, copy_ok, count, empty_db, exec, fingerprint, invariant_violations,
-    run_within, stdout,
+    both, cluster, connect, control_rows, copy_ok, count, empty_db, exec, fingerprint,
+    invariant_violations, run_within, stdout,
 };
 
 const PGB: &str = "mappings/pgbench_cutover.yaml";
@@ -1069,4 +1069,49 @@ async fn an_unowned_sequence_is_interleaved_too() {
     );
     let n = differ(&mut old, "public.note", "seqs_green.note", "id, body").await;
     assert_eq!(n, 0);
+}
+
+/// Hostile review finding 6: a green write blue cannot take (a balance past blue's `integer`,
+/// green's is `bigint`) stands on green: the reverse records it as a reverse failure instead of
+/// failing the new application's statement; rollback refuses while it stands, `sync` retries it,
+/// and once green holds a value blue can take again the retry clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_green_write_blue_cannot_take_stands_and_holds_the_rollback_back() {
+    let (url, mut c) = small("cut_revfail").await;
+    cut_over_small(&url).await;
+    let mut g = green_session(&url).await;
+    exec(&mut g, "UPDATE acct SET balance = 3000000000 WHERE id = 1").await;
+    assert_eq!(
+        count(&mut c, "SELECT balance FROM small_green.acct WHERE id = 1").await,
+        3_000_000_000
+    );
+    assert_eq!(control_rows(&mut c, "reverse_failures", "small").await, 1);
+    let st = ok(&url, &["status", "-m", SMALL]).await;
+    assert!(
+        st.contains("reverse failures: 1") && st.contains("22003"),
+        "{st}"
+    );
+    let out = run_within(&url, &["rollback", "-m", SMALL, "--yes"], LIMIT).await;
+    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
+    assert!(
+        stdout(&out).contains("did not reach blue"),
+        "{}",
+        both(&out)
+    );
+    let out = run_within(&url, &["sync", "-m", SMALL], LIMIT).await;
+    assert_eq!(out.status.code(), Some(1), "still failing: {}", both(&out));
+    let out = run_within(&url, &["validate", "-m", SMALL], LIMIT).await;
+    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
+    // A blue key conflict on a green insert is the green writer's error, never merged.
+    let e = sqlx::raw_sql("INSERT INTO acct (id, owner) VALUES (2, 'dup')")
+        .execute(&mut g)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("duplicate key"), "{e}");
+    exec(&mut g, "UPDATE acct SET balance = 5 WHERE id = 1").await;
+    ok(&url, &["sync", "-m", SMALL]).await;
+    assert_eq!(control_rows(&mut c, "reverse_failures", "small").await, 0);
+    assert_acct_sides_equal(&mut c, "after the retry").await;
+    ok(&url, &["rollback", "-m", SMALL, "--yes"]).await;
 }

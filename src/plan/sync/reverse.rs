@@ -239,8 +239,9 @@ impl Reversal {
     /// `blue.S = R(green)` on the keys green reaches, as multisets of rows rendered in blue's
     /// types: `(rows of R(green) blue lacks, rows of blue R(green) lacks, up to 10 of their blue
     /// keys as text)`. Blue rows whose key green does not hold (outside the mapping's filter)
-    /// are not part of it.
-    pub fn diff(&self) -> Sql {
+    /// are not part of it, nor the keys recorded in `reverse_failures` (their green value may not
+    /// even fit blue's type): the caller counts those as differences of their own.
+    pub fn diff(&self, m: &Mapping) -> Sql {
         let r = join(
             self.columns
                 .iter()
@@ -264,8 +265,20 @@ impl Reversal {
                 .map(|k| format!("b.{}::pg_catalog.text", Ident::new(k))),
             ", ",
         );
+        let failed = format!(
+            "NOT EXISTS (SELECT 1 FROM {} AS f WHERE f.migration = {} AND f.green_table = {} AND f.green_key = pg_catalog.jsonb_build_array({}))",
+            QName::new(&m.control_schema, "reverse_failures"),
+            Literal::new(&m.migration),
+            Literal::new(&self.entry),
+            join(
+                self.green_key
+                    .iter()
+                    .map(|k| format!("g.{}::pg_catalog.text", Ident::new(k))),
+                ", "
+            )
+        );
         sql!(
-            "WITH r AS (SELECT {r} FROM {g}), b AS (SELECT {b} FROM {blue} AS b WHERE ({bk}) IN (SELECT {rk} FROM r)), x AS (SELECT * FROM r EXCEPT ALL SELECT * FROM b), y AS (SELECT * FROM b EXCEPT ALL SELECT * FROM r) SELECT (SELECT count(*) FROM x)::pg_catalog.int8 AS green_side, (SELECT count(*) FROM y)::pg_catalog.int8 AS blue_side, ARRAY(SELECT DISTINCT ROW({kx})::pg_catalog.text FROM (SELECT * FROM x UNION ALL SELECT * FROM y) AS d ORDER BY 1 LIMIT 10) AS keys",
+            "WITH r AS (SELECT {r} FROM {g} AS g WHERE {failed}), b AS (SELECT {b} FROM {blue} AS b WHERE ({bk}) IN (SELECT {rk} FROM r)), x AS (SELECT * FROM r EXCEPT ALL SELECT * FROM b), y AS (SELECT * FROM b EXCEPT ALL SELECT * FROM r) SELECT (SELECT count(*) FROM x)::pg_catalog.int8 AS green_side, (SELECT count(*) FROM y)::pg_catalog.int8 AS blue_side, ARRAY(SELECT DISTINCT ROW({kx})::pg_catalog.text FROM (SELECT * FROM x UNION ALL SELECT * FROM y) AS d ORDER BY 1 LIMIT 10) AS keys",
             g = self.green,
             blue = self.blue,
             rk = kv(""),
@@ -274,25 +287,118 @@ impl Reversal {
     }
 
     /// The reverse trigger function (`rolled_back`: after a rollback, giving way to blue).
+    /// The green keys of the statement's rows as `jsonb` text arrays (`reverse_failures`).
+    fn failed_keys(&self, rel: &str) -> String {
+        format!(
+            "SELECT DISTINCT pg_catalog.jsonb_build_array({}) AS k FROM {rel}",
+            join(
+                self.green_key
+                    .iter()
+                    .map(|k| format!("{}::pg_catalog.text", Ident::new(k))),
+                ", "
+            )
+        )
+    }
+
+    /// Record the statement's keys as reverse failures with the error in flight.
+    fn record_failure(&self, m: &Mapping, indent: &str) -> String {
+        let ins = |rel: &str| {
+            format!(
+                "INSERT INTO {} AS f (migration, green_table, green_key, error) SELECT {}, {}, r.k, SQLSTATE || ': ' || SQLERRM FROM ({}) AS r ON CONFLICT (migration, green_table, green_key) DO UPDATE SET error = EXCLUDED.error, failed_at = pg_catalog.now();",
+                QName::new(&m.control_schema, "reverse_failures"),
+                Literal::new(&m.migration),
+                Literal::new(&self.entry),
+                self.failed_keys(rel)
+            )
+        };
+        format!(
+            "{indent}IF TG_OP = 'DELETE' THEN\n{indent}    {}\n{indent}ELSE\n{indent}    {}\n{indent}END IF;\n",
+            ins("old_rows"),
+            ins("new_rows")
+        )
+    }
+
+    /// The statement putting blue back to `R(green)` for one green key (`$1`, the key's values as
+    /// text): the row upserted from green, or deleted when green has none (blue's key compared
+    /// as text with green's, as an auto-inverted key is green's own value). `sync` retries
+    /// reverse failures with it.
+    pub fn retry(&self) -> Sql {
+        let gk = join(
+            self.green_key
+                .iter()
+                .enumerate()
+                .map(|(j, k)| format!("{}::pg_catalog.text = $1[{}]", Ident::new(k), j + 1)),
+            " AND ",
+        );
+        let bk = join(
+            self.blue_key
+                .iter()
+                .enumerate()
+                .map(|(j, k)| format!("b.{}::pg_catalog.text = $1[{}]", Ident::new(k), j + 1)),
+            " AND ",
+        );
+        let set: Vec<String> = self
+            .columns
+            .iter()
+            .filter(|(c, _)| !self.blue_key.contains(c))
+            .map(|(c, _)| format!("{0} = EXCLUDED.{0}", Ident::new(c)))
+            .collect();
+        let conflict = if set.is_empty() {
+            "DO NOTHING".to_string()
+        } else {
+            format!("DO UPDATE SET {}", join(set, ", "))
+        };
+        sql!(
+            "WITH d AS (DELETE FROM {blue} AS b WHERE {bk} AND NOT EXISTS (SELECT 1 FROM {green} WHERE {gk})) INSERT INTO {blue} ({cols}){ov} SELECT {vals} FROM ({side}) AS n ON CONFLICT ({key}) {conflict}",
+            blue = self.blue,
+            green = self.green,
+            cols = join(self.columns.iter().map(|(c, _)| Ident::new(c)), ", "),
+            ov = if self.overriding {
+                " OVERRIDING SYSTEM VALUE"
+            } else {
+                ""
+            },
+            vals = join((0..self.columns.len()).map(|j| format!("n.v{j}")), ", "),
+            side = self.side(&format!("(SELECT * FROM {} WHERE {gk}) AS g", self.green)),
+            key = join(self.blue_key.iter().map(Ident::new), ", "),
+        )
+    }
+
+    /// The reverse trigger function (`rolled_back`: after a rollback, giving way to blue).
+    ///
+    /// A reverse that fails (a green value blue's narrower type cannot hold, a blue constraint)
+    /// never fails the green writer: its keys are recorded in `reverse_failures` (which `status`
+    /// shows, `validate` finds as `blue = R(green)` differences, and `rollback` refuses on) and
+    /// `sync` retries them. Two failures are the writer's: a blue key conflict on a green insert
+    /// (never merged: design review L2) and, after a rollback, a wait for a blue row (40001).
     pub fn function(&self, m: &Mapping, rolled_back: bool) -> Sql {
         let entry = Literal::new(&self.entry);
         let steps = format!(
-            "        IF TG_OP = 'INSERT' THEN\n            {};\n        ELSIF TG_OP = 'UPDATE' THEN\n            IF {} THEN\n                RAISE EXCEPTION 'bluegreen: an UPDATE of the key of % cannot be written back to blue during the migration', {}::pg_catalog.text USING ERRCODE = 'feature_not_supported', HINT = 'delete the row and insert it with its new key';\n            END IF;\n{}        ELSIF TG_OP = 'DELETE' THEN\n            {};\n        END IF;\n",
+            "            IF TG_OP = 'INSERT' THEN\n                {};\n            ELSIF TG_OP = 'UPDATE' THEN\n{}            ELSIF TG_OP = 'DELETE' THEN\n                {};\n            END IF;\n",
             self.insert(),
-            self.key_moved(),
-            Literal::new(self.green.display()),
             self.update()
-                .map(|u| format!("            {u};\n"))
+                .map(|u| format!("                {u};\n"))
                 .unwrap_or_default(),
             self.delete(),
         );
-        let body = if rolled_back {
-            format!(
-                "    BEGIN\n        lt := pg_catalog.current_setting('lock_timeout');\n        bluegreen_set := pg_catalog.set_config('lock_timeout', {STEP_LOCK_TIMEOUT}, true);\n{steps}        bluegreen_set := pg_catalog.set_config('lock_timeout', lt, true);\n    EXCEPTION WHEN lock_not_available OR deadlock_detected THEN\n        RAISE EXCEPTION 'bluegreen: the application is back on blue; this write to green gave way to a blue writer' USING ERRCODE = 'serialization_failure', HINT = 'retry, or reconnect to use blue';\n    END;\n"
+        let (set, reset, give_way) = if rolled_back {
+            (
+                format!("        lt := pg_catalog.current_setting('lock_timeout');\n        bluegreen_set := pg_catalog.set_config('lock_timeout', {STEP_LOCK_TIMEOUT}, true);\n"),
+                "        bluegreen_set := pg_catalog.set_config('lock_timeout', lt, true);\n".to_string(),
+                "        IF SQLSTATE IN ('55P03', '40P01') THEN\n            RAISE EXCEPTION 'bluegreen: the application is back on blue; this write to green gave way to a blue writer' USING ERRCODE = 'serialization_failure', HINT = 'retry, or reconnect to use blue';\n        END IF;\n".to_string(),
             )
         } else {
-            steps
+            (String::new(), String::new(), String::new())
         };
+        let key_moved = format!(
+            "    IF TG_OP = 'UPDATE' THEN\n        IF {} THEN\n            RAISE EXCEPTION 'bluegreen: an UPDATE of the key of % cannot be written back to blue during the migration', {}::pg_catalog.text USING ERRCODE = 'feature_not_supported', HINT = 'delete the row and insert it with its new key';\n        END IF;\n    END IF;\n",
+            self.key_moved(),
+            Literal::new(self.green.display()),
+        );
+        let body = format!(
+            "{key_moved}    BEGIN\n{set}{steps}{reset}    EXCEPTION WHEN OTHERS THEN\n{give_way}        IF SQLSTATE = '23505' AND TG_OP = 'INSERT' THEN\n            RAISE;\n        END IF;\n        -- The green write stands; blue lags for these keys until `sync` retries them.\n{}    END;\n",
+            self.record_failure(m, "        ")
+        );
         sql!(
             "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn$\n#variable_conflict use_column\nDECLARE\n    lt text;\n    bluegreen_set text;\n{declare}BEGIN\n    IF {inside} THEN\n        RETURN NULL;\n    END IF;\n    IF TG_OP = 'TRUNCATE' THEN\n        RAISE EXCEPTION 'bluegreen: TRUNCATE of % cannot be written back to blue during the migration', {g}::pg_catalog.text USING ERRCODE = 'feature_not_supported', HINT = 'DELETE the rows instead';\n    END IF;\n    {push}\n{body}    {pop}\n    RETURN NULL;\nEND\n$fn$",
             f = names::reverse_function(&m.control_schema, &m.migration, self.index),
