@@ -534,6 +534,17 @@ pub async fn cutover(url: &str, m: &Mapping, o: &CutoverOptions) -> Result<Flipp
     }
     let m = &runs::resolved_mapping(&mut conn, m).await?;
     let plan = super::plan(&mut conn, m).await?;
+    // Catch up before the fence, with writes going on: what the fence drains is then only what
+    // was logged since (a lookup renamed just before, touching thousands of keys, is applied
+    // here and not while writes wait; design review H5).
+    let before = super::drain(&mut conn, m, &plan).await?;
+    let marked = super::apply::rederive_marked(&mut conn, m, &plan).await?;
+    if before.changes + marked.keys > 0 {
+        eprintln!(
+            "bluegreen: cutover: caught up {} change(s) and {} key(s) before the fence",
+            before.changes, marked.keys
+        );
+    }
     let cat = control::load_catalog_for_sync(&mut conn, m).await?;
     let entries = sync_entries(m, &cat);
     let revs: Vec<Reversal> = reversals(m, &entries, &cat);

@@ -1115,3 +1115,61 @@ async fn a_green_write_blue_cannot_take_stands_and_holds_the_rollback_back() {
     assert_acct_sides_equal(&mut c, "after the retry").await;
     ok(&url, &["rollback", "-m", SMALL, "--yes"]).await;
 }
+
+/// Design review H5: a lookup renamed just before the cutover touches thousands of keys; they
+/// are applied before the fence, with writes going on, so the fence drains next to nothing and
+/// the application's writes meanwhile are never held for long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_renamed_just_before_the_cutover_is_applied_before_the_fence() {
+    let url = empty_db("cut_h5").await;
+    let mut c = connect(&url).await;
+    exec(
+        &mut c,
+        "CREATE TABLE public.w (id integer PRIMARY KEY, name text);
+         CREATE TABLE public.c (id integer PRIMARY KEY, w_id integer NOT NULL REFERENCES public.w, v integer NOT NULL);
+         INSERT INTO public.w VALUES (1, 'one'), (2, 'two');
+         INSERT INTO public.c SELECT i, 1 + i % 2, i FROM generate_series(1, 20000) i;",
+    )
+    .await;
+    copy_ok(&url, JOINED).await;
+    ok(&url, &["validate", "-m", JOINED]).await;
+    exec(&mut c, "UPDATE w SET name = 'uno' WHERE id = 1").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (u, s) = (url.clone(), stop.clone());
+    let writer = tokio::spawn(async move {
+        let mut app = connect(&u).await;
+        let mut i = 0;
+        let mut longest = Duration::ZERO;
+        while !s.load(std::sync::atomic::Ordering::Relaxed) {
+            i += 1;
+            let took = crate::support::must_not_wait(
+                &mut app,
+                "an application write during the cutover",
+                &format!(
+                    "UPDATE public.c SET v = v + 1 WHERE id = {}",
+                    2 + 2 * (i % 1000)
+                ),
+                Duration::from_secs(10),
+            )
+            .await;
+            longest = longest.max(took);
+        }
+        (i, longest)
+    });
+    let out = ok(&url, &["cutover", "-m", JOINED, "--yes"]).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (writes, longest) = writer.await.unwrap();
+    assert!(writes > 0);
+    eprintln!("{writes} writes during the cutover, longest {longest:?}; {out}");
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM joined_green.cj WHERE wname = 'uno'"
+        )
+        .await,
+        10000
+    );
+    let n = differ(&mut c, "public.c", "joined_green.cj", "id, w_id, v::int8").await;
+    assert_eq!(n, 0, "blue c and green cj differ");
+    assert!(invariant_violations(&url, JOINED).await.is_empty());
+}
