@@ -19,6 +19,10 @@ pub enum Verdict {
     /// `reverse: none`, or blue columns nothing rebuilds: rollback loses writes made on green.
     #[serde(rename = "lossy")]
     Lossy,
+    /// Another entry on the same driving table is the row owner; this one writes back the blue
+    /// columns only it rebuilds (updates only).
+    #[serde(rename = "column owner")]
+    ColumnOwner,
     /// Another entry on the same driving table carries its reverse.
     #[serde(rename = "not applicable")]
     NotApplicable,
@@ -32,6 +36,7 @@ impl Verdict {
         match self {
             Verdict::Invertible => "invertible",
             Verdict::Lossy => "lossy",
+            Verdict::ColumnOwner => "column owner",
             Verdict::NotApplicable => "not applicable",
             Verdict::No => "no",
         }
@@ -54,7 +59,48 @@ pub struct ReversePlan {
     pub missing: Vec<String>,
 }
 
-/// How each entry's driving table is reversed (green -> blue), and which entry owns it.
+/// Blue column -> (expression over the green table, declared under `reverse:`).
+type Rebuilt = BTreeMap<String, (String, bool)>;
+
+/// The blue columns of `bt` that entry `e` can rebuild from its green table: declared under
+/// `reverse:`, or inverted automatically (a plain rename or a cast of a driving column), with the
+/// expression over the green table and whether it was declared.
+fn reversible(e: &TableEntry, bt: &crate::catalog::Table) -> Rebuilt {
+    let driving = e.from_clause.driving();
+    let mut out = BTreeMap::new();
+    if let Reverse::Columns(cols) = &e.reverse {
+        for (c, x) in cols {
+            out.insert(c.clone(), (x.text.clone(), true));
+        }
+    }
+    for bc in &bt.columns {
+        if out.contains_key(&bc.name) {
+            continue;
+        }
+        let auto = e.columns.iter().find(|c| {
+            c.value_map.is_none()
+                && (plain_column_of(&c.expr.text, &driving.alias).as_deref()
+                    == Some(bc.name.as_str())
+                    || cast_of(&c.expr.text, &driving.alias).as_deref() == Some(bc.name.as_str()))
+        });
+        if let Some(c) = auto {
+            out.insert(
+                bc.name.clone(),
+                (
+                    format!("{}::{}", crate::sql::Ident::new(&c.name), bc.type_sql),
+                    false,
+                ),
+            );
+        }
+    }
+    out
+}
+
+/// How each entry's driving table is reversed (green -> blue), and which entry owns what. Several
+/// entries may read one driving table (a split): each blue column is reversed by at most one of
+/// them, every reversing entry rebuilds the whole blue key, and one is the row owner (the first
+/// with a declared `reverse`, else the first) that alone inserts and deletes blue rows; the others
+/// own the columns the row owner does not rebuild, and update only those.
 pub fn reverse_plan(m: &Mapping, e: &TableEntry, cat: &Catalog) -> ReversePlan {
     let mut rp = ReversePlan {
         verdict: Verdict::No,
@@ -72,55 +118,89 @@ pub fn reverse_plan(m: &Mapping, e: &TableEntry, cat: &Catalog) -> ReversePlan {
         rp.verdict = Verdict::No;
         return rp;
     }
-    // Another entry on the same driving table that declares its reverse owns it.
-    if matches!(e.reverse, Reverse::Auto)
-        && m.tables.iter().any(|o| {
-            o.name != e.name
-                && matches!(o.reverse, Reverse::Columns(_))
-                && o.from_clause.items.first().map(|i| &i.table) == Some(&driving.table)
-        })
-    {
-        rp.verdict = Verdict::NotApplicable;
-        return rp;
-    }
     let Some(bt) = cat.table(&driving.table) else {
         rp.verdict = Verdict::No;
         return rp;
     };
-    let declared: BTreeMap<&str, &str> = match &e.reverse {
-        Reverse::Columns(cols) => cols
+    let key: Vec<String> = bt
+        .primary_key
+        .as_ref()
+        .map(|k| k.columns.clone())
+        .or_else(|| bt.strict_unique_keys().into_iter().next())
+        .unwrap_or_default();
+    // The entries that could reverse this table, each with what it rebuilds; those that cannot
+    // rebuild the key cannot find the blue rows to write.
+    let peers: Vec<(&TableEntry, Rebuilt)> = m
+        .tables
+        .iter()
+        .filter(|o| {
+            o.from_clause.driving().table == driving.table
+                && !matches!(o.reverse, Reverse::None)
+                && o.group_by.is_empty()
+        })
+        .map(|o| (o, reversible(o, bt)))
+        .filter(|(_, r)| !key.is_empty() && key.iter().all(|k| r.contains_key(k)))
+        .collect();
+    let owner = peers
+        .iter()
+        .find(|(o, _)| matches!(o.reverse, Reverse::Columns(_)))
+        .or(peers.first())
+        .map(|(o, _)| o.name.clone());
+    let mine = peers.iter().find(|(o, _)| o.name == e.name);
+    let Some((_, my_cols)) = mine else {
+        // Cannot rebuild the blue key (or another entry owns the table and this one nothing).
+        rp.verdict = if owner.is_some() {
+            Verdict::NotApplicable
+        } else {
+            Verdict::Lossy
+        };
+        rp.missing = bt
+            .columns
             .iter()
-            .map(|(c, x)| (c.as_str(), x.text.as_str()))
-            .collect(),
-        _ => BTreeMap::new(),
+            .filter(|c| c.generated.is_empty())
+            .map(|c| c.name.clone())
+            .collect();
+        return rp;
     };
-    for bc in &bt.columns {
-        if let Some(x) = declared.get(bc.name.as_str()) {
-            rp.columns.push((bc.name.clone(), x.to_string()));
-            rp.declared.push(bc.name.clone());
-            continue;
-        }
-        let auto = e.columns.iter().find(|c| {
-            c.value_map.is_none()
-                && (plain_column_of(&c.expr.text, &driving.alias).as_deref()
-                    == Some(bc.name.as_str())
-                    || cast_of(&c.expr.text, &driving.alias).as_deref() == Some(bc.name.as_str()))
-        });
-        match auto {
-            Some(c) => {
-                rp.columns.push((
-                    bc.name.clone(),
-                    format!("{}::{}", crate::sql::Ident::new(&c.name), bc.type_sql),
-                ));
+    let is_owner = owner.as_deref() == Some(e.name.as_str());
+    // Each blue column to the row owner if it rebuilds it, else to the first peer that does.
+    let assigned = |c: &str| -> Option<&str> {
+        let first_owner = peers
+            .iter()
+            .find(|(o, r)| Some(&o.name) == owner.as_ref() && r.contains_key(c));
+        first_owner
+            .or_else(|| peers.iter().find(|(_, r)| r.contains_key(c)))
+            .map(|(o, _)| o.name.as_str())
+    };
+    let mut owns_other = false;
+    for bc in bt.columns.iter().filter(|c| c.generated.is_empty()) {
+        let who = assigned(&bc.name);
+        let keyed = key.contains(&bc.name);
+        if who == Some(e.name.as_str()) || (keyed && my_cols.contains_key(&bc.name)) {
+            let (x, declared) = &my_cols[&bc.name];
+            rp.columns.push((bc.name.clone(), x.clone()));
+            if *declared {
+                rp.declared.push(bc.name.clone());
+            } else {
                 rp.auto.push(bc.name.clone());
             }
-            None => rp.missing.push(bc.name.clone()),
+            if !keyed {
+                owns_other = true;
+            }
+        } else if who.is_none() && is_owner {
+            rp.missing.push(bc.name.clone());
         }
     }
-    rp.verdict = if rp.missing.is_empty() {
-        Verdict::Invertible
+    rp.verdict = if is_owner {
+        if rp.missing.is_empty() {
+            Verdict::Invertible
+        } else {
+            Verdict::Lossy
+        }
+    } else if owns_other {
+        Verdict::ColumnOwner
     } else {
-        Verdict::Lossy
+        Verdict::NotApplicable
     };
     rp
 }

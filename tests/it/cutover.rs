@@ -1173,3 +1173,88 @@ async fn a_lookup_renamed_just_before_the_cutover_is_applied_before_the_fence() 
     assert_eq!(n, 0, "blue c and green cj differ");
     assert!(invariant_violations(&url, JOINED).await.is_empty());
 }
+
+const SPLIT: &str = "tests/fixtures/cutover_split.yaml";
+
+/// A split (DESIGN.md, `reverse`): customers is the row owner of blue customer, addresses the
+/// column owner of its country. A green write to addresses.country reverses into blue and
+/// re-derives the sibling customers (its computed country_code) but not addresses itself; a
+/// column owner's row inserted before its row owner's is a reverse failure until `sync` retries
+/// it; a row owner's delete takes the column owner's green row with it. No lossy tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_reverses_through_its_row_owner_and_its_column_owner() {
+    let url = empty_db("cut_split").await;
+    let mut c = connect(&url).await;
+    exec(
+        &mut c,
+        "CREATE TABLE public.customer (id integer PRIMARY KEY, name text NOT NULL, country text);
+         INSERT INTO public.customer SELECT i, 'c' || i, 'de' FROM generate_series(1, 20) i;",
+    )
+    .await;
+    copy_ok(&url, SPLIT).await;
+    let plan = ok(&url, &["plan", "-m", SPLIT]).await;
+    assert!(plan.contains("column owner"), "{plan}");
+    ok(&url, &["validate", "-m", SPLIT]).await;
+    ok(&url, &["cutover", "-m", SPLIT, "--yes"]).await;
+    let mut g = connect(&url).await;
+    exec(&mut g, "UPDATE addresses SET country = 'ch' WHERE id = 1").await;
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM public.customer WHERE id = 1 AND country = 'ch'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM split_green.customers WHERE id = 1 AND country_code = 'CH'"
+        )
+        .await,
+        1
+    );
+    exec(&mut g, "UPDATE customers SET name = 'renamed' WHERE id = 2").await;
+    exec(&mut g, "BEGIN; INSERT INTO customers (id, name) VALUES (100, 'new'); INSERT INTO addresses VALUES (100, 'fr'); COMMIT").await;
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM split_green.customers WHERE id = 100 AND country_code = 'FR'"
+        )
+        .await,
+        1
+    );
+    // The column owner's row first: recorded, retried once the row owner's row is there.
+    exec(&mut g, "INSERT INTO addresses VALUES (101, 'it')").await;
+    assert_eq!(control_rows(&mut c, "reverse_failures", "split").await, 1);
+    exec(
+        &mut g,
+        "INSERT INTO customers (id, name) VALUES (101, 'late')",
+    )
+    .await;
+    ok(&url, &["sync", "-m", SPLIT]).await;
+    assert_eq!(control_rows(&mut c, "reverse_failures", "split").await, 0);
+    exec(&mut g, "DELETE FROM customers WHERE id = 3").await;
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM split_green.addresses WHERE id = 3"
+        )
+        .await,
+        0
+    );
+    let n = differ(
+        &mut c,
+        "public.customer",
+        "(SELECT c.id, c.name, a.country FROM split_green.customers c JOIN split_green.addresses a USING (id)) AS g",
+        "id, name, country",
+    )
+    .await;
+    assert_eq!(n, 0, "blue customer = R(green)");
+    assert!(
+        invariant_violations(&url, SPLIT).await.is_empty(),
+        "green = M(blue)"
+    );
+    ok(&url, &["validate", "-m", SPLIT]).await;
+    ok(&url, &["rollback", "-m", SPLIT, "--yes"]).await;
+}

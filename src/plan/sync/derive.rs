@@ -566,6 +566,58 @@ impl SyncEntry<'_> {
         self.insert_missing(select.as_str())
     }
 
+    /// The trigger's update-only step after cutover, when another entry's reverse wrote the blue
+    /// rows (a split's partner): the green rows the application wrote are updated where M(blue)
+    /// now says otherwise (a column computed from the partner's), never inserted (the
+    /// application inserts its own rows of each part).
+    pub(super) fn row_local_update_only(&self, m: &Mapping) -> Option<String> {
+        let d = self.entry.from_clause.driving();
+        let cols = self.blue_key_columns();
+        let keys = format!(
+            "({}) IN (SELECT {} FROM new_rows AS n)",
+            join(
+                cols.iter()
+                    .map(|c| format!("{}.{}", Ident::new(&d.alias), Ident::new(c))),
+                ", "
+            ),
+            join(cols.iter().map(|c| format!("n.{}", Ident::new(c))), ", ")
+        );
+        let select = mapping_select(
+            self.entry,
+            self.green,
+            &m.control_schema,
+            &Shape {
+                extra_where: vec![keys],
+                ..Shape::default()
+            },
+        );
+        let set: Vec<&str> = self
+            .mapped()
+            .into_iter()
+            .filter(|c| !self.upsert_key.iter().any(|k| k == c))
+            .collect();
+        if set.is_empty() {
+            return None;
+        }
+        let list = |p: &str| join(set.iter().map(|c| format!("{p}{}", Ident::new(*c))), ", ");
+        Some(format!(
+            "UPDATE {t} AS bluegreen_g SET {s} FROM ({select}) AS m WHERE {on} AND ROW({g})::text IS DISTINCT FROM ROW({n})::text",
+            t = self.green.qname(),
+            s = join(
+                set.iter().map(|c| format!("{0} = m.{0}", Ident::new(*c))),
+                ", "
+            ),
+            on = join(
+                self.upsert_key
+                    .iter()
+                    .map(|c| format!("bluegreen_g.{0} = m.{0}", Ident::new(c))),
+                " AND "
+            ),
+            g = list("bluegreen_g."),
+            n = list("m."),
+        ))
+    }
+
     /// `INSERT ... ON CONFLICT (green key) DO NOTHING`.
     fn insert_missing(&self, select: &str) -> String {
         let cols = self.mapped();

@@ -465,12 +465,24 @@ fn cut_over_steps(m: &Mapping, local: &[&SyncEntry], reversed: &[String], indent
     let ups: String = local
         .iter()
         .map(|e| {
-            let stmts = if is_rev(e) {
-                e.row_local_upsert(m)
-            } else {
-                vec![e.row_local_insert(m)]
-            };
-            unless_src(e, stmts)
+            if !is_rev(e) {
+                return unless_src(e, vec![e.row_local_insert(m)]);
+            }
+            // A reversed entry: re-derived in full for an old session's write; for a split
+            // partner's reverse, its existing rows only updated (the application writes its own).
+            let full: String = e
+                .row_local_upsert(m)
+                .iter()
+                .map(|s| format!("{indent}        {s};\n"))
+                .collect();
+            let partner = e
+                .row_local_update_only(m)
+                .map(|s| format!("{indent}        {s};\n"))
+                .unwrap_or_default();
+            format!(
+                "{indent}    IF bluegreen_src IS NULL THEN\n{full}{indent}    ELSIF bluegreen_src <> {} THEN\n{partner}{indent}        NULL;\n{indent}    END IF;\n",
+                Literal::new(&e.entry.name)
+            )
         })
         .collect();
     let dels = |update: bool| -> String {

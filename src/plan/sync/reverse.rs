@@ -45,6 +45,9 @@ pub struct Reversal {
     pub overriding: bool,
     /// The blue type of each of `columns`.
     pub types: Vec<String>,
+    /// The row owner inserts and deletes blue rows; a column owner (another entry of a split)
+    /// only updates the columns it owns, on rows the row owner wrote.
+    pub row_owner: bool,
 }
 
 /// The entries whose green writes reverse into blue: invertible (every blue column comes back),
@@ -53,7 +56,7 @@ pub fn reversals(m: &Mapping, entries: &[SyncEntry], cat: &Catalog) -> Vec<Rever
     let mut out = Vec::new();
     for e in entries {
         let rp = reverse_plan(m, e.entry, cat);
-        if rp.verdict != Verdict::Invertible {
+        if !matches!(rp.verdict, Verdict::Invertible | Verdict::ColumnOwner) {
             continue;
         }
         let Some(bt) = cat.table(e.driving()) else {
@@ -92,6 +95,7 @@ pub fn reversals(m: &Mapping, entries: &[SyncEntry], cat: &Catalog) -> Vec<Rever
             green_key: e.upsert_key.clone(),
             overriding,
             types,
+            row_owner: rp.verdict == Verdict::Invertible,
         });
     }
     out
@@ -227,6 +231,24 @@ impl Reversal {
         ))
     }
 
+    /// `UPDATE` of the owned columns from the rows of `rel` (a column owner's insert, its retry).
+    fn set_owned(&self, rel: &str) -> String {
+        let set: Vec<String> = self
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, (c, _))| !self.blue_key.contains(c))
+            .map(|(j, (c, _))| format!("{} = p.v{j}", Ident::new(c)))
+            .collect();
+        format!(
+            "UPDATE {} AS b SET {} FROM ({}) AS p WHERE {}",
+            self.blue,
+            join(set, ", "),
+            self.side(rel),
+            self.key_match("b", "p", "v")
+        )
+    }
+
     fn delete(&self) -> String {
         format!(
             "DELETE FROM {} AS b USING ({}) AS p WHERE {}",
@@ -323,6 +345,19 @@ impl Reversal {
     /// as text with green's, as an auto-inverted key is green's own value). `sync` retries
     /// reverse failures with it.
     pub fn retry(&self) -> Sql {
+        if !self.row_owner {
+            let gk = join(
+                self.green_key
+                    .iter()
+                    .enumerate()
+                    .map(|(j, k)| format!("{}::pg_catalog.text = $1[{}]", Ident::new(k), j + 1)),
+                " AND ",
+            );
+            return sql!(
+                "{}",
+                self.set_owned(&format!("(SELECT * FROM {} WHERE {gk}) AS g", self.green))
+            );
+        }
         let gk = join(
             self.green_key
                 .iter()
@@ -373,14 +408,31 @@ impl Reversal {
     /// (never merged: design review L2) and, after a rollback, a wait for a blue row (40001).
     pub fn function(&self, m: &Mapping, rolled_back: bool) -> Sql {
         let entry = Literal::new(&self.entry);
-        let steps = format!(
-            "            IF TG_OP = 'INSERT' THEN\n                {};\n            ELSIF TG_OP = 'UPDATE' THEN\n{}            ELSIF TG_OP = 'DELETE' THEN\n                {};\n            END IF;\n",
-            self.insert(),
-            self.update()
-                .map(|u| format!("                {u};\n"))
-                .unwrap_or_default(),
-            self.delete(),
-        );
+        let steps = if self.row_owner {
+            format!(
+                "            IF TG_OP = 'INSERT' THEN\n                {};\n            ELSIF TG_OP = 'UPDATE' THEN\n{}            ELSIF TG_OP = 'DELETE' THEN\n                {};\n            END IF;\n",
+                self.insert(),
+                self.update()
+                    .map(|u| format!("                {u};\n"))
+                    .unwrap_or_default(),
+                self.delete(),
+            )
+        } else {
+            // A column owner: its inserted rows' columns go onto the blue rows the row owner
+            // wrote (a row not there yet is a reverse failure, retried by `sync`); its deletes
+            // are the row owner's to make.
+            format!(
+                "            IF TG_OP = 'INSERT' THEN\n                IF EXISTS (SELECT 1 FROM ({}) AS n WHERE NOT EXISTS (SELECT 1 FROM {} AS b WHERE {})) THEN\n                    RAISE EXCEPTION 'bluegreen: the blue row of a % insert is not there yet (insert the row owner''s row first)', {}::pg_catalog.text USING ERRCODE = 'foreign_key_violation';\n                END IF;\n                {};\n            ELSIF TG_OP = 'UPDATE' THEN\n{}            END IF;\n",
+                self.side("new_rows"),
+                self.blue,
+                self.key_match("b", "n", "v"),
+                Literal::new(self.green.display()),
+                self.set_owned("new_rows"),
+                self.update()
+                    .map(|u| format!("                {u};\n"))
+                    .unwrap_or_default(),
+            )
+        };
         let (set, reset, give_way) = if rolled_back {
             (
                 format!("        lt := pg_catalog.current_setting('lock_timeout');\n        bluegreen_set := pg_catalog.set_config('lock_timeout', {STEP_LOCK_TIMEOUT}, true);\n"),
