@@ -156,6 +156,12 @@ pub fn text(plan: &Plan) -> String {
                 tp.reverse.missing.join(", ")
             ));
         }
+        if !tp.reverse.read_only.is_empty() {
+            lines.push(format!(
+                "read-only after cutover (computed from blue, no reverse reads them): {}",
+                tp.reverse.read_only.join(", ")
+            ));
+        }
         if let Some(p) = &tp.profile {
             lines.push(format!(
                 "profiled ({}, {:.1}% of {}): {} driving rows -> {} green rows, ~{:.0} B/row",

@@ -57,6 +57,11 @@ pub struct ReversePlan {
     pub auto: Vec<String>,
     pub declared: Vec<String>,
     pub missing: Vec<String>,
+    /// Mapped green columns no reverse expression of this entry reads (computed from blue): a
+    /// green write to them does not reach blue and is recomputed by the next write to what they
+    /// are computed from ("read-only after cutover", design review C2).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub read_only: Vec<String>,
 }
 
 /// Blue column -> (expression over the green table, declared under `reverse:`).
@@ -108,6 +113,7 @@ pub fn reverse_plan(m: &Mapping, e: &TableEntry, cat: &Catalog) -> ReversePlan {
         auto: Vec::new(),
         declared: Vec::new(),
         missing: Vec::new(),
+        read_only: Vec::new(),
     };
     let driving = e.from_clause.driving();
     if matches!(e.reverse, Reverse::None) {
@@ -191,6 +197,22 @@ pub fn reverse_plan(m: &Mapping, e: &TableEntry, cat: &Catalog) -> ReversePlan {
             rp.missing.push(bc.name.clone());
         }
     }
+    // The green columns the reverse expressions name (as identifiers, conservatively).
+    let read: std::collections::BTreeSet<String> = rp
+        .columns
+        .iter()
+        .flat_map(|(_, x)| {
+            crate::sql::scan::tokens(x)
+                .map(|t| t.iter().filter_map(|t| t.ident()).collect::<Vec<_>>())
+                .unwrap_or_default()
+        })
+        .collect();
+    rp.read_only = e
+        .columns
+        .iter()
+        .filter(|c| !read.contains(&c.name))
+        .map(|c| c.name.clone())
+        .collect();
     rp.verdict = if is_owner {
         if rp.missing.is_empty() {
             Verdict::Invertible

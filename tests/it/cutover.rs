@@ -1194,6 +1194,12 @@ async fn a_split_reverses_through_its_row_owner_and_its_column_owner() {
     copy_ok(&url, SPLIT).await;
     let plan = ok(&url, &["plan", "-m", SPLIT]).await;
     assert!(plan.contains("column owner"), "{plan}");
+    assert!(
+        plan.contains(
+            "read-only after cutover (computed from blue, no reverse reads them): country_code"
+        ),
+        "{plan}"
+    );
     ok(&url, &["validate", "-m", SPLIT]).await;
     ok(&url, &["cutover", "-m", SPLIT, "--yes"]).await;
     let mut g = connect(&url).await;
