@@ -1082,3 +1082,94 @@ async fn run_all_keys(
         .map_err(db_error)?;
     keys_of(e, &rows)
 }
+
+/// The keys the change log touches right now, per entry (for the fence to re-verify once it has
+/// drained them); None when more than `limit` (then not re-verified key by key).
+pub async fn keys_pending(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    plan: &Plan,
+    limit: usize,
+) -> Result<Option<BTreeMap<usize, BTreeSet<Key>>>, Diagnostic> {
+    let rows = sqlx::query(
+        sql!(
+            "SELECT id, blue_table FROM {} WHERE migration = $1 AND op <> 'T'",
+            table(m, "changes")
+        )
+        .assert_safe(),
+    )
+    .bind(&m.migration)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    let mut by_table: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for r in &rows {
+        by_table
+            .entry(r.get("blue_table"))
+            .or_default()
+            .push(r.get("id"));
+    }
+    let mut out: BTreeMap<usize, BTreeSet<Key>> = BTreeMap::new();
+    for (pos, e) in plan.entries.iter().enumerate() {
+        for (x, finder) in &e.finders {
+            let Some(ids) = by_table.get(&x.display()) else {
+                continue;
+            };
+            let Ok(found) = run_finder(conn, e, finder, ids, false).await else {
+                // A key that cannot even be found is the drain's to set aside.
+                continue;
+            };
+            out.entry(pos).or_default().extend(found);
+        }
+        if out.values().map(BTreeSet::len).sum::<usize>() > limit {
+            return Ok(None);
+        }
+    }
+    Ok(Some(out))
+}
+
+/// Re-verify `green = M(blue)` for `keys` (after the fence drained them): the entries and the
+/// first keys where green differs, empty when all match.
+pub async fn verify_keys(
+    conn: &mut PgConnection,
+    plan: &Plan,
+    keys: &BTreeMap<usize, BTreeSet<Key>>,
+) -> Result<Vec<String>, Diagnostic> {
+    let mut differ = Vec::new();
+    for (pos, ks) in keys {
+        let e = &plan.entries[*pos];
+        let ks: Vec<Key> = ks.iter().cloned().collect();
+        for chunk in ks.chunks(KEYS_PER_TRANSACTION) {
+            let columns: Vec<Vec<Option<String>>> = (0..e.nkeys)
+                .map(|j| chunk.iter().map(|k| k[j].clone()).collect())
+                .collect();
+            let mut sides = Vec::new();
+            for s in [&e.blue_rows, &e.green_rows] {
+                let mut q = sqlx::query(s.assert_safe());
+                for c in &columns {
+                    q = q.bind(c);
+                }
+                let mut rows: Vec<(Vec<Option<String>>, Option<String>)> = q
+                    .fetch_all(&mut *conn)
+                    .await
+                    .map_err(db_error)?
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1)))
+                    .collect();
+                rows.sort();
+                sides.push(rows);
+            }
+            if sides[0] != sides[1] {
+                let first = sides[0]
+                    .iter()
+                    .chain(&sides[1])
+                    .find(|r| !(sides[0].contains(r) && sides[1].contains(r)))
+                    .map(|(k, _)| format!("{k:?}"))
+                    .unwrap_or_default();
+                differ.push(format!("{} (first key {first})", e.name));
+                break;
+            }
+        }
+    }
+    Ok(differ)
+}

@@ -21,6 +21,9 @@ use crate::sql::{join, sql};
 /// How long one attempt at the fence's locks waits at most (ms), and how many attempts.
 const FENCE_LOCK_WAIT_MS: u64 = 100;
 const FENCE_ATTEMPTS: usize = 12;
+/// Keys the fence re-verifies one by one after its drain, at most (beyond, the drain's own apply
+/// is the check, and `validate` the proof).
+const VERIFY_KEYS: usize = 20_000;
 
 /// A held fence: the transaction holding the locks, and the snapshot it exported.
 pub struct Fence {
@@ -145,8 +148,31 @@ pub async fn fence_blue(
     // wait for this very fence.
     let fenced = plan.fenced();
     let mut a = crate::pg::connect(url).await?;
+    // The keys the frozen backlog touches, to re-verify once drained (cutover fence, step 3).
+    // (The cutover's fence only: validate's fence compares everything itself, and after a
+    // cutover entries without a reverse are the application's.)
+    let pending = if expect.is_some() && fenced.cut_over.is_none() {
+        super::apply::keys_pending(&mut a, m, &fenced, VERIFY_KEYS).await?
+    } else {
+        None
+    };
     match tokio::time::timeout(budget, caught_up(&mut a, m, &fenced)).await {
-        Ok(Ok(_)) => {}
+        Ok(Ok(_)) => {
+            if let Some(keys) = &pending {
+                let differ = super::apply::verify_keys(&mut a, &fenced, keys).await?;
+                if !differ.is_empty() {
+                    let _ = exec(&mut f, &sql!("ROLLBACK")).await;
+                    return Err(Diagnostic::error(
+                        "fence-verify",
+                        format!(
+                            "after draining inside the fence, green differs from M(blue) for keys it applied: {}",
+                            differ.join(", ")
+                        ),
+                    )
+                    .hint("run `bluegreen validate` to see the rows; nothing was changed"));
+                }
+            }
+        }
         Ok(Err(d)) => {
             let _ = exec(&mut f, &sql!("ROLLBACK")).await;
             return Err(d);

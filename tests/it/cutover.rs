@@ -1264,3 +1264,46 @@ async fn a_split_reverses_through_its_row_owner_and_its_column_owner() {
     ok(&url, &["validate", "-m", SPLIT]).await;
     ok(&url, &["rollback", "-m", SPLIT, "--yes"]).await;
 }
+
+/// The cutover fence's step 3: the keys the frozen backlog touches are found before its drain and
+/// re-verified after it; a green row that still differs from M(blue) at one of them is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fence_reverifies_the_keys_it_drained() {
+    let url = empty_db("cut_verify").await;
+    let mut c = connect(&url).await;
+    exec(
+        &mut c,
+        "CREATE TABLE public.w (id integer PRIMARY KEY, name text);
+         CREATE TABLE public.c (id integer PRIMARY KEY, w_id integer NOT NULL REFERENCES public.w, v integer NOT NULL);
+         INSERT INTO public.w VALUES (1, 'one'), (2, 'two');
+         INSERT INTO public.c SELECT i, 1 + i % 2, i FROM generate_series(1, 200) i;",
+    )
+    .await;
+    copy_ok(&url, JOINED).await;
+    exec(&mut c, "UPDATE w SET name = 'uno' WHERE id = 1").await;
+    let m = bluegreen::mapping::load(&crate::support::root().join(JOINED)).unwrap();
+    let mut a = connect(&url).await;
+    let m = bluegreen::control::runs::resolved_mapping(&mut a, &m)
+        .await
+        .unwrap();
+    let plan = bluegreen::sync::plan(&mut a, &m).await.unwrap();
+    let keys = bluegreen::sync::apply::keys_pending(&mut a, &m, &plan, 1000)
+        .await
+        .unwrap()
+        .expect("under the limit");
+    assert_eq!(keys.values().map(|k| k.len()).sum::<usize>(), 100);
+    bluegreen::sync::drain(&mut a, &m, &plan).await.unwrap();
+    assert!(
+        bluegreen::sync::apply::verify_keys(&mut a, &plan, &keys)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    exec(&mut c, "UPDATE joined_green.cj SET v = -1 WHERE id = 2").await;
+    let differ = bluegreen::sync::apply::verify_keys(&mut a, &plan, &keys)
+        .await
+        .unwrap();
+    assert_eq!(differ.len(), 1, "{differ:?}");
+    assert!(differ[0].starts_with("cj (first key"), "{differ:?}");
+    exec(&mut c, "UPDATE joined_green.cj SET v = 2 WHERE id = 2").await;
+}
