@@ -1307,3 +1307,51 @@ async fn the_fence_reverifies_the_keys_it_drained() {
     assert!(differ[0].starts_with("cj (first key"), "{differ:?}");
     exec(&mut c, "UPDATE joined_green.cj SET v = 2 WHERE id = 2").await;
 }
+
+/// Design review L2: a green insert whose key a blue row outside the mapping holds (a
+/// soft-deleted lead) fails for the green writer instead of being merged into it; the blue rows
+/// outside the mapping stay as they are, and blue = R(green) on the keys green holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_green_insert_meeting_a_soft_deleted_blue_row_fails_and_is_never_merged() {
+    const SOFT: &str = "tests/fixtures/cutover_soft.yaml";
+    let url = empty_db("cut_soft").await;
+    let mut c = connect(&url).await;
+    exec(
+        &mut c,
+        "CREATE TABLE public.leads (id integer PRIMARY KEY, status text NOT NULL, deleted_at timestamptz);
+         INSERT INTO public.leads SELECT i, 'new', CASE WHEN i % 5 = 0 THEN now() END FROM generate_series(1, 20) i;",
+    )
+    .await;
+    copy_ok(&url, SOFT).await;
+    ok(&url, &["validate", "-m", SOFT]).await;
+    ok(&url, &["cutover", "-m", SOFT, "--yes"]).await;
+    let mut g = connect(&url).await;
+    let e = sqlx::raw_sql("INSERT INTO leads VALUES (5, 'won')")
+        .execute(&mut g)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("duplicate key"), "{e}");
+    exec(
+        &mut g,
+        "UPDATE leads SET status = 'won' WHERE id = 1; INSERT INTO leads VALUES (21, 'new')",
+    )
+    .await;
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM public.leads WHERE deleted_at IS NOT NULL AND status = 'new'"
+        )
+        .await,
+        4
+    );
+    let n = differ(
+        &mut c,
+        "(SELECT id, status FROM public.leads WHERE deleted_at IS NULL) AS b",
+        "soft_green.leads",
+        "id, status",
+    )
+    .await;
+    assert_eq!(n, 0);
+    ok(&url, &["validate", "-m", SOFT]).await;
+}
