@@ -6,17 +6,11 @@
 //! step that could fail runs in a subtransaction under a short `lock_timeout`, and if it fails or
 //! times out its rows go to the change log, pending, for the follower.
 
-use super::reverse::{guard_declare, set_guard};
+use super::guard::{GIVE_WAY, STEP_LOCK_TIMEOUT, guard_declare, set_guard};
 use super::{Mode, Stage, SyncEntry, function_settings};
 use crate::mapping::Mapping;
 use crate::names;
 use crate::sql::{Ident, Literal, QName, Sql, join, sql};
-
-/// How long a row-local step inside the writer's statement may wait for a lock (an applier's
-/// short transaction) before it gives way to the change log: 50 ms, or half the session's
-/// `deadlock_timeout` when that is shorter (in a lock cycle the step gives way, never the
-/// writer).
-pub const STEP_LOCK_TIMEOUT: &str = "GREATEST(1, LEAST(50, pg_catalog.floor(pg_catalog.date_part('epoch', pg_catalog.current_setting('deadlock_timeout')::pg_catalog.interval) * 500)))::pg_catalog.int4::pg_catalog.text || 'ms'";
 
 /// Which entries an UPDATE's rows concern: its old and new rows paired by a strict unique key of
 /// the blue table (compared as text under the "C" collation, so a new rendering of an equal key
@@ -376,7 +370,7 @@ fn cut_over_body(
     }
     if !in_statement.is_empty() {
         old.push_str(&format!(
-            "        {}\n        BEGIN\n            lt := pg_catalog.current_setting('lock_timeout');\n            bluegreen_set := pg_catalog.set_config('lock_timeout', {STEP_LOCK_TIMEOUT}, true);\n{}            bluegreen_set := pg_catalog.set_config('lock_timeout', lt, true);\n        EXCEPTION WHEN OTHERS THEN\n            IF SQLSTATE IN ('55P03', '40P01') THEN\n                RAISE EXCEPTION 'bluegreen: this blue write waited for a green row a session on the new schema holds; retry it (or reconnect to use the new schema)' USING ERRCODE = 'serialization_failure';\n            END IF;\n            RAISE;\n        END;\n        {}\n",
+            "        {}\n        BEGIN\n            lt := pg_catalog.current_setting('lock_timeout');\n            bluegreen_set := pg_catalog.set_config('lock_timeout', {STEP_LOCK_TIMEOUT}, true);\n{}            bluegreen_set := pg_catalog.set_config('lock_timeout', lt, true);\n        EXCEPTION WHEN OTHERS THEN\n            IF SQLSTATE IN ('55P03', '40P01') THEN\n                {GIVE_WAY};\n            END IF;\n            RAISE;\n        END;\n        {}\n",
             set_guard(m, "'f:' || bluegreen_depth::pg_catalog.text"),
             in_statement
                 .iter()
@@ -402,7 +396,7 @@ fn cut_over_body(
     if !local.is_empty() {
         let inner = "        ";
         body.push_str(&format!(
-            "    {}\n    BEGIN\n{inner}lt := pg_catalog.current_setting('lock_timeout');\n{inner}bluegreen_set := pg_catalog.set_config('lock_timeout', {STEP_LOCK_TIMEOUT}, true);\n{}{inner}bluegreen_set := pg_catalog.set_config('lock_timeout', lt, true);\n    EXCEPTION WHEN OTHERS THEN\n{inner}IF bluegreen_old THEN\n{inner}    IF SQLSTATE IN ('55P03', '40P01') THEN\n{inner}        RAISE EXCEPTION 'bluegreen: this blue write waited for a green row a session on the new schema holds; retry it (or reconnect to use the new schema)' USING ERRCODE = 'serialization_failure';\n{inner}    END IF;\n{inner}    RAISE;\n{inner}END IF;\n{}    END;\n    {}\n",
+            "    {}\n    BEGIN\n{inner}lt := pg_catalog.current_setting('lock_timeout');\n{inner}bluegreen_set := pg_catalog.set_config('lock_timeout', {STEP_LOCK_TIMEOUT}, true);\n{}{inner}bluegreen_set := pg_catalog.set_config('lock_timeout', lt, true);\n    EXCEPTION WHEN OTHERS THEN\n{inner}IF bluegreen_old THEN\n{inner}    IF SQLSTATE IN ('55P03', '40P01') THEN\n{inner}        {GIVE_WAY};\n{inner}    END IF;\n{inner}    RAISE;\n{inner}END IF;\n{}    END;\n    {}\n",
             set_guard(m, "'f:' || bluegreen_depth::pg_catalog.text"),
             cut_over_steps(m, &local, reversed, inner),
             log_rows_skipping(m, x, true, filter, Some("bluegreen_src"), inner),

@@ -19,6 +19,7 @@
 
 mod derive;
 mod functions;
+mod guard;
 mod keys;
 mod reverse;
 #[cfg(test)]

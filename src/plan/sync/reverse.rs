@@ -21,7 +21,8 @@
 //! green), and give way: under a short `lock_timeout`, a wait for a blue row is turned into a
 //! retryable `40001` for the green straggler, never a wait the blue application depends on.
 
-use super::{SyncEntry, function_settings, functions::STEP_LOCK_TIMEOUT};
+use super::guard::{STEP_LOCK_TIMEOUT, guard_declare, in_forward_apply, set_guard};
+use super::{SyncEntry, function_settings};
 use crate::catalog::{Catalog, Table};
 use crate::mapping::Mapping;
 use crate::names;
@@ -106,30 +107,6 @@ fn blue_key(bt: &Table) -> Option<Vec<String>> {
         .as_ref()
         .map(|k| k.columns.clone())
         .or_else(|| bt.strict_unique_keys().into_iter().next())
-}
-
-/// The guard value test: this statement is forward sync's own write, one trigger level below
-/// the apply that set the guard (an applier outside any trigger sets depth 0). A write made
-/// deeper, by an application trigger or a foreign-key cascade that the apply set off, is the
-/// application's, and reverses like any other (design review L1).
-pub(super) fn in_forward_apply() -> &'static str {
-    "bluegreen_guard = 'f:' || (bluegreen_depth - 1)::pg_catalog.text"
-}
-
-/// `DECLARE` lines reading the guard once.
-pub(super) fn guard_declare(m: &Mapping) -> String {
-    format!(
-        "    bluegreen_guard text := COALESCE(pg_catalog.current_setting({}, true), '');\n    bluegreen_depth pg_catalog.int4 := pg_catalog.pg_trigger_depth();\n",
-        Literal::new(names::guard_setting(&m.migration))
-    )
-}
-
-/// Set the guard to `value` (an SQL text expression).
-pub(super) fn set_guard(m: &Mapping, value: &str) -> String {
-    format!(
-        "bluegreen_set := pg_catalog.set_config({}, {value}, true);",
-        Literal::new(names::guard_setting(&m.migration))
-    )
 }
 
 impl Reversal {
