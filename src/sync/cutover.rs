@@ -537,8 +537,24 @@ pub async fn cutover(url: &str, m: &Mapping, o: &CutoverOptions) -> Result<Flipp
     // Catch up before the fence, with writes going on: what the fence drains is then only what
     // was logged since (a lookup renamed just before, touching thousands of keys, is applied
     // here and not while writes wait; design review H5).
-    let before = super::drain(&mut conn, m, &plan).await?;
-    let marked = super::apply::rederive_marked(&mut conn, m, &plan).await?;
+    let caught = async {
+        let before = super::drain(&mut conn, m, &plan).await?;
+        let marked = super::apply::rederive_marked(&mut conn, m, &plan).await?;
+        Ok::<_, Diagnostic>((before, marked))
+    }
+    .await;
+    let (before, marked) = match caught {
+        // Another cutover committed meanwhile.
+        Err(d)
+            if d.code == "phase-changed" && runs::phase(&mut conn, m).await? == Phase::CutOver =>
+        {
+            return Ok(Flipped {
+                already: true,
+                ..Flipped::default()
+            });
+        }
+        r => r?,
+    };
     if before.changes + marked.keys > 0 {
         eprintln!(
             "bluegreen: cutover: caught up {} change(s) and {} key(s) before the fence",
@@ -855,6 +871,15 @@ pub async fn rollback(url: &str, m: &Mapping, o: &RollbackOptions) -> Result<Fli
                     ));
                 }
             }
+            // Inside the fence: a green writer's reverse failure committed while the gates ran.
+            let failed = reverse_failures(&mut tx, m).await?;
+            if failed > 0 {
+                return Err(Diagnostic::error(
+                    "reverse-failures",
+                    format!("{failed} green write(s) did not reach blue (see `bluegreen status`); nothing was changed"),
+                )
+                .hint("fix the cause and run `bluegreen sync` until none is left, then roll back"));
+            }
             let record: Option<String> = sqlx::query_scalar(
                 control::statement(m, "SELECT previous_search_path::text FROM {runs} WHERE migration = $1")
                     .assert_safe(),
@@ -1089,7 +1114,7 @@ pub async fn retry_reverse(conn: &mut PgConnection, m: &Mapping) -> Result<(i64,
     let rows = sqlx::query(
         control::statement(
             m,
-            "SELECT green_table, green_key::text AS raw, ARRAY(SELECT x FROM pg_catalog.jsonb_array_elements_text(green_key) WITH ORDINALITY AS t(x, n) ORDER BY n) AS k FROM {reverse_failures} WHERE migration = $1 ORDER BY failed_at LIMIT 1000",
+            "SELECT green_table, green_key::text AS raw, failed_at::text AS at, ARRAY(SELECT x FROM pg_catalog.jsonb_array_elements_text(green_key) WITH ORDINALITY AS t(x, n) ORDER BY n) AS k FROM {reverse_failures} WHERE migration = $1 ORDER BY failed_at LIMIT 1000",
         )
         .assert_safe(),
     )
@@ -1102,6 +1127,7 @@ pub async fn retry_reverse(conn: &mut PgConnection, m: &Mapping) -> Result<(i64,
         let entry: String = r.get("green_table");
         let raw: String = r.get("raw");
         let key: Vec<String> = r.get("k");
+        let at: String = r.get("at");
         let Some(rev) = revs.iter().find(|x| x.entry == entry) else {
             continue;
         };
@@ -1113,6 +1139,12 @@ pub async fn retry_reverse(conn: &mut PgConnection, m: &Mapping) -> Result<(i64,
                 .execute(&mut *conn)
                 .await
                 .map_err(db_error)?;
+            // The green row first (a green writer in flight commits first; its reverse then ran).
+            sqlx::query(rev.lock_green().assert_safe())
+                .bind(&key)
+                .execute(&mut *conn)
+                .await
+                .map_err(db_error)?;
             sqlx::query(rev.retry().assert_safe())
                 .bind(&key)
                 .execute(&mut *conn)
@@ -1121,13 +1153,15 @@ pub async fn retry_reverse(conn: &mut PgConnection, m: &Mapping) -> Result<(i64,
             sqlx::query(
                 control::statement(
                     m,
-                    "DELETE FROM {reverse_failures} WHERE migration = $1 AND green_table = $2 AND green_key = $3::jsonb",
+                    // Only the failure as read: a newer one (the key failed again meanwhile) stays.
+                    "DELETE FROM {reverse_failures} WHERE migration = $1 AND green_table = $2 AND green_key = $3::jsonb AND failed_at = $4::timestamptz",
                 )
                 .assert_safe(),
             )
             .bind(&m.migration)
             .bind(&entry)
             .bind(&raw)
+            .bind(&at)
             .execute(&mut *conn)
             .await
             .map_err(db_error)?;

@@ -1102,6 +1102,23 @@ async fn a_green_write_blue_cannot_take_stands_and_holds_the_rollback_back() {
     assert_eq!(out.status.code(), Some(1), "still failing: {}", both(&out));
     let out = run_within(&url, &["validate", "-m", SMALL], LIMIT).await;
     assert_eq!(out.status.code(), Some(1), "{}", both(&out));
+    // An old session's write to that row would re-derive it from the stale blue row over the
+    // green write (second hostile review F2): refused while the failure stands.
+    let e = sqlx::raw_sql("UPDATE public.acct SET owner = 'renamed' WHERE id = 1")
+        .execute(&mut c)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("has not reached blue yet"), "{e}");
+    exec(
+        &mut c,
+        "UPDATE public.acct SET owner = 'other' WHERE id = 2",
+    )
+    .await;
+    assert_eq!(
+        count(&mut c, "SELECT balance FROM small_green.acct WHERE id = 1").await,
+        3_000_000_000
+    );
     // A blue key conflict on a green insert is the green writer's error, never merged.
     let e = sqlx::raw_sql("INSERT INTO acct (id, owner) VALUES (2, 'dup')")
         .execute(&mut g)
@@ -1238,8 +1255,33 @@ async fn a_split_reverses_through_its_row_owner_and_its_column_owner() {
         "INSERT INTO customers (id, name) VALUES (101, 'late')",
     )
     .await;
+    // The row owner's reverse must not reset the column owner's green value (second hostile
+    // review F1: the partner step set it to blue's NULL, and the retry made that permanent).
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM split_green.addresses WHERE id = 101 AND country = 'it'"
+        )
+        .await,
+        1
+    );
     ok(&url, &["sync", "-m", SPLIT]).await;
     assert_eq!(control_rows(&mut c, "reverse_failures", "split").await, 0);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM public.customer WHERE id = 101 AND country = 'it'"
+        )
+        .await,
+        1
+    );
+    // A column owner's delete has nothing to delete in blue: refused (F6).
+    let e = sqlx::raw_sql("DELETE FROM addresses WHERE id = 4")
+        .execute(&mut g)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cannot be written back"), "{e}");
     exec(&mut g, "DELETE FROM customers WHERE id = 3").await;
     assert_eq!(
         count(

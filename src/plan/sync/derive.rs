@@ -591,10 +591,24 @@ impl SyncEntry<'_> {
                 ..Shape::default()
             },
         );
+        // Only the columns computed from blue (not a plain copy of a blue column): a plain one is
+        // this entry's own to write back, and blue may not hold its value yet (its reverse runs
+        // after the partner's, or failed).
+        let computed: Vec<&str> = self
+            .entry
+            .columns
+            .iter()
+            .filter(|c| {
+                c.value_map.is_some()
+                    || (crate::plan::keys::plain_column_of(&c.expr.text, &d.alias).is_none()
+                        && crate::plan::keys::cast_of(&c.expr.text, &d.alias).is_none())
+            })
+            .map(|c| c.name.as_str())
+            .collect();
         let set: Vec<&str> = self
             .mapped()
             .into_iter()
-            .filter(|c| !self.upsert_key.iter().any(|k| k == c))
+            .filter(|c| !self.upsert_key.iter().any(|k| k == c) && computed.contains(c))
             .collect();
         if set.is_empty() {
             return None;

@@ -368,6 +368,37 @@ fn cut_over_body(
             ))
         ));
     }
+    // A key whose green write has not reached blue (a reverse failure): re-deriving it from blue
+    // would put the stale blue row over the application's, and the retry would then make that
+    // permanent. The old session's write to it is refused until `sync` has written it back.
+    let failed = QName::new(&m.control_schema, "reverse_failures");
+    for e in local
+        .iter()
+        .chain(in_statement.iter())
+        .filter(|e| reversed.contains(&e.entry.name))
+    {
+        let (Some(new_keys), Some(old_keys)) = (
+            e.keys_of_driving_rows("new_rows"),
+            e.keys_of_driving_rows("old_rows"),
+        ) else {
+            continue;
+        };
+        let arr = join((0..e.keys.len()).map(|j| format!("u.k{j}")), ", ");
+        let hit = |keys: &str| {
+            format!(
+                "EXISTS (SELECT 1 FROM ({keys}) AS u WHERE pg_catalog.jsonb_build_array({arr}) IN (SELECT f.green_key FROM {failed} AS f WHERE f.migration = {} AND f.green_table = {}))",
+                Literal::new(&m.migration),
+                Literal::new(&e.entry.name)
+            )
+        };
+        old.push_str(&format!(
+            "        IF EXISTS (SELECT 1 FROM {failed} AS f WHERE f.migration = {mig} AND f.green_table = {ent}) THEN\n            bluegreen_set := NULL;\n            IF TG_OP IN ('INSERT', 'UPDATE') THEN\n                IF {} THEN\n                    bluegreen_set := 'hit';\n                END IF;\n            END IF;\n            IF TG_OP IN ('DELETE', 'UPDATE') THEN\n                IF {} THEN\n                    bluegreen_set := 'hit';\n                END IF;\n            END IF;\n            IF bluegreen_set = 'hit' THEN\n                RAISE EXCEPTION 'bluegreen: a row of % changed on green has not reached blue yet (a reverse failure); this blue write to it is refused', {ent}::pg_catalog.text USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'see `bluegreen status`; fix the cause and run `bluegreen sync`, or reconnect to use the new schema';\n            END IF;\n        END IF;\n",
+            hit(&new_keys),
+            hit(&old_keys),
+            mig = Literal::new(&m.migration),
+            ent = Literal::new(&e.entry.name),
+        ));
+    }
     if !in_statement.is_empty() {
         old.push_str(&format!(
             "        {}\n        BEGIN\n            lt := pg_catalog.current_setting('lock_timeout');\n            bluegreen_set := pg_catalog.set_config('lock_timeout', {STEP_LOCK_TIMEOUT}, true);\n{}            bluegreen_set := pg_catalog.set_config('lock_timeout', lt, true);\n        EXCEPTION WHEN OTHERS THEN\n            IF SQLSTATE IN ('55P03', '40P01') THEN\n                {GIVE_WAY};\n            END IF;\n            RAISE;\n        END;\n        {}\n",

@@ -285,6 +285,20 @@ impl Reversal {
         )
     }
 
+    /// `SELECT ... FOR UPDATE` of the green row of one key (`$1`, as `retry`).
+    pub fn lock_green(&self) -> Sql {
+        sql!(
+            "SELECT 1 FROM {} WHERE {} FOR UPDATE",
+            self.green,
+            join(
+                self.green_key.iter().enumerate().map(|(j, k)| {
+                    format!("{}::pg_catalog.text = $1[{}]", Ident::new(k), j + 1)
+                }),
+                " AND ",
+            )
+        )
+    }
+
     /// The reverse trigger function (`rolled_back`: after a rollback, giving way to blue).
     /// The green keys of the statement's rows as `jsonb` text arrays (`reverse_failures`).
     fn failed_keys(&self, rel: &str) -> String {
@@ -424,6 +438,14 @@ impl Reversal {
             self.key_moved(),
             Literal::new(self.green.display()),
         );
+        let key_moved = if self.row_owner {
+            key_moved
+        } else {
+            format!(
+                "{key_moved}    IF TG_OP = 'DELETE' THEN\n        RAISE EXCEPTION 'bluegreen: a DELETE from % cannot be written back to blue during the migration: its rows are deleted with the row owner''s', {}::pg_catalog.text USING ERRCODE = 'feature_not_supported', HINT = 'delete the row from the table that owns the blue row';\n    END IF;\n",
+                Literal::new(self.green.display())
+            )
+        };
         let body = format!(
             "{key_moved}    BEGIN\n{set}{steps}{reset}    EXCEPTION WHEN OTHERS THEN\n{give_way}        IF SQLSTATE = '23505' AND TG_OP = 'INSERT' THEN\n            RAISE;\n        END IF;\n        -- The green write stands; blue lags for these keys until `sync` retries them.\n{}    END;\n",
             self.record_failure(m, "        ")
