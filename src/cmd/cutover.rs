@@ -143,16 +143,7 @@ pub async fn run(a: &CutoverArgs) -> anyhow::Result<Outcome> {
             ));
         } else {
             for w in &d.still_writing {
-                out.push_str(&format!(
-                    "  still writing blue: pid {} user {} application {} from {} ({} write(s), last {:.1} s ago on {})\n",
-                    w.pid,
-                    w.usename.as_deref().unwrap_or("?"),
-                    w.application_name.as_deref().unwrap_or(""),
-                    w.client_addr.as_deref().unwrap_or("local"),
-                    w.writes,
-                    w.seconds_ago,
-                    w.blue_table.as_deref().unwrap_or("?")
-                ));
+                out.push_str(&format!("  still writing blue: {}\n", w.describe()));
             }
             if a.terminate {
                 out.push_str(&format!("  terminated {} session(s)\n", d.terminated));

@@ -193,3 +193,14 @@ pub async fn failures(
         .collect();
     Ok((total, list))
 }
+
+/// Change-log rows set aside because their keys could not be found (`failed_changes`).
+pub async fn set_aside(conn: &mut PgConnection, m: &Mapping) -> Result<i64, Diagnostic> {
+    scalar(
+        m,
+        "SELECT count(*) FROM {failed_changes} WHERE migration = $1",
+    )
+    .fetch_one(conn)
+    .await
+    .map_err(db_error)
+}

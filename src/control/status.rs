@@ -127,13 +127,7 @@ pub async fn status(conn: &mut PgConnection, m: &Mapping) -> Result<Status, Diag
     st.backlog = changes::backlog(conn, m).await?;
     st.lag_seconds = changes::lag_seconds(conn, m).await?;
     (st.failures_total, st.failures) = changes::failures(conn, m, FAILURES_SHOWN).await?;
-    st.failed_changes = scalar(
-        m,
-        "SELECT count(*) FROM {failed_changes} WHERE migration = $1",
-    )
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(db_error)?;
+    st.failed_changes = changes::set_aside(conn, m).await?;
     st.rederive = scalar(
         m,
         "SELECT green_table FROM {rederive} WHERE migration = $1 ORDER BY 1",
@@ -277,17 +271,7 @@ pub fn render(st: &Status) -> String {
             BLUE_WRITERS_WINDOW.as_secs()
         ));
         for w in &st.blue_writers {
-            o.push_str(&format!(
-                "  pid {} user {} application {} from {}: {} statement(s), last {:.1} s ago on {}{}\n",
-                w.pid,
-                w.usename.as_deref().unwrap_or("?"),
-                w.application_name.as_deref().unwrap_or(""),
-                w.client_addr.as_deref().unwrap_or("local"),
-                w.writes,
-                w.seconds_ago,
-                w.blue_table.as_deref().unwrap_or("?"),
-                if w.alive { "" } else { " (disconnected)" }
-            ));
+            o.push_str(&format!("  {}\n", w.describe()));
         }
     }
     for w in &st.warnings {

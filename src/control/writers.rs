@@ -25,6 +25,23 @@ pub struct BlueWriter {
     pub alive: bool,
 }
 
+impl BlueWriter {
+    /// "pid 7 user app application web from 10.0.0.5: 3 statement(s), last 1.2 s ago on public.t".
+    pub fn describe(&self) -> String {
+        format!(
+            "pid {} user {} application {} from {}: {} statement(s), last {:.1} s ago on {}{}",
+            self.pid,
+            self.usename.as_deref().unwrap_or("?"),
+            self.application_name.as_deref().unwrap_or(""),
+            self.client_addr.as_deref().unwrap_or("local"),
+            self.writes,
+            self.seconds_ago,
+            self.blue_table.as_deref().unwrap_or("?"),
+            if self.alive { "" } else { " (disconnected)" }
+        )
+    }
+}
+
 pub async fn blue_writers(
     conn: &mut PgConnection,
     m: &Mapping,

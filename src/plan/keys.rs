@@ -114,6 +114,21 @@ pub fn plain_column_of(expr: &str, alias: &str) -> Option<String> {
         .map(|(_, c)| c)
 }
 
+/// The green columns of `e` computed from blue: neither a plain copy nor a cast of a column of
+/// the driving table (a value map counts as computed).
+pub fn computed_columns(e: &crate::mapping::TableEntry) -> Vec<&str> {
+    let d = &e.from_clause.driving().alias;
+    e.columns
+        .iter()
+        .filter(|c| {
+            c.value_map.is_some()
+                || (plain_column_of(&c.expr.text, d).is_none()
+                    && cast_of(&c.expr.text, d).is_none())
+        })
+        .map(|c| c.name.as_str())
+        .collect()
+}
+
 /// `alias.column::type` or `CAST(alias.column AS type)`: a column of `alias` read through a
 /// cast; returns the column's name.
 pub fn cast_of(expr: &str, alias: &str) -> Option<String> {

@@ -263,17 +263,7 @@ pub async fn cutover_gates(
         }
     }
     let (failures, _) = changes::failures(conn, m, 0).await?;
-    let failed_changes: i64 = sqlx::query_scalar(
-        control::statement(
-            m,
-            "SELECT count(*) FROM {failed_changes} WHERE migration = $1",
-        )
-        .assert_safe(),
-    )
-    .bind(&m.migration)
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(db_error)?;
+    let failed_changes = changes::set_aside(conn, m).await?;
     let reverse = reverse_failures(conn, m).await?;
     if failures + failed_changes + reverse > 0 {
         out.push(refusal(
@@ -693,17 +683,7 @@ async fn fence_rest(
         .await
         .map_err(db_error)?;
     let (failures, _) = changes::failures(f, m, 0).await?;
-    let set_aside: i64 = sqlx::query_scalar(
-        control::statement(
-            m,
-            "SELECT count(*) FROM {failed_changes} WHERE migration = $1",
-        )
-        .assert_safe(),
-    )
-    .bind(&m.migration)
-    .fetch_one(&mut *f)
-    .await
-    .map_err(db_error)?;
+    let set_aside = changes::set_aside(f, m).await?;
     let failed = failures + set_aside;
     if left > 0 || failed > 0 {
         return Err(Diagnostic::error(
@@ -940,14 +920,8 @@ pub async fn rollback(url: &str, m: &Mapping, o: &RollbackOptions) -> Result<Fli
             // re-derived whole, green = M(blue) again (their green writes are the accepted loss).
             // So are reversed entries with a column computed from others (its green value was
             // not recomputed when the application wrote the columns it reads).
-            let computed = |e: &crate::mapping::TableEntry| {
-                let d = &e.from_clause.driving().alias;
-                e.columns.iter().any(|c| {
-                    c.value_map.is_some()
-                        || (crate::plan::keys::plain_column_of(&c.expr.text, d).is_none()
-                            && crate::plan::keys::cast_of(&c.expr.text, d).is_none())
-                })
-            };
+            let computed =
+                |e: &crate::mapping::TableEntry| !crate::plan::keys::computed_columns(e).is_empty();
             for e in m
                 .tables
                 .iter()

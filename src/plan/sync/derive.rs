@@ -495,11 +495,9 @@ impl SyncEntry<'_> {
         }
     }
 
-    /// The trigger's upsert of a row-local entry: M(blue) for the blue rows whose keys are in the
-    /// statement's `new_rows`. A `DO NOTHING` upsert is preceded by locking the existing green
-    /// rows of those keys: otherwise an applier re-deriving a key (it cannot see the writer's
-    /// uncommitted blue row) could delete the green row the writer's upsert skipped.
-    pub(super) fn row_local_upsert(&self, m: &Mapping) -> Vec<String> {
+    /// M(blue) for the blue rows whose keys are in the statement's `new_rows` (read from blue by
+    /// key, not from the transition table: rule H2).
+    fn row_local_select(&self, m: &Mapping) -> Sql {
         let d = self.entry.from_clause.driving();
         let cols = self.blue_key_columns();
         let keys = format!(
@@ -511,7 +509,7 @@ impl SyncEntry<'_> {
             ),
             join(cols.iter().map(|c| format!("n.{}", Ident::new(c))), ", ")
         );
-        let select = mapping_select(
+        mapping_select(
             self.entry,
             self.green,
             &m.control_schema,
@@ -519,7 +517,16 @@ impl SyncEntry<'_> {
                 extra_where: vec![keys],
                 ..Shape::default()
             },
-        );
+        )
+    }
+
+    /// The trigger's upsert of a row-local entry: M(blue) for the blue rows whose keys are in the
+    /// statement's `new_rows`. A `DO NOTHING` upsert is preceded by locking the existing green
+    /// rows of those keys: otherwise an applier re-deriving a key (it cannot see the writer's
+    /// uncommitted blue row) could delete the green row the writer's upsert skipped.
+    pub(super) fn row_local_upsert(&self, m: &Mapping) -> Vec<String> {
+        let cols = self.blue_key_columns();
+        let select = self.row_local_select(m);
         let mut out = Vec::new();
         if self.upsert_locks_nothing() {
             let gk = join(
@@ -543,26 +550,7 @@ impl SyncEntry<'_> {
     /// The trigger's insert-only step after cutover (an entry without a reverse: green is the new
     /// application's, so blue only adds the rows green does not have).
     pub(super) fn row_local_insert(&self, m: &Mapping) -> String {
-        let d = self.entry.from_clause.driving();
-        let cols = self.blue_key_columns();
-        let keys = format!(
-            "({}) IN (SELECT {} FROM new_rows AS n)",
-            join(
-                cols.iter()
-                    .map(|c| format!("{}.{}", Ident::new(&d.alias), Ident::new(c))),
-                ", "
-            ),
-            join(cols.iter().map(|c| format!("n.{}", Ident::new(c))), ", ")
-        );
-        let select = mapping_select(
-            self.entry,
-            self.green,
-            &m.control_schema,
-            &Shape {
-                extra_where: vec![keys],
-                ..Shape::default()
-            },
-        );
+        let select = self.row_local_select(m);
         self.insert_missing(select.as_str())
     }
 
@@ -571,40 +559,11 @@ impl SyncEntry<'_> {
     /// now says otherwise (a column computed from the partner's), never inserted (the
     /// application inserts its own rows of each part).
     pub(super) fn row_local_update_only(&self, m: &Mapping) -> Option<String> {
-        let d = self.entry.from_clause.driving();
-        let cols = self.blue_key_columns();
-        let keys = format!(
-            "({}) IN (SELECT {} FROM new_rows AS n)",
-            join(
-                cols.iter()
-                    .map(|c| format!("{}.{}", Ident::new(&d.alias), Ident::new(c))),
-                ", "
-            ),
-            join(cols.iter().map(|c| format!("n.{}", Ident::new(c))), ", ")
-        );
-        let select = mapping_select(
-            self.entry,
-            self.green,
-            &m.control_schema,
-            &Shape {
-                extra_where: vec![keys],
-                ..Shape::default()
-            },
-        );
+        let select = self.row_local_select(m);
         // Only the columns computed from blue (not a plain copy of a blue column): a plain one is
         // this entry's own to write back, and blue may not hold its value yet (its reverse runs
         // after the partner's, or failed).
-        let computed: Vec<&str> = self
-            .entry
-            .columns
-            .iter()
-            .filter(|c| {
-                c.value_map.is_some()
-                    || (crate::plan::keys::plain_column_of(&c.expr.text, &d.alias).is_none()
-                        && crate::plan::keys::cast_of(&c.expr.text, &d.alias).is_none())
-            })
-            .map(|c| c.name.as_str())
-            .collect();
+        let computed = crate::plan::keys::computed_columns(self.entry);
         let set: Vec<&str> = self
             .mapped()
             .into_iter()

@@ -109,6 +109,16 @@ fn blue_key(bt: &Table) -> Option<Vec<String>> {
         .or_else(|| bt.strict_unique_keys().into_iter().next())
 }
 
+/// `<prefix>k0::text = $1[1] AND ...`: a key given as one text array parameter.
+fn key_is_param(prefix: &str, key: &[String]) -> String {
+    join(
+        key.iter()
+            .enumerate()
+            .map(|(j, k)| format!("{prefix}{}::pg_catalog.text = $1[{}]", Ident::new(k), j + 1)),
+        " AND ",
+    )
+}
+
 impl Reversal {
     fn side(&self, rel: &str) -> String {
         let mut cols: Vec<String> = self
@@ -290,16 +300,10 @@ impl Reversal {
         sql!(
             "SELECT 1 FROM {} WHERE {} FOR UPDATE",
             self.green,
-            join(
-                self.green_key.iter().enumerate().map(|(j, k)| {
-                    format!("{}::pg_catalog.text = $1[{}]", Ident::new(k), j + 1)
-                }),
-                " AND ",
-            )
+            key_is_param("", &self.green_key)
         )
     }
 
-    /// The reverse trigger function (`rolled_back`: after a rollback, giving way to blue).
     /// The green keys of the statement's rows as `jsonb` text arrays (`reverse_failures`).
     fn failed_keys(&self, rel: &str) -> String {
         format!(
@@ -336,33 +340,14 @@ impl Reversal {
     /// as text with green's, as an auto-inverted key is green's own value). `sync` retries
     /// reverse failures with it.
     pub fn retry(&self) -> Sql {
+        let gk = key_is_param("", &self.green_key);
         if !self.row_owner {
-            let gk = join(
-                self.green_key
-                    .iter()
-                    .enumerate()
-                    .map(|(j, k)| format!("{}::pg_catalog.text = $1[{}]", Ident::new(k), j + 1)),
-                " AND ",
-            );
             return sql!(
                 "{}",
                 self.set_owned(&format!("(SELECT * FROM {} WHERE {gk}) AS g", self.green))
             );
         }
-        let gk = join(
-            self.green_key
-                .iter()
-                .enumerate()
-                .map(|(j, k)| format!("{}::pg_catalog.text = $1[{}]", Ident::new(k), j + 1)),
-            " AND ",
-        );
-        let bk = join(
-            self.blue_key
-                .iter()
-                .enumerate()
-                .map(|(j, k)| format!("b.{}::pg_catalog.text = $1[{}]", Ident::new(k), j + 1)),
-            " AND ",
-        );
+        let bk = key_is_param("b.", &self.blue_key);
         let set: Vec<String> = self
             .columns
             .iter()
