@@ -273,14 +273,13 @@ pub fn summary(r: &Report) -> String {
         }
         if let Some(rr) = &t.reverse {
             if rr.matches {
-                let _ = write!(o, "; blue {} = R(green): match", rr.blue_table);
+                let _ = write!(o, "; reverse sync to {}: no failure", rr.blue_table);
             } else {
                 let _ = write!(
                     o,
-                    "; blue {} = R(green) DIFFERS ({} row(s) of R(green) missing in blue, {} blue row(s) not in R(green); keys: {})",
+                    "; reverse sync to {}: {} green write(s) failed to reach it (`bluegreen sync` retries them; keys: {})",
                     rr.blue_table,
-                    rr.missing_in_blue,
-                    rr.extra_in_blue,
+                    rr.failed,
                     rr.keys.join(", ")
                 );
             }

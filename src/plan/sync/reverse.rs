@@ -1,7 +1,8 @@
 //! Reverse sync (DESIGN.md steps 5 and 6, rules "after cutover"): after the flip the application
 //! writes green, and each invertible entry's green table carries a statement trigger that writes
-//! the same change back into its driving blue table, so blue stays `R(green)` and a rollback
-//! loses nothing.
+//! the same change back into its driving blue table, so `green = M(blue)` holds on (each green
+//! row written comes back through `M` from the blue row its reverse wrote) and a rollback loses
+//! nothing.
 //!
 //! - a green `INSERT` is a plain blue `INSERT` (a key conflict is the green writer's error, never
 //!   merged); identity columns are written `OVERRIDING SYSTEM VALUE`, generated ones never;
@@ -245,56 +246,6 @@ impl Reversal {
         )
     }
 
-    /// `blue.S = R(green)` on the keys green reaches, as multisets of rows rendered in blue's
-    /// types: `(rows of R(green) blue lacks, rows of blue R(green) lacks, up to 10 of their blue
-    /// keys as text)`. Blue rows whose key green does not hold (outside the mapping's filter)
-    /// are not part of it, nor the keys recorded in `reverse_failures` (their green value may not
-    /// even fit blue's type): the caller counts those as differences of their own.
-    pub fn diff(&self, m: &Mapping) -> Sql {
-        let r = join(
-            self.columns
-                .iter()
-                .zip(&self.types)
-                .enumerate()
-                .map(|(j, ((_, x), t))| format!("(({})::{t})::pg_catalog.text AS v{j}", Expr(x))),
-            ", ",
-        );
-        let b = join(
-            self.columns
-                .iter()
-                .enumerate()
-                .map(|(j, (c, _))| format!("b.{}::pg_catalog.text AS v{j}", Ident::new(c))),
-            ", ",
-        );
-        let key_idx: Vec<usize> = self.blue_key.iter().map(|k| self.col_index(k)).collect();
-        let kv = |p: &str| join(key_idx.iter().map(|j| format!("{p}v{j}")), ", ");
-        let bk = join(
-            self.blue_key
-                .iter()
-                .map(|k| format!("b.{}::pg_catalog.text", Ident::new(k))),
-            ", ",
-        );
-        let failed = format!(
-            "NOT EXISTS (SELECT 1 FROM {} AS f WHERE f.migration = {} AND f.green_table = {} AND f.green_key = pg_catalog.jsonb_build_array({}))",
-            QName::new(&m.control_schema, "reverse_failures"),
-            Literal::new(&m.migration),
-            Literal::new(&self.entry),
-            join(
-                self.green_key
-                    .iter()
-                    .map(|k| format!("g.{}::pg_catalog.text", Ident::new(k))),
-                ", "
-            )
-        );
-        sql!(
-            "WITH r AS (SELECT {r} FROM {g} AS g WHERE {failed}), b AS (SELECT {b} FROM {blue} AS b WHERE ({bk}) IN (SELECT {rk} FROM r)), x AS (SELECT * FROM r EXCEPT ALL SELECT * FROM b), y AS (SELECT * FROM b EXCEPT ALL SELECT * FROM r) SELECT (SELECT count(*) FROM x)::pg_catalog.int8 AS green_side, (SELECT count(*) FROM y)::pg_catalog.int8 AS blue_side, ARRAY(SELECT DISTINCT ROW({kx})::pg_catalog.text FROM (SELECT * FROM x UNION ALL SELECT * FROM y) AS d ORDER BY 1 LIMIT 10) AS keys",
-            g = self.green,
-            blue = self.blue,
-            rk = kv(""),
-            kx = kv("d."),
-        )
-    }
-
     /// `SELECT ... FOR UPDATE` of the green row of one key (`$1`, as `retry`).
     pub fn lock_green(&self) -> Sql {
         sql!(
@@ -379,7 +330,7 @@ impl Reversal {
     ///
     /// A reverse that fails (a green value blue's narrower type cannot hold, a blue constraint)
     /// never fails the green writer: its keys are recorded in `reverse_failures` (which `status`
-    /// shows, `validate` finds as `blue = R(green)` differences, and `rollback` refuses on) and
+    /// shows, `validate` counts and finds as `green = M(blue)` differences, and `rollback` refuses on) and
     /// `sync` retries them. Two failures are the writer's: a blue key conflict on a green insert
     /// (never merged: design review L2) and, after a rollback, a wait for a blue row (40001).
     pub fn function(&self, m: &Mapping, rolled_back: bool) -> Sql {
