@@ -711,10 +711,32 @@ pub async fn apply_keys(
         match &plan.cut_over {
             Some(rev) if !rev.contains(&e.name) => up.push(e.insert_missing.clone()),
             Some(_) => {
-                up.extend(e.lock_blue.clone());
-                up.push(e.green_lock.clone());
+                // The green rows first, then the keys whose green write has not reached blue (a
+                // reverse failure): re-deriving those from blue would put the stale blue row over
+                // the application's write, and the reverse retry would then make that permanent
+                // (third hostile review, finding 1). They wait as sync failures until `sync`
+                // has written them back.
+                let mut lock: Vec<Sql> = e.lock_blue.clone().into_iter().collect();
+                lock.push(e.green_lock.clone());
+                let f = failures.entry(pos).or_default();
+                phase(conn, e, &lock, &ks, f, &mut waits).await?;
+                let standing = standing_reverse_failures(conn, e, &ks).await?;
+                f.extend(standing.into_iter().map(|k| {
+                    (
+                        k,
+                        Diagnostic::error(
+                            "reverse-failure-stands",
+                            format!("a green write to this key of {} has not reached blue yet (a reverse failure)", e.name),
+                        )
+                        .hint("fix its cause (see `bluegreen status`) and run `bluegreen sync`"),
+                    )
+                }));
+                let skip: BTreeSet<&Key> = f.iter().map(|(k, _)| k).collect();
+                let ks: Vec<Key> = ks.iter().filter(|k| !skip.contains(k)).cloned().collect();
                 up.push(e.upsert.clone());
                 up.extend(e.unique_update.clone());
+                phase(conn, e, &up, &ks, f, &mut waits).await?;
+                continue;
             }
             None => {
                 if e.row_local {
@@ -785,6 +807,34 @@ pub async fn apply_keys(
         before.extend(new.iter().map(|(k, _)| k.clone()));
     }
     Ok(applied)
+}
+
+/// The keys among `keys` whose green row has a standing reverse failure (after cutover).
+async fn standing_reverse_failures(
+    conn: &mut PgConnection,
+    e: &ApplierEntry,
+    keys: &[Key],
+) -> Result<Vec<Key>, Diagnostic> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut q = sqlx::query(e.reverse_failed.assert_safe());
+    for j in 0..e.nkeys {
+        q = q.bind(
+            keys.iter()
+                .map(|k| k[j].clone())
+                .collect::<Vec<Option<String>>>(),
+        );
+    }
+    let rows = q.fetch_all(&mut *conn).await.map_err(db_error)?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (0..e.nkeys)
+                .map(|j| r.get::<Option<String>, _>(j))
+                .collect()
+        })
+        .collect())
 }
 
 /// Run `stmts` for `keys` in a savepoint; on a failure, halve the keys until the failing ones

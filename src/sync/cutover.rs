@@ -219,7 +219,7 @@ pub async fn cutover_gates(
     // A passing validation of this exact mapping, recent enough.
     let last = control::statement(
         m,
-        "SELECT passed, mapping_digest, extract(epoch FROM now() - at)::float8 AS age, id FROM {validations} WHERE migration = $1 ORDER BY id DESC LIMIT 1",
+        "SELECT passed, mapping_digest, extract(epoch FROM now() - at)::float8 AS age, id, coalesce(snapshot_lsn::pg_catalog.pg_lsn < (SELECT max((e.detail ->> 'lsn')::pg_catalog.pg_lsn) FROM {events} AS e WHERE e.migration = $1 AND e.command = 'rollback' AND e.outcome = 'rolled_back'), false) AS before_rollback FROM {validations} WHERE migration = $1 ORDER BY id DESC LIMIT 1",
     );
     let row = sqlx::query(last.assert_safe())
         .bind(&m.migration)
@@ -248,6 +248,15 @@ pub async fn cutover_gates(
                     "validation",
                     format!("the last validation (#{id}) checked another version of the mapping"),
                     "validate this mapping, then cut over",
+                ));
+            } else if r.get::<bool, _>("before_rollback") {
+                // Third hostile review, finding 6: after a rollback green can part from
+                // M(blue) with nothing pending (a blue trigger rewriting what a reverse wrote),
+                // and the fence re-checks only the keys it drains.
+                out.push(refusal(
+                    "validation",
+                    format!("the last validation (#{id}) ran before the last rollback"),
+                    "validate again (green after a rollback is what the next cutover moves to), then cut over",
                 ));
             } else if age > o.max_validation_age.as_secs_f64() {
                 out.push(refusal(
@@ -684,11 +693,14 @@ async fn fence_rest(
         .map_err(db_error)?;
     let (failures, _) = changes::failures(f, m, 0).await?;
     let set_aside = changes::set_aside(f, m).await?;
-    let failed = failures + set_aside;
+    // A green straggler's write (after a rollback) whose reverse failed, committed after the
+    // gates ran (third hostile review, finding 8): the green tables are locked now, so none can
+    // be added until the flip commits.
+    let failed = failures + set_aside + reverse_failures(f, m).await?;
     if left > 0 || failed > 0 {
         return Err(Diagnostic::error(
             "fence-not-clean",
-            format!("inside the fence {left} change(s) are still pending and {failed} key(s) failed; nothing was changed"),
+            format!("inside the fence {left} change(s) are still pending and {failed} key(s) failed (forward or reverse); nothing was changed"),
         )
         .hint("run `bluegreen sync` and see `bluegreen status`, then re-run"));
     }
@@ -958,12 +970,19 @@ pub async fn rollback(url: &str, m: &Mapping, o: &RollbackOptions) -> Result<Fli
                 tx.commit().await.map_err(db_error)?;
                 flipped.writes_blocked_ms = granted.elapsed().as_millis();
                 flipped.attempts = attempt;
+                // Where the WAL was once the rollback had committed: a validation whose snapshot
+                // is older proves nothing about the rows written around it (the cutover gate).
+                let lsn: Option<String> =
+                    sqlx::query_scalar("SELECT pg_catalog.pg_current_wal_lsn()::pg_catalog.text")
+                        .fetch_one(&mut conn)
+                        .await
+                        .ok();
                 if let Err(d) = events::record(
                     &mut conn,
                     m,
                     "rollback",
                     "rolled_back",
-                    serde_json::json!({"writes_blocked_ms": flipped.writes_blocked_ms, "attempts": attempt}),
+                    serde_json::json!({"writes_blocked_ms": flipped.writes_blocked_ms, "attempts": attempt, "lsn": lsn}),
                 )
                 .await
                 {

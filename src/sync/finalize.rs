@@ -114,6 +114,14 @@ pub async fn gates(
             .fetch_one(&mut *conn)
             .await
             .map_err(db_error)?;
+        let reverse = super::cutover::reverse_failures(conn, m).await?;
+        if reverse > 0 {
+            out.push(refuse(
+                "reverse failures",
+                format!("{reverse} green write(s) have not reached blue (reverse failures)"),
+                "see `bluegreen status`; fix the cause and run `bluegreen sync`, then finalize",
+            ));
+        }
         if pending > 0 {
             out.push(refuse(
                 "pending",
@@ -172,6 +180,32 @@ pub async fn finalize(
     .map_err(db_error)?;
     locking::run_locked(conn, o.lock_timeout_ms, &tables, async |tx| {
         done = Finalized::default();
+        // The gates again, once no blue write can be in flight (third hostile review, finding
+        // 2: an old session's write still uncommitted when the gates first ran was neither a
+        // recent blue writer nor a pending change; finalize then deleted its change-log row).
+        // The lock the DROP TRIGGERs below take anyway, taken first.
+        if !tables.is_empty() {
+            exec(
+                tx,
+                &sql!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", join(tables.iter(), ", ")),
+            )
+            .await?;
+        }
+        let again = gates(tx, m, o).await?;
+        if !again.is_empty() {
+            return Err(Diagnostic::error(
+                "finalize-refused",
+                format!(
+                    "refused inside the locked transaction, nothing changed: {}",
+                    again
+                        .iter()
+                        .map(|r| format!("{}: {}", r.gate, r.reason))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            )
+            .hint("a session wrote blue while finalize started; see `bluegreen status`, then finalize again"));
+        }
         for (s, r, t) in &on {
             exec(
                 tx,

@@ -154,6 +154,12 @@ async fn pgbench_moves_to_green_and_back_and_forward_again_losing_nothing() {
     // New sessions wrote green meanwhile: their writes reached blue through the reverse triggers.
     ok(&url, &["rollback", "-m", PGB, "--yes"]).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
+    // A validation from before the rollback no longer opens the gate (third hostile review,
+    // finding 6).
+    let stale = run_within(&url, &["cutover", "-m", PGB, "--yes"], LIMIT).await;
+    assert_eq!(stale.status.code(), Some(1), "{}", both(&stale));
+    assert!(stale_reason(&stale), "{}", both(&stale));
+    ok(&url, &["validate", "-m", PGB]).await;
     ok(&url, &["cutover", "-m", PGB, "--yes"]).await;
     let long = tokio::task::spawn_blocking(move || long.wait_with_output().unwrap())
         .await
@@ -203,6 +209,10 @@ async fn pgbench_moves_to_green_and_back_and_forward_again_losing_nothing() {
         .map(String::from)
         .collect();
     assert!(deadlocks.is_empty(), "deadlocks: {deadlocks:?}");
+}
+
+fn stale_reason(out: &std::process::Output) -> bool {
+    both(out).contains("ran before the last rollback")
 }
 
 const SMALL_BLUE: &str = "CREATE TABLE public.acct (id serial PRIMARY KEY, owner text NOT NULL, balance integer NOT NULL DEFAULT 0);

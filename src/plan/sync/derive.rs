@@ -12,7 +12,7 @@
 use super::{Key, SyncEntry};
 use crate::mapping::Mapping;
 use crate::plan::query::{Shape, mapped_columns, mapping_select, mapping_select_typed};
-use crate::sql::{Expr, Ident, QName, Sql, join, sql};
+use crate::sql::{Expr, Ident, Literal, QName, Sql, join, sql};
 
 /// Everything an applier runs for one entry, rendered once.
 #[derive(Clone, Debug)]
@@ -48,6 +48,9 @@ pub struct ApplierEntry {
     /// The green rows of the keys `FOR NO KEY UPDATE` (after cutover, every reversed entry: a
     /// new session's write to them commits before the applier reads blue).
     pub green_lock: Sql,
+    /// After cutover, for reversed entries: the keys `$1..` (as text columns) whose green row
+    /// has a standing reverse failure (blue does not hold that green write yet).
+    pub reverse_failed: Sql,
     /// After cutover, for entries without a reverse: insert the rows green lacks, nothing else.
     pub insert_missing: Sql,
     /// Every key green holds or M(blue) produces (a full re-derive, after a TRUNCATE).
@@ -450,6 +453,18 @@ impl SyncEntry<'_> {
             lock_blue,
             lock_green,
             green_lock,
+            reverse_failed: sql!(
+                "SELECT {key_text} FROM {t} AS bluegreen_g WHERE {green_where} AND pg_catalog.jsonb_build_array({}) IN (SELECT f.green_key FROM {} AS f WHERE f.migration = {} AND f.green_table = {})",
+                join(
+                    self.upsert_key
+                        .iter()
+                        .map(|c| format!("bluegreen_g.{}::pg_catalog.text", Ident::new(c))),
+                    ", "
+                ),
+                QName::new(&m.control_schema, "reverse_failures"),
+                Literal::new(&m.migration),
+                Literal::new(&self.entry.name),
+            ),
             insert_missing: sql!("{}", self.insert_missing(&self.restricted_m(m, false))),
             all_keys: sql!(
                 "SELECT {key_text} FROM {t} AS bluegreen_g UNION {}",

@@ -334,8 +334,13 @@ fn cut_over_body(
         .collect();
     let mut declare = String::from("DECLARE\n    lt text;\n    bluegreen_set text;\n");
     declare.push_str(&guard_declare(m));
-    declare.push_str("    bluegreen_src text;\n    bluegreen_old boolean;\n");
-    let nkeys = in_statement.iter().map(|e| e.keys.len()).max().unwrap_or(0);
+    declare.push_str("    bluegreen_src text;\n    bluegreen_old boolean;\n    bluegreen_defer boolean := false;\n");
+    let nkeys = local
+        .iter()
+        .chain(in_statement.iter())
+        .map(|e| e.keys.len())
+        .max()
+        .unwrap_or(0);
     for j in 0..nkeys {
         declare.push_str(&format!("    bluegreen_k{j} text[];\n"));
     }
@@ -370,33 +375,33 @@ fn cut_over_body(
     }
     // A key whose green write has not reached blue (a reverse failure): re-deriving it from blue
     // would put the stale blue row over the application's, and the retry would then make that
-    // permanent. The old session's write to it is refused until `sync` has written it back.
+    // permanent. The old session's write to it is refused until `sync` has written it back. The
+    // green rows are locked first and the failures read after, in a statement of their own: a
+    // new session's write whose reverse fails commits its failure with its green row, so a check
+    // before the wait would miss it (third hostile review, finding 5: 35 of 40 writes lost).
     let failed = QName::new(&m.control_schema, "reverse_failures");
-    for e in local
+    let guarded: String = local
         .iter()
         .chain(in_statement.iter())
-        .filter(|e| reversed.contains(&e.entry.name))
-    {
-        let (Some(new_keys), Some(old_keys)) = (
-            e.keys_of_driving_rows("new_rows"),
-            e.keys_of_driving_rows("old_rows"),
-        ) else {
-            continue;
-        };
-        let arr = join((0..e.keys.len()).map(|j| format!("u.k{j}")), ", ");
-        let hit = |keys: &str| {
+        .filter(|e| reversed.contains(&e.entry.name) && e.keys_of_driving_rows("new_rows").is_some())
+        .map(|e| {
+            let n = e.keys.len();
+            let cols = join((0..n).map(|j| format!("k{j}")), ", ");
+            let arrays = join((0..n).map(|j| format!("bluegreen_k{j}")), ", ");
+            let built = join((0..n).map(|j| format!("u.k{j}")), ", ");
+            let ind = "            ";
             format!(
-                "EXISTS (SELECT 1 FROM ({keys}) AS u WHERE pg_catalog.jsonb_build_array({arr}) IN (SELECT f.green_key FROM {failed} AS f WHERE f.migration = {} AND f.green_table = {}))",
-                Literal::new(&m.migration),
-                Literal::new(&e.entry.name)
+                "{}{ind}EXECUTE {} USING {arrays};\n{ind}IF EXISTS (SELECT 1 FROM {failed} AS f WHERE f.migration = {mig} AND f.green_table = {ent} AND f.green_key IN (SELECT pg_catalog.jsonb_build_array({built}) FROM pg_catalog.unnest({arrays}) AS u({cols}))) THEN\n{ind}    RAISE EXCEPTION 'bluegreen: a row of % changed on green has not reached blue yet (a reverse failure); this blue write to it is refused', {ent}::pg_catalog.text USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'see `bluegreen status`; fix the cause and run `bluegreen sync`, or reconnect to use the new schema';\n{ind}END IF;\n",
+                collect_keys(e, ind),
+                Literal::new(e.applier(m).green_lock.into_string()),
+                mig = Literal::new(&m.migration),
+                ent = Literal::new(&e.entry.name),
             )
-        };
+        })
+        .collect();
+    if !guarded.is_empty() {
         old.push_str(&format!(
-            "        IF EXISTS (SELECT 1 FROM {failed} AS f WHERE f.migration = {mig} AND f.green_table = {ent}) THEN\n            bluegreen_set := NULL;\n            IF TG_OP IN ('INSERT', 'UPDATE') THEN\n                IF {} THEN\n                    bluegreen_set := 'hit';\n                END IF;\n            END IF;\n            IF TG_OP IN ('DELETE', 'UPDATE') THEN\n                IF {} THEN\n                    bluegreen_set := 'hit';\n                END IF;\n            END IF;\n            IF bluegreen_set = 'hit' THEN\n                RAISE EXCEPTION 'bluegreen: a row of % changed on green has not reached blue yet (a reverse failure); this blue write to it is refused', {ent}::pg_catalog.text USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'see `bluegreen status`; fix the cause and run `bluegreen sync`, or reconnect to use the new schema';\n            END IF;\n        END IF;\n",
-            hit(&new_keys),
-            hit(&old_keys),
-            mig = Literal::new(&m.migration),
-            ent = Literal::new(&e.entry.name),
+            "        BEGIN\n            lt := pg_catalog.current_setting('lock_timeout');\n            bluegreen_set := pg_catalog.set_config('lock_timeout', {STEP_LOCK_TIMEOUT}, true);\n{guarded}            bluegreen_set := pg_catalog.set_config('lock_timeout', lt, true);\n        EXCEPTION WHEN OTHERS THEN\n            IF SQLSTATE IN ('55P03', '40P01') THEN\n                {GIVE_WAY};\n            END IF;\n            RAISE;\n        END;\n"
         ));
     }
     if !in_statement.is_empty() {
@@ -427,9 +432,10 @@ fn cut_over_body(
     if !local.is_empty() {
         let inner = "        ";
         body.push_str(&format!(
-            "    {}\n    BEGIN\n{inner}lt := pg_catalog.current_setting('lock_timeout');\n{inner}bluegreen_set := pg_catalog.set_config('lock_timeout', {STEP_LOCK_TIMEOUT}, true);\n{}{inner}bluegreen_set := pg_catalog.set_config('lock_timeout', lt, true);\n    EXCEPTION WHEN OTHERS THEN\n{inner}IF bluegreen_old THEN\n{inner}    IF SQLSTATE IN ('55P03', '40P01') THEN\n{inner}        {GIVE_WAY};\n{inner}    END IF;\n{inner}    RAISE;\n{inner}END IF;\n{}    END;\n    {}\n",
+            "    {}\n    BEGIN\n{inner}lt := pg_catalog.current_setting('lock_timeout');\n{inner}bluegreen_set := pg_catalog.set_config('lock_timeout', {STEP_LOCK_TIMEOUT}, true);\n{}{inner}bluegreen_set := pg_catalog.set_config('lock_timeout', lt, true);\n    EXCEPTION WHEN OTHERS THEN\n{inner}IF bluegreen_old THEN\n{inner}    IF SQLSTATE IN ('55P03', '40P01') THEN\n{inner}        {GIVE_WAY};\n{inner}    END IF;\n{inner}    RAISE;\n{inner}END IF;\n{}    END;\n    IF bluegreen_defer THEN\n{}    END IF;\n    {}\n",
             set_guard(m, "'f:' || bluegreen_depth::pg_catalog.text"),
             cut_over_steps(m, &local, reversed, inner),
+            log_rows_skipping(m, x, true, filter, Some("bluegreen_src"), inner),
             log_rows_skipping(m, x, true, filter, Some("bluegreen_src"), inner),
             set_guard(m, "bluegreen_guard"),
         ));
@@ -444,12 +450,6 @@ fn cut_over_body(
 fn old_session_apply(m: &Mapping, e: &SyncEntry, indent: &str) -> String {
     let a = e.applier(m);
     let n = e.keys.len();
-    let into = join((0..n).map(|j| format!("bluegreen_k{j}")), ", ");
-    let agg = join(
-        (0..n).map(|j| format!("pg_catalog.array_agg(u.k{j})")),
-        ", ",
-    );
-    let keys = |rel: &str| e.keys_of_driving_rows(rel).expect("checked by the caller");
     let mut stmts = vec![a.green_lock.clone(), a.upsert.clone()];
     stmts.extend(a.unique_update.clone());
     stmts.push(a.delete.clone());
@@ -464,8 +464,21 @@ fn old_session_apply(m: &Mapping, e: &SyncEntry, indent: &str) -> String {
             )
         })
         .collect();
+    format!("{}{run}", collect_keys(e, indent))
+}
+
+/// The keys of the statement's changed rows (new images for an insert, old for a delete, both
+/// for an update) into the `bluegreen_k<j>` text arrays.
+fn collect_keys(e: &SyncEntry, indent: &str) -> String {
+    let n = e.keys.len();
+    let into = join((0..n).map(|j| format!("bluegreen_k{j}")), ", ");
+    let agg = join(
+        (0..n).map(|j| format!("pg_catalog.array_agg(u.k{j})")),
+        ", ",
+    );
+    let keys = |rel: &str| e.keys_of_driving_rows(rel).expect("checked by the caller");
     format!(
-        "{indent}IF TG_OP = 'INSERT' THEN\n{indent}    SELECT {agg} INTO {into} FROM ({}) AS u;\n{indent}ELSIF TG_OP = 'UPDATE' THEN\n{indent}    SELECT {agg} INTO {into} FROM ({} UNION {}) AS u;\n{indent}ELSE\n{indent}    SELECT {agg} INTO {into} FROM ({}) AS u;\n{indent}END IF;\n{run}",
+        "{indent}IF TG_OP = 'INSERT' THEN\n{indent}    SELECT {agg} INTO {into} FROM ({}) AS u;\n{indent}ELSIF TG_OP = 'UPDATE' THEN\n{indent}    SELECT {agg} INTO {into} FROM ({} UNION {}) AS u;\n{indent}ELSE\n{indent}    SELECT {agg} INTO {into} FROM ({}) AS u;\n{indent}END IF;\n",
         keys("new_rows"),
         keys("new_rows"),
         keys("old_rows"),
@@ -491,7 +504,19 @@ fn cut_over_steps(m: &Mapping, local: &[&SyncEntry], reversed: &[String], indent
         .iter()
         .map(|e| {
             if !is_rev(e) {
-                return unless_src(e, vec![e.row_local_insert(m)]);
+                // Insert-only: a row green cannot take (a green CHECK) waits as a sync failure,
+                // as before the flip (DESIGN rule 7), whoever wrote blue: the follower's later
+                // insert of what green lacks cannot overwrite a newer green write (third hostile
+                // review, finding 7). A reversed entry's failure stays the old session's error:
+                // green is the application's, and a blue write it does not hold would be lost to
+                // the next green write of the row.
+                return unless_src(
+                    e,
+                    vec![format!(
+                        "BEGIN\n{indent}            {};\n{indent}        EXCEPTION WHEN OTHERS THEN\n{indent}            IF SQLSTATE IN ('55P03', '40P01') THEN\n{indent}                RAISE;\n{indent}            END IF;\n{indent}            bluegreen_defer := true;\n{indent}        END",
+                        e.row_local_insert(m)
+                    )],
+                );
             }
             // A reversed entry: re-derived in full for an old session's write; for a split
             // partner's reverse, its existing rows only updated (the application writes its own).

@@ -331,8 +331,9 @@ impl Reversal {
     /// A reverse that fails (a green value blue's narrower type cannot hold, a blue constraint)
     /// never fails the green writer: its keys are recorded in `reverse_failures` (which `status`
     /// shows, `validate` counts and finds as `green = M(blue)` differences, and `rollback` refuses on) and
-    /// `sync` retries them. Two failures are the writer's: a blue key conflict on a green insert
-    /// (never merged: design review L2) and, after a rollback, a wait for a blue row (40001).
+    /// `sync` retries them. Failures that are the writer's: a blue key conflict on a green insert
+    /// (never merged: design review L2) and, after a rollback, every one (a wait for a blue row
+    /// as 40001, the rest with blue's error: blue is the application's again).
     pub fn function(&self, m: &Mapping, rolled_back: bool) -> Sql {
         let entry = Literal::new(&self.entry);
         let steps = if self.row_owner {
@@ -382,9 +383,22 @@ impl Reversal {
                 Literal::new(self.green.display())
             )
         };
+        // After a rollback blue is the application's again: a green straggler's write that cannot
+        // reach it fails in its own statement. Recorded and retried later, the retry's whole green
+        // row would go over blue writes made meanwhile (third hostile review, findings 3 and 4).
+        let failed = if rolled_back {
+            format!(
+                "        RAISE EXCEPTION 'bluegreen: the application is back on blue (rolled back) and this write to % cannot reach it: %', {}::pg_catalog.text, SQLERRM USING ERRCODE = SQLSTATE, HINT = 'reconnect to use blue';\n",
+                Literal::new(self.green.display())
+            )
+        } else {
+            format!(
+                "        -- The green write stands; blue lags for these keys until `sync` retries them.\n{}",
+                self.record_failure(m, "        ")
+            )
+        };
         let body = format!(
-            "{key_moved}    BEGIN\n{set}{steps}{reset}    EXCEPTION WHEN OTHERS THEN\n{give_way}        IF SQLSTATE = '23505' AND TG_OP = 'INSERT' THEN\n            RAISE;\n        END IF;\n        -- The green write stands; blue lags for these keys until `sync` retries them.\n{}    END;\n",
-            self.record_failure(m, "        ")
+            "{key_moved}    BEGIN\n{set}{steps}{reset}    EXCEPTION WHEN OTHERS THEN\n{give_way}        IF SQLSTATE = '23505' AND TG_OP = 'INSERT' THEN\n            RAISE;\n        END IF;\n{failed}    END;\n"
         );
         sql!(
             "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn$\n#variable_conflict use_column\nDECLARE\n    lt text;\n    bluegreen_set text;\n{declare}BEGIN\n    IF {inside} THEN\n        RETURN NULL;\n    END IF;\n    IF TG_OP = 'TRUNCATE' THEN\n        RAISE EXCEPTION 'bluegreen: TRUNCATE of % cannot be written back to blue during the migration', {g}::pg_catalog.text USING ERRCODE = 'feature_not_supported', HINT = 'DELETE the rows instead';\n    END IF;\n    {push}\n{body}    {pop}\n    RETURN NULL;\nEND\n$fn$",
