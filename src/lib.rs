@@ -9,6 +9,7 @@ pub mod cli;
 pub mod cmd;
 pub mod control;
 pub mod copy;
+pub mod demo;
 pub mod diag;
 pub mod mapping;
 pub mod names;

@@ -32,6 +32,7 @@ fn main() -> ExitCode {
             Command::Cutover(a) => cmd::cutover::run(a).await,
             Command::Rollback(a) => cmd::cutover::rollback(a).await,
             Command::Finalize(a) => cmd::cutover::finalize(a).await,
+            Command::Demo(a) => cmd::demo::run(a).await,
         }
     });
     match result {

@@ -2,6 +2,7 @@
 
 pub mod copy;
 pub mod cutover;
+pub mod demo;
 pub mod plan;
 pub mod prepare;
 pub mod status;

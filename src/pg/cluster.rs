@@ -251,6 +251,27 @@ impl Cluster {
         Ok(())
     }
 
+    /// Leave the server running after this process ends (`demo --keep`): the watchdog is
+    /// disarmed. Returns the shell command that stops the server and removes its directory.
+    pub fn keep(&mut self) -> String {
+        if let Some((mut child, stdin)) = self.watchdog.take() {
+            // Killed while it waits on the pipe, so closing the pipe stops nothing.
+            let _ = child.kill();
+            let _ = child.wait();
+            drop(stdin);
+        }
+        self.stopped = true;
+        let c = self.command("pg_ctl");
+        let mut parts = vec![c.get_program().to_string_lossy().into_owned()];
+        parts.extend(c.get_args().map(|a| a.to_string_lossy().into_owned()));
+        format!(
+            "{} -D '{}' -m fast stop && rm -rf '{}'",
+            parts.join(" "),
+            self.data_dir().display(),
+            self.dir.display()
+        )
+    }
+
     /// Stop the server now and remove its directory.
     pub fn stop(&mut self) {
         if self.stopped {

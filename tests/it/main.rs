@@ -2,6 +2,7 @@
 
 mod copy;
 mod cutover;
+mod demo;
 mod explain;
 mod hostile;
 mod hostile2;
