@@ -148,12 +148,16 @@ pub struct Common {
     #[arg(short = 'm', long = "mapping", value_name = "FILE")]
     pub mapping: PathBuf,
     /// PostgreSQL connection URL, e.g. postgres://user:password@host:5432/db (a Unix socket
-    /// directory goes in ?host=/path). The password is never printed.
+    /// directory goes in ?host=/path). The password is never printed. Without it (and without
+    /// DATABASE_URL) bluegreen connects as psql does: PGHOST, PGPORT, PGUSER, PGDATABASE,
+    /// PGPASSWORD, PGSSLMODE and the other libpq variables, and ~/.pgpass.
     #[arg(
         long = "database-url",
         env = "DATABASE_URL",
         value_name = "URL",
-        hide_env_values = true
+        hide_env_values = true,
+        default_value = crate::pg::FROM_ENVIRONMENT,
+        hide_default_value = true
     )]
     pub database_url: String,
 }

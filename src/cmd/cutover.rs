@@ -242,9 +242,15 @@ pub async fn finalize(a: &FinalizeArgs) -> anyhow::Result<Outcome> {
         eprintln!("bluegreen: not confirmed; nothing was changed");
         return Ok(Outcome::Problem);
     }
-    let f = crate::sync::finalize::finalize(&mut conn, &m, &o)
-        .await
-        .map_err(reject)?;
+    let f = match crate::sync::finalize::finalize(&mut conn, &m, &o).await {
+        Ok(f) => f,
+        // A gate that closed while finalize waited for its locks: refused, like the gates above.
+        Err(d) if d.code == "finalize-refused" => {
+            eprintln!("{d}");
+            return Ok(Outcome::Problem);
+        }
+        Err(d) => return Err(reject(d)),
+    };
     let text = match a.format {
         Format::Json => serde_json::to_string_pretty(&serde_json::json!({"finalize": f}))? + "\n",
         _ if f.already => format!(

@@ -62,8 +62,24 @@ pub async fn exec(conn: &mut PgConnection, sql: &Sql) -> Result<(), Diagnostic> 
         .map_err(|e| db_error_in(e, sql))
 }
 
+/// The database URL when neither `--database-url` nor `DATABASE_URL` is given: connect as psql
+/// does, from the libpq variables (`PGHOST`, `PGPORT`, `PGUSER`, `PGDATABASE`, `PGPASSWORD`,
+/// `PGSSLMODE`, `PGSSLROOTCERT`, ...) and `~/.pgpass` (or `PGPASSFILE`), with libpq's defaults for
+/// what they leave out.
+pub const FROM_ENVIRONMENT: &str = "";
+
 /// The URL with any password replaced by `***`, for messages and reports.
 pub fn redact_url(url: &str) -> String {
+    if url == FROM_ENVIRONMENT {
+        let o = PgConnectOptions::new_without_pgpass();
+        return format!(
+            "the server the PG* variables name (host {}, port {}, user {}, database {})",
+            o.get_host(),
+            o.get_port(),
+            o.get_username(),
+            o.get_database().unwrap_or("(the user's)")
+        );
+    }
     match url::Url::parse(url) {
         Ok(mut u) => {
             if u.password().is_some() {
@@ -81,7 +97,12 @@ pub fn redact_url(url: &str) -> String {
 
 /// Parse a URL into options with the pinned settings (and the connection-only ones).
 pub fn options(url: &str) -> Result<PgConnectOptions, Diagnostic> {
-    let opts = PgConnectOptions::from_str(url).map_err(|e| {
+    let opts = if url == FROM_ENVIRONMENT {
+        Ok(PgConnectOptions::new())
+    } else {
+        PgConnectOptions::from_str(url)
+    };
+    let opts = opts.map_err(|e| {
         Diagnostic::error(
             "bad-database-url",
             format!(
@@ -126,7 +147,7 @@ fn connect_error(url: &str, e: &sqlx::Error) -> Diagnostic {
                 "authentication-failed",
                 format!("authentication failed for {shown}: {msg}"),
             )
-            .hint("check the user name and password in the database URL (or DATABASE_URL)"),
+            .hint("check the user name and password in the database URL (or DATABASE_URL, or PGUSER / PGPASSWORD / ~/.pgpass)"),
             "3D000" => Diagnostic::error("database-missing", format!("{shown}: {msg}"))
                 .hint("check the database name at the end of the URL"),
             _ => Diagnostic::error(
@@ -144,10 +165,14 @@ fn connect_error(url: &str, e: &sqlx::Error) -> Diagnostic {
 
 /// Remove the URL's password from a message, whatever the driver put in it.
 fn scrub(msg: &str, url: &str) -> String {
-    match url::Url::parse(url)
-        .ok()
-        .and_then(|u| u.password().map(str::to_string))
-    {
+    let password = if url == FROM_ENVIRONMENT {
+        std::env::var("PGPASSWORD").ok()
+    } else {
+        url::Url::parse(url)
+            .ok()
+            .and_then(|u| u.password().map(str::to_string))
+    };
+    match password {
         Some(pw) if !pw.is_empty() => msg.replace(&pw, "***"),
         _ => msg.to_string(),
     }

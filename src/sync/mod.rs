@@ -223,8 +223,10 @@ pub async fn sync(conn: &mut PgConnection, m: &Mapping) -> Result<SyncReport, Di
         .map_err(db_error)?;
     let drained = drain(conn, m, &plan).await?;
     let rederived = apply::rederive_marked(conn, m, &plan).await?;
-    let retried = retry_all(conn, m, &plan).await?;
+    // Green writes back to blue first: a forward retry of a key whose reverse failed waits
+    // for it (the applier does not rebuild such a key from the stale blue row).
     let (_, reverse_left) = cutover::retry_reverse(conn, m).await?;
+    let retried = retry_all(conn, m, &plan).await?;
     let report = status::status(conn, m).await?;
     // Rows logged before this sync started that are still there were held by another applier
     // (or a writer): pending, not done.

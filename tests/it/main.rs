@@ -11,6 +11,7 @@ mod hostile4;
 mod hostile5;
 mod hostile6;
 mod hostile7;
+mod hostile8;
 mod live;
 mod narrow;
 mod plan;

@@ -373,3 +373,53 @@ fn cluster_is_stopped_when_its_owner_is_killed() {
         || !server_running_in(&dir) && !std::path::Path::new(&dir).exists(),
     );
 }
+
+/// Without `--database-url` and `DATABASE_URL`, bluegreen connects as psql does: the libpq
+/// variables and a password file; a wrong password from the environment is an authentication
+/// error that does not print it.
+#[tokio::test]
+async fn connects_from_the_libpq_variables_and_the_password_file() {
+    let url = carbot_db("plan_libpq").await;
+    let mut c = connect(&url).await;
+    support::exec(
+        &mut c,
+        "DROP ROLE IF EXISTS libpq_user; CREATE ROLE libpq_user LOGIN SUPERUSER PASSWORD 'pgpass-secret'",
+    )
+    .await;
+    let socket = cluster().socket_dir().display().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let passfile = tmp.path().join("pgpass");
+    std::fs::write(&passfile, "*:*:plan_libpq:libpq_user:pgpass-secret\n").unwrap();
+    std::fs::set_permissions(
+        &passfile,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let libpq = |password: Option<&str>| {
+        let mut cmd = bluegreen("");
+        cmd.env_remove("DATABASE_URL")
+            .env("PGHOST", &socket)
+            .env("PGPORT", "5432")
+            .env("PGUSER", "libpq_user")
+            .env("PGDATABASE", "plan_libpq")
+            .env("PGPASSFILE", &passfile)
+            .env_remove("PGPASSWORD");
+        if let Some(p) = password {
+            cmd.env("PGPASSWORD", p);
+        }
+        cmd.args(["plan", "-m", "mappings/carbot.yaml", "--profile", "none"]);
+        cmd
+    };
+    let out = libpq(None).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("organizations"), "{}", stdout(&out));
+    let out = libpq(Some("wrong-env-secret-99")).output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("error[authentication-failed]"), "{err}");
+    assert!(err.contains("PG* variables"), "{err}");
+    assert!(
+        !err.contains("wrong-env-secret-99"),
+        "password leaked: {err}"
+    );
+}
