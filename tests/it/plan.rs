@@ -127,6 +127,16 @@ async fn plan_carbot_in_all_formats_writes_nothing() {
         "## Rollback",
         "## Sign-off",
         "```sql",
+        "pg_dump --format=custom --schema=public --file=",
+        "pg_database_size",
+        "pg_read_all_stats",
+        "SHOW deadlock_timeout;",
+        "Go / no-go",
+        "--accept-lossy-rollback --drain-timeout 60",
+        "bluegreen rollback -m mappings/carbot.yaml --yes",
+        "## Cleanup after the soak",
+        "bluegreen finalize -m mappings/carbot.yaml --quiet 10min",
+        "Expected: ",
     ] {
         assert!(md.contains(needle), "markdown lacks {needle:?}");
     }
