@@ -30,12 +30,31 @@ pub enum Command {
     /// green table the source, estimated rows and size, chunks, sync key and rollback verdict, and
     /// every SQL statement prepare/copy/cutover/rollback will run with the lock it takes.
     /// Exit 0 when the plan is sound, 2 when the mapping has errors.
+    #[command(
+        after_long_help = "Locks: none on application tables (one read-only transaction, rolled back; green_ddl runs
+inside it and disappears with it).
+
+Examples:
+  bluegreen plan -m mappings/carbot.yaml
+  bluegreen plan -m mappings/carbot.yaml --format markdown > runbook.md
+  bluegreen plan -m mappings/carbot.yaml --format json --profile full"
+    )]
     Plan(PlanArgs),
     /// Create the control schema, the green schema (green_ddl) and change capture on every blue
     /// table the mapping reads. Idempotent; every lock under lock_timeout with retry.
     ///
     /// First runs the checks `plan` runs (rolled back): any error stops it before it writes
     /// anything (exit 2, the same located diagnostics as `plan`); warnings are printed.
+    #[command(
+        after_long_help = "Changes: creates the control schema (bluegreen), the green schema from green_ddl, and capture
+triggers on each blue table the mapping reads.
+Locks: SHARE ROW EXCLUSIVE on each blue table for the CREATE TRIGGER (a few milliseconds; each
+wait bounded by --lock-timeout, below deadlock_timeout, retried).
+
+Examples:
+  bluegreen prepare -m mappings/carbot.yaml
+  PGHOST=db.internal PGUSER=migrator bluegreen prepare -m mappings/carbot.yaml"
+    )]
     Prepare(PrepareArgs),
     /// Fill green from blue while the application writes, then keep it in step (live sync).
     ///
@@ -45,6 +64,17 @@ pub enum Command {
     /// keys after the data, advances sequences, replays the captured changes and switches the
     /// triggers to live mode, after which every write to blue re-derives green in its own
     /// transaction.
+    #[command(
+        after_long_help = "Changes: fills green (and its indexes and foreign keys), the chunk ledger and the change log;
+switches the capture triggers to live sync.
+Locks: none on blue beyond row reads in repeatable-read snapshots; the live switch takes SHARE
+ROW EXCLUSIVE on each blue table for one short transaction. Application writes then pay for
+the row-local re-derive in their own statement (row locks on green only).
+
+Examples:
+  bluegreen copy -m mappings/carbot.yaml --jobs 4 --follow
+  bluegreen copy -m mappings/carbot.yaml          # resume after a kill; other machines may join"
+    )]
     Copy(CopyArgs),
     /// Apply the change log: once (exit 0 when nothing is left pending or failed, 1 otherwise), or
     /// continuously with --follow.
@@ -54,9 +84,25 @@ pub enum Command {
     /// finalize. Several followers may run at once, on several machines. Ctrl-C or SIGTERM stops a
     /// follower after the batch in flight. Also retries keys whose sync failed, in small batches,
     /// and changes set aside because their keys could not be found.
+    #[command(
+        after_long_help = "Changes: green rows (re-derived from blue), the change log, sync failures.
+Locks: row locks on the green rows of the keys it re-derives (FOR NO KEY UPDATE) and a share
+lock on the blue rows of row-local keys, each wait bounded (it gives way to the application).
+
+Examples:
+  bluegreen sync -m mappings/carbot.yaml                 # once: drain, retry failures
+  bluegreen sync -m mappings/carbot.yaml --follow        # the follower, until finalize
+  systemd: ExecStart=/usr/local/bin/bluegreen sync --follow -m /etc/bluegreen/carbot.yaml"
+    )]
     Sync(SyncArgs),
     /// Phase, per-table progress, change-log backlog and lag, followers alive, sync failures,
     /// drift, recent events.
+    #[command(after_long_help = "Changes: nothing. Locks: none.
+
+Examples:
+  bluegreen status -m mappings/carbot.yaml
+  watch -n 2 bluegreen status -m mappings/carbot.yaml
+  bluegreen status -m mappings/carbot.yaml --format json | jq .backlog")]
     Status(StatusArgs),
     /// Prove green = M(blue) in one snapshot, locate every difference, run the checks file, and
     /// write a sign-off report.
@@ -64,6 +110,17 @@ pub enum Command {
     /// Exit 0 when every table matches and every check passes, 1 when anything differs or fails
     /// (a one-screen summary names each table and the first keys), 2 on error. Values in the
     /// report are masked unless --show-values.
+    #[command(
+        after_long_help = "Changes: records the result in bluegreen.validations (the cutover gate reads it); applies
+pending changes of the keys it finds different before deciding.
+Locks: none on application tables (repeatable-read snapshots shared by its workers); the
+checks run in one snapshot taken while the change log is drained under a brief EXCLUSIVE lock
+on the blue tables (reads go on; writes wait for the drain, typically milliseconds, bounded).
+
+Examples:
+  bluegreen validate -m mappings/carbot.yaml --report reports/carbot
+  bluegreen validate -m mappings/carbot.yaml --show-values --max-diffs 50"
+    )]
     Validate(ValidateArgs),
     /// Move the application to green: gates, then one short transaction that flips search_path,
     /// with reverse sync keeping blue in step for a lossless rollback.
@@ -82,6 +139,16 @@ pub enum Command {
     /// were blocked. Sessions opened before the flip keep their search_path: their blue writes
     /// still reach green (or fail with "schema moved" under --refuse-old-writes), and are listed
     /// with --drain-timeout, ended with --terminate.
+    #[command(
+        after_long_help = "Locks: EXCLUSIVE on the blue tables (reads go on), then SHARE ROW EXCLUSIVE on the green
+tables, for one transaction of typically tens of milliseconds; each wait at most 100 ms,
+retried --attempts times. Changes: reverse triggers on green, the blue triggers' bodies,
+sequence increments, ALTER DATABASE / ALTER ROLE ... SET search_path.
+
+Examples:
+  bluegreen cutover -m mappings/carbot.yaml --accept-lossy-rollback
+  bluegreen cutover -m mappings/carbot.yaml --yes --drain-timeout 60 --terminate"
+    )]
     Cutover(CutoverArgs),
     /// Move the application back to blue: restore every search_path setting byte for byte.
     ///
@@ -90,6 +157,14 @@ pub enum Command {
     /// sync; the reverse triggers stay (sessions opened meanwhile may still write green) and give
     /// way to blue writers with a retryable error. Lossless for invertible tables: every write
     /// made on green reached blue in its own transaction. `cutover` may follow again.
+    #[command(
+        after_long_help = "Locks: EXCLUSIVE on the green tables for one short transaction (each wait at most 100 ms,
+retried). Changes: the search_path settings back, the trigger bodies back to live sync.
+
+Examples:
+  bluegreen rollback -m mappings/carbot.yaml
+  bluegreen rollback -m mappings/carbot.yaml --yes --format json"
+    )]
     Rollback(RollbackArgs),
     /// After the soak: take sync out, leaving only the archive (runs, validations, events).
     ///
@@ -99,6 +174,15 @@ pub enum Command {
     /// puts the interleaved sequences back to plain increments past every used value, deletes the
     /// migration's change log, failures, follower state and chunk ledger. Blue tables stay unless
     /// --drop-blue.
+    #[command(
+        after_long_help = "Locks: ACCESS EXCLUSIVE on the tables carrying generated triggers, for one short transaction
+(the DROP TRIGGERs; each wait bounded by --lock-timeout, retried).
+
+Examples:
+  bluegreen finalize -m mappings/carbot.yaml --quiet 10min
+  bluegreen finalize -m mappings/carbot.yaml --abandon         # after a rollback: drop green
+  bluegreen finalize -m mappings/carbot.yaml --drop-blue --yes"
+    )]
     Finalize(FinalizeArgs),
     /// See the whole tool at work: the CarBot migration on a throwaway PostgreSQL while a
     /// simulated application writes, in about a minute. Needs only the PostgreSQL server binaries.
@@ -113,10 +197,9 @@ pub enum Command {
     /// committed it, in both schemas. Exit 0 when every check passes (0 writes lost, 0
     /// application errors), 1 when one fails, 2 on error. Nothing is left running, even after
     /// Ctrl-C, unless --keep.
-    ///
-    /// Examples:
-    ///   bluegreen demo
-    ///   bluegreen demo --rows 200000 --writers 8 --keep
+    #[command(after_long_help = "Examples:
+  bluegreen demo
+  bluegreen demo --rows 200000 --writers 8 --keep")]
     Demo(DemoArgs),
 }
 
