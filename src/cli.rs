@@ -376,7 +376,8 @@ pub struct StatusArgs {
 pub struct ValidateArgs {
     #[command(flatten)]
     pub common: Common,
-    /// Write report.md, report.json, tables.csv and differences.csv into this directory.
+    /// Write report.md, report.json, report.html (with the migration's timeline), tables.csv and
+    /// differences.csv into this directory.
     #[arg(long, value_name = "DIR")]
     pub report: Option<std::path::PathBuf>,
     /// Parallel workers sharing the snapshot (overrides settings.jobs).

@@ -20,7 +20,20 @@ pub async fn run(a: &ValidateArgs) -> anyhow::Result<Outcome> {
         .await
         .map_err(reject)?;
     if let Some(dir) = &a.report {
-        crate::validate::report::write(&r, dir).map_err(|e| {
+        // The run report's timeline: what the control schema recorded (none before prepare).
+        let timeline = {
+            let mut c = crate::pg::connect(&a.common.database_url)
+                .await
+                .map_err(reject)?;
+            if crate::control::exists(&mut c, &m).await.map_err(reject)? {
+                crate::validate::timeline::load(&mut c, &m)
+                    .await
+                    .map_err(reject)?
+            } else {
+                crate::validate::timeline::Timeline::default()
+            }
+        };
+        crate::validate::report::write(&r, &timeline, dir).map_err(|e| {
             reject(Diagnostic::error(
                 "report-write",
                 format!("cannot write the report to {}: {e}", dir.display()),

@@ -35,7 +35,7 @@ use crate::sql::{QName, Sql, sql};
 pub use phase::Phase;
 
 /// The tables of the control schema (`plan/control.sql`).
-const TABLES: [&str; 12] = [
+const TABLES: [&str; 13] = [
     "runs",
     "deferred",
     "chunks",
@@ -48,6 +48,7 @@ const TABLES: [&str; 12] = [
     "events",
     "blue_writers",
     "reverse_failures",
+    "samples",
 ];
 
 /// A table of the control schema, e.g. `table(m, "runs")`.
@@ -90,7 +91,7 @@ pub async fn upgrade(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagnos
     // the application's triggers write (CREATE INDEX IF NOT EXISTS locks the change log before it
     // looks), and a writer's open transaction would then hold every later writer behind it.
     let current: bool = sqlx::query_scalar(
-        "SELECT pg_catalog.to_regclass($2) IS NOT NULL AND (SELECT count(*) FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND NOT a.attisdropped AND (c.relname, a.attname) IN (('events', 'started_at'), ('changes', 'skip_entry'), ('runs', 'refuse_old_writes'))) = 3",
+        "SELECT pg_catalog.to_regclass($2) IS NOT NULL AND (SELECT count(*) FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND NOT a.attisdropped AND (c.relname, a.attname) IN (('events', 'started_at'), ('changes', 'skip_entry'), ('runs', 'refuse_old_writes'), ('samples', 'lag_seconds'))) = 4",
     )
     .bind(&m.control_schema)
     .bind(table(m, "reverse_failures").to_string())

@@ -559,6 +559,11 @@ async fn scenario(d: &mut Demo, o: &Options) -> Result<bool> {
     );
     let _ = writeln!(
         s,
+        "  run report           {} (verdict, timeline, tables; open it in a browser)",
+        d.out.join("report").join("report.html").display()
+    );
+    let _ = writeln!(
+        s,
         "  runbook              {}",
         d.out.join("runbook.md").display()
     );

@@ -117,6 +117,16 @@ CREATE TABLE IF NOT EXISTS {control}.events (
     outcome   text NOT NULL,
     detail    jsonb
 );
+-- A small time series for the run report's timeline: the change-log backlog and lag a follower
+-- saw, every two seconds while it runs.
+CREATE TABLE IF NOT EXISTS {control}.samples (
+    migration   text NOT NULL,
+    at          timestamptz NOT NULL DEFAULT clock_timestamp(),
+    backlog     bigint NOT NULL,
+    lag_seconds float8,
+    applied     bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS samples_at ON {control}.samples (migration, at);
 -- After cutover: green writes whose reverse into blue failed (the green write stands), by green
 -- key; `sync` retries them, `rollback` refuses while any is left.
 CREATE TABLE IF NOT EXISTS {control}.reverse_failures (

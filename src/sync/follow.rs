@@ -22,6 +22,9 @@ use crate::sql::sql;
 const IDLE: Duration = Duration::from_millis(100);
 /// Heartbeat interval; `status` counts a follower alive for three of them.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How often a follower records the backlog and lag it sees (`samples`, the run report's
+/// timeline).
+const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 /// Failed keys are retried this often (a parent written meanwhile fixes a 23503).
 const RETRY_EVERY: Duration = Duration::from_secs(5);
 
@@ -50,6 +53,26 @@ async fn register(conn: &mut PgConnection, m: &Mapping) -> Result<(), Diagnostic
     .bind(&m.migration)
     .bind(host())
     .bind(std::process::id() as i32)
+    .execute(conn)
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+async fn sample(conn: &mut PgConnection, m: &Mapping, applied: u64) -> Result<(), Diagnostic> {
+    let backlog = changes::backlog(conn, m).await?;
+    let lag = changes::lag_seconds(conn, m).await?;
+    sqlx::query(
+        crate::control::statement(
+            m,
+            "INSERT INTO {samples} (migration, backlog, lag_seconds, applied) VALUES ($1, $2, $3, $4)",
+        )
+        .assert_safe(),
+    )
+    .bind(&m.migration)
+    .bind(backlog)
+    .bind(lag)
+    .bind(applied as i64)
     .execute(conn)
     .await
     .map_err(db_error)?;
@@ -108,6 +131,9 @@ async fn run(
     let mut plan: Plan = super::plan(&mut conn, m).await?;
     register(&mut conn, m).await?;
     let mut last_beat = Instant::now();
+    let mut last_sample = Instant::now()
+        .checked_sub(SAMPLE_EVERY)
+        .unwrap_or_else(Instant::now);
     let mut last_retry = Instant::now();
     let mut last_report = Instant::now();
     let mut since_report = Applied::default();
@@ -147,6 +173,10 @@ async fn run(
         if last_beat.elapsed() >= HEARTBEAT {
             heartbeat(&mut conn, m, done.changes).await?;
             last_beat = Instant::now();
+        }
+        if last_sample.elapsed() >= SAMPLE_EVERY {
+            sample(&mut conn, m, done.changes).await?;
+            last_sample = Instant::now();
         }
         if last_report.elapsed() >= Duration::from_secs(5) && since_report.changes > 0 {
             let backlog = changes::backlog(&mut conn, m).await?;

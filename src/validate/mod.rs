@@ -13,9 +13,11 @@
 
 pub mod checks;
 mod digest;
+pub mod html;
 mod lag;
 mod locate;
 pub mod report;
+pub mod timeline;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};

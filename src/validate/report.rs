@@ -330,10 +330,12 @@ pub fn summary(r: &Report) -> String {
     o
 }
 
-/// Write report.md, report.json, tables.csv and differences.csv into `dir`.
-pub fn write(r: &Report, dir: &Path) -> std::io::Result<()> {
+/// Write report.md, report.json, report.html (with the migration's timeline), tables.csv and
+/// differences.csv into `dir`.
+pub fn write(r: &Report, timeline: &super::timeline::Timeline, dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("report.md"), markdown(r))?;
+    std::fs::write(dir.join("report.html"), super::html::render(r, timeline))?;
     std::fs::write(dir.join("report.json"), r.json())?;
     // One row per table, the columns named after TableResult's fields (written out: after a
     // cutover some tables carry a reverse result and some are not compared, and a serialized

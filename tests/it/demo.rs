@@ -48,6 +48,86 @@ fn gone(dir: &std::path::Path) -> bool {
     false
 }
 
+/// The run report as a real browser renders it (headless Chromium from the distribution): the
+/// timeline's SVG with its panels and the flips, and the verdict, in the rendered DOM, and a
+/// screenshot that is not blank. CI installs Chromium and sets BLUEGREEN_REQUIRE_CHROMIUM=1;
+/// elsewhere a machine without it only checks the file.
+fn rendered_in_a_browser(html: &std::path::Path) {
+    let text = std::fs::read_to_string(html).unwrap();
+    assert!(
+        !text.contains("<script"),
+        "the report must not need JavaScript"
+    );
+    for fetch in ["src=\"http", "href=\"http", "url(http", "@import", "<link"] {
+        assert!(
+            !text.contains(fetch),
+            "the report must not fetch anything ({fetch})"
+        );
+    }
+    let browser = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|b| {
+            Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+    let Some(browser) = browser else {
+        assert!(
+            std::env::var("BLUEGREEN_REQUIRE_CHROMIUM").is_err(),
+            "BLUEGREEN_REQUIRE_CHROMIUM is set and no Chromium was found"
+        );
+        eprintln!("demo: no Chromium here: report.html checked as a file only");
+        return;
+    };
+    let url = format!("file://{}", html.display());
+    let flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+    ];
+    let dom = Command::new(browser)
+        .args(flags)
+        .args(["--dump-dom", &url])
+        .output()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    for want in [
+        "<svg",
+        "rows copied",
+        "follower lag",
+        "events and validations",
+        "cutover ",
+        "rollback ",
+        ">PASS<",
+    ] {
+        assert!(
+            dom.contains(want),
+            "the rendered report lacks {want:?}:\n{}",
+            &dom[..dom.len().min(3000)]
+        );
+    }
+    let png = html.with_extension("png");
+    let shot = Command::new(browser)
+        .args(flags)
+        .args([
+            "--window-size=1100,1600",
+            &format!("--screenshot={}", png.display()),
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        shot.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shot.stderr)
+    );
+    // A blank page of that size compresses to a few kilobytes; the report is tens of them.
+    let size = std::fs::metadata(&png).unwrap().len();
+    assert!(size > 40_000, "the screenshot looks blank ({size} bytes)");
+}
+
 #[test]
 fn demo_runs_every_step_loses_nothing_and_leaves_nothing_running() {
     let tmp = tempfile::tempdir().unwrap();
@@ -85,6 +165,7 @@ fn demo_runs_every_step_loses_nothing_and_leaves_nothing_running() {
     }
     let report = std::fs::read_to_string(out.join("report/report.json")).unwrap();
     assert!(report.contains("\"verdict\": \"PASS\""), "{report}");
+    rendered_in_a_browser(&out.join("report/report.html"));
     assert!(
         gone(&server_dir(&stdout)),
         "the demo's server is still there"
