@@ -3,7 +3,7 @@
 //! with `--abandon` after a rollback (which drops green instead). In one transaction under
 //! `lock_timeout`, retried: every generated trigger and function (`names::generated`) dropped,
 //! the interleaved sequences back to plain increments past every used value, this migration's
-//! operational rows (change log, failures, follower state, chunk ledger, blue writers) deleted;
+//! operational rows (change log, failures, follower state and samples, chunk ledger, blue writers) deleted;
 //! the run, its validations and its audit events stay as the archive. When no other migration is
 //! left unfinished in the control schema, its operational tables go too, so nothing generated
 //! remains but the archive (`runs`, `validations`, `events`). Blue tables stay unless
@@ -23,7 +23,7 @@ use crate::sql::{Ident, QName, join, sql};
 
 /// The control tables that hold operational state (dropped with the last migration finalized);
 /// `runs`, `validations` and `events` are the archive.
-pub const OPERATIONAL: [&str; 9] = [
+pub const OPERATIONAL: [&str; 10] = [
     "changes",
     "sync_failures",
     "failed_changes",
@@ -33,6 +33,7 @@ pub const OPERATIONAL: [&str; 9] = [
     "deferred",
     "blue_writers",
     "reverse_failures",
+    "samples",
 ];
 
 #[derive(Clone, Debug)]

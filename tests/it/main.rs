@@ -16,6 +16,7 @@ mod live;
 mod narrow;
 mod plan;
 mod random;
+mod random_cutover;
 mod refuse;
 mod review;
 mod rules;
