@@ -92,13 +92,38 @@ fn reversible(e: &TableEntry, bt: &crate::catalog::Table) -> Rebuilt {
             out.insert(
                 bc.name.clone(),
                 (
-                    format!("{}::{}", crate::sql::Ident::new(&c.name), bc.type_sql),
+                    format!(
+                        "{}::{}",
+                        crate::sql::Ident::new(&c.name),
+                        unconstrained(&bc.type_sql)
+                    ),
                     false,
                 ),
             );
         }
     }
     out
+}
+
+/// The type an inverted cast names: `type_sql` without the length of a string or bit type.
+/// An explicit cast to `character varying(8)` truncates a longer green value silently, and the
+/// rollback would lose its end; cast to the unconstrained type, the blue column's assignment
+/// checks the length and a value blue cannot take is a reverse failure, standing on green.
+fn unconstrained(type_sql: &str) -> String {
+    const LENGTHED: [(&str, &str); 4] = [
+        ("character varying(", "character varying"),
+        ("character(", "pg_catalog.bpchar"),
+        ("bit varying(", "bit varying"),
+        ("bit(", "bit varying"),
+    ];
+    for (prefix, base) in LENGTHED {
+        if let Some(rest) = type_sql.strip_prefix(prefix)
+            && let Some(close) = rest.find(')')
+        {
+            return format!("{base}{}", &rest[close + 1..]);
+        }
+    }
+    type_sql.to_string()
 }
 
 /// How each entry's driving table is reversed (green -> blue), and which entry owns what. Several
@@ -225,4 +250,24 @@ pub fn reverse_plan(m: &Mapping, e: &TableEntry, cat: &Catalog) -> ReversePlan {
         Verdict::NotApplicable
     };
     rp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unconstrained;
+
+    #[test]
+    fn inverted_casts_drop_the_length_blue_checks_on_assignment() {
+        assert_eq!(unconstrained("character varying(8)"), "character varying");
+        assert_eq!(
+            unconstrained("character varying(8)[]"),
+            "character varying[]"
+        );
+        assert_eq!(unconstrained("character(2)"), "pg_catalog.bpchar");
+        assert_eq!(unconstrained("bit(3)"), "bit varying");
+        assert_eq!(unconstrained("bit varying(5)"), "bit varying");
+        assert_eq!(unconstrained("numeric(10,2)"), "numeric(10,2)");
+        assert_eq!(unconstrained("integer"), "integer");
+        assert_eq!(unconstrained("text"), "text");
+    }
 }

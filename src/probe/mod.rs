@@ -20,6 +20,7 @@ mod ddl;
 mod deps;
 mod profile;
 pub mod resolve;
+mod roundtrip;
 
 use std::collections::BTreeMap;
 

@@ -317,6 +317,7 @@ impl Probe<'_> {
                     .hint("a function marked IMMUTABLE or STABLE returns different values: make the expressions depend on blue data only"),
             );
         }
+        self.round_trip(e, gt, cat).await?;
         self.exec(&sql!("DROP TABLE bluegreen_profile")).await?;
         Ok(Some(Profile {
             mode: if sample {

@@ -1147,6 +1147,51 @@ async fn a_green_write_blue_cannot_take_stands_and_holds_the_rollback_back() {
     ok(&url, &["rollback", "-m", SMALL, "--yes"]).await;
 }
 
+/// A green value longer than blue's `character varying(8)` (green's column is `text`): the
+/// inverted cast used to truncate it silently, so blue held its first eight characters and a
+/// rollback lost the rest. Now blue's own length check refuses it: a reverse failure that stands
+/// on green and holds the rollback back, like any value blue cannot take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_green_value_too_long_for_blue_is_never_truncated_into_it() {
+    let url = empty_db("cut_varchar").await;
+    let mut c = connect(&url).await;
+    exec(
+        &mut c,
+        &SMALL_BLUE.replace("owner text", "owner varchar(8)"),
+    )
+    .await;
+    copy_ok(&url, SMALL).await;
+    ok(&url, &["validate", "-m", SMALL]).await;
+    cut_over_small(&url).await;
+    let mut g = green_session(&url).await;
+    exec(
+        &mut g,
+        "UPDATE acct SET owner = 'a much longer owner' WHERE id = 1",
+    )
+    .await;
+    exec(&mut g, "UPDATE acct SET owner = 'short' WHERE id = 2").await;
+    let blue: Vec<String> =
+        sqlx::query_scalar("SELECT owner::text FROM public.acct WHERE id IN (1, 2) ORDER BY id")
+            .fetch_all(&mut c)
+            .await
+            .unwrap();
+    assert_eq!(blue, ["o1", "short"], "blue after the green writes");
+    assert_eq!(control_rows(&mut c, "reverse_failures", "small").await, 1);
+    let st = ok(&url, &["status", "-m", SMALL]).await;
+    assert!(
+        st.contains("reverse failures: 1") && st.contains("22001"),
+        "{st}"
+    );
+    let out = run_within(&url, &["rollback", "-m", SMALL, "--yes"], LIMIT).await;
+    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
+    exec(&mut g, "UPDATE acct SET owner = 'fits' WHERE id = 1").await;
+    ok(&url, &["sync", "-m", SMALL]).await;
+    assert_eq!(control_rows(&mut c, "reverse_failures", "small").await, 0);
+    assert_acct_sides_equal(&mut c, "after the retry").await;
+    ok(&url, &["rollback", "-m", SMALL, "--yes"]).await;
+    assert_acct_sides_equal(&mut c, "after the rollback").await;
+}
+
 /// Design review H5: a lookup renamed just before the cutover touches thousands of keys; they
 /// are applied before the fence, with writes going on, so the fence drains next to nothing and
 /// the application's writes meanwhile are never held for long.

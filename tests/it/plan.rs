@@ -97,6 +97,27 @@ async fn plan_carbot_in_all_formats_writes_nothing() {
         );
         assert_eq!(t["profile"]["mode"], "full");
     }
+    // The round-trip check on perturbed rows (design review C2): the name split loses a green
+    // first name with a space in it ('Anna x' + 'Smith' -> 'Anna x Smith' -> 'Anna'); every
+    // other reversed column of CarBot survives the trip.
+    let trips: Vec<(String, String)> = v["diagnostics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["code"] == "round-trip")
+        .map(|d| {
+            (
+                d["table"].as_str().unwrap().to_string(),
+                d["column"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        trips,
+        [("customers".to_string(), "first_name".to_string())],
+        "{:#}",
+        v["diagnostics"]
+    );
     let leads = tables.iter().find(|t| t["name"] == "leads").unwrap();
     assert_eq!(leads["sync_key"][0][0], "id");
     assert_eq!(leads["reverse"]["verdict"], "invertible");
@@ -431,5 +452,62 @@ async fn connects_from_the_libpq_variables_and_the_password_file() {
     assert!(
         !err.contains("wrong-env-secret-99"),
         "password leaked: {err}"
+    );
+}
+
+/// The round-trip check names the columns whose green writes come back changed through
+/// `M(R(g'))`, and only those: a declared reverse of a map that merges two green values into one
+/// blue value, a reverse that rounds, a value blue's shorter type cannot hold. Renames and casts
+/// blue can hold, and a column nothing reverses reads (read-only after cutover, listed
+/// elsewhere), are not named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_names_the_columns_a_round_trip_through_blue_changes() {
+    let url = crate::support::empty_db("plan_roundtrip").await;
+    let mut c = connect(&url).await;
+    crate::support::exec(
+        &mut c,
+        "CREATE TABLE public.ticket (id integer PRIMARY KEY, state text NOT NULL, price numeric(10,2) NOT NULL, code varchar(4) NOT NULL, title text NOT NULL, note text, kind text NOT NULL);
+         INSERT INTO public.ticket SELECT i, (ARRAY['new','open','done','dropped'])[1 + i % 4], i * 1.25, 'C' || (i % 100), 't' || i, 'n' || i, CASE WHEN i % 3 = 0 THEN 'A' ELSE 'B' END FROM generate_series(1, 300) i;",
+    )
+    .await;
+    let out = bluegreen(&url)
+        .args([
+            "plan",
+            "-m",
+            "tests/fixtures/roundtrip.yaml",
+            "--format",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    let mut trips: Vec<String> = v["diagnostics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["code"] == "round-trip")
+        .map(|d| d["column"].as_str().unwrap().to_string())
+        .collect();
+    trips.sort();
+    assert_eq!(trips, ["code", "price", "status"], "{:#}", v["diagnostics"]);
+    let msg = v["diagnostics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["code"] == "round-trip" && d["column"] == "status")
+        .unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("comes back as"), "{msg}");
+    assert_eq!(
+        crate::support::count(
+            &mut c,
+            "SELECT count(*) FROM pg_namespace WHERE nspname IN ('rt_green', 'bluegreen')"
+        )
+        .await,
+        0,
+        "plan leaves nothing behind"
     );
 }
