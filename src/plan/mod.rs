@@ -54,6 +54,9 @@ pub struct EntryFacts {
     /// Relations the entry reads, as PostgreSQL resolved them.
     pub reads: Vec<QName>,
     pub profile: Option<Profile>,
+    /// An expression index of the driving table whose leading expressions are the sync key's
+    /// (`"User_id_uuid_idx"` on `(id::uuid)`), as PostgreSQL deparses both.
+    pub sync_key_index: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -163,7 +166,8 @@ pub fn build(
             .iter()
             .map(|x| plain_column_of(x, &driving.alias))
             .collect();
-        let sync_key_indexed = plain.as_ref().is_some_and(|cols| bt.has_index_on(cols));
+        let sync_key_indexed =
+            plain.as_ref().is_some_and(|cols| bt.has_index_on(cols)) || f.sync_key_index.is_some();
         if !sync.is_empty() && !sync_key_indexed {
             diagnostics.push(
                 Diagnostic::warning(

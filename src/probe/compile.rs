@@ -231,6 +231,7 @@ impl Probe<'_> {
             return Ok(facts);
         }
         facts.reads = self.dependencies(e, gt).await?;
+        facts.sync_key_index = self.sync_key_index(e, gt).await?;
 
         // Reverse expressions compile over the green table and fit the blue column.
         if let Reverse::Columns(cols) = &e.reverse
@@ -273,5 +274,75 @@ impl Probe<'_> {
             facts.profile = self.profile(e, gt, cat, profile).await?;
         }
         Ok(facts)
+    }
+
+    /// The expression index of the driving table that backs a sync key made of expressions (a
+    /// cast of a text id to uuid): PostgreSQL deparses the key and each index's leading
+    /// expressions in two temporary views over the same alias, and equal view texts mean equal
+    /// expressions. `None` when the key is plain columns (the catalog answers that) or nothing
+    /// matches.
+    async fn sync_key_index(
+        &mut self,
+        e: &TableEntry,
+        gt: &catalog::Table,
+    ) -> Result<Option<String>, sqlx::Error> {
+        let driving = e.from_clause.driving();
+        let Some((keys, _)) = crate::plan::sync_key(e, gt) else {
+            return Ok(None);
+        };
+        if keys.is_empty()
+            || keys
+                .iter()
+                .all(|(_, x)| crate::plan::plain_column_of(x, &driving.alias).is_some())
+        {
+            return Ok(None);
+        }
+        let n = keys.len() as i32;
+        let indexes: Vec<(String, Vec<String>)> = sqlx::query_as(
+            "SELECT c.relname::text, ARRAY(SELECT pg_catalog.pg_get_indexdef(i.indexrelid, k, false) FROM pg_catalog.generate_series(1, $2::int) AS k ORDER BY k)
+               FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+              WHERE i.indrelid = $1::regclass AND i.indisvalid AND i.indpred IS NULL AND i.indnkeyatts >= $2::int AND i.indexprs IS NOT NULL
+              ORDER BY 1",
+        )
+        .bind(driving.table.to_string())
+        .bind(n)
+        .fetch_all(&mut *self.conn)
+        .await?;
+        let alias = crate::sql::Ident::new(&driving.alias);
+        let view = |name: &str, exprs: &mut dyn Iterator<Item = &str>| {
+            sql!(
+                "CREATE TEMP VIEW {name} AS SELECT {} FROM {} AS {alias}",
+                crate::sql::join(
+                    exprs
+                        .enumerate()
+                        .map(|(j, x)| format!("({}) AS k{j}", Expr(x))),
+                    ", "
+                ),
+                driving.table
+            )
+        };
+        let key_view = view("bluegreen_key_v", &mut keys.iter().map(|(_, x)| x.as_str()));
+        if self.guarded(&key_view).await.is_err() {
+            return Ok(None);
+        }
+        let mut found = None;
+        for (name, exprs) in indexes {
+            let index_view = view("bluegreen_index_v", &mut exprs.iter().map(String::as_str));
+            if self.guarded(&index_view).await.is_err() {
+                continue;
+            }
+            let same: bool = sqlx::query_scalar(
+                "SELECT pg_catalog.pg_get_viewdef('bluegreen_key_v'::regclass) = pg_catalog.replace(pg_catalog.pg_get_viewdef('bluegreen_index_v'::regclass), 'bluegreen_index_v', 'bluegreen_key_v')",
+            )
+            .fetch_one(&mut *self.conn)
+            .await?;
+            self.exec(&sql!("DROP VIEW bluegreen_index_v")).await?;
+            if same {
+                found = Some(name);
+                break;
+            }
+        }
+        self.exec(&sql!("DROP VIEW bluegreen_key_v")).await?;
+        Ok(found)
     }
 }

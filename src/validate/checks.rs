@@ -10,6 +10,7 @@
 //!     sql: SELECT count(*) FROM carbot_v2.leads
 //!     blue_sql: SELECT count(*) FROM public.leads WHERE deleted_at IS NULL
 //!     expect: "= blue"
+//!     until_cutover: true           # skipped while cut over (green is the new application's)
 //! performance:
 //!   - name: lead dashboard
 //!     sql: SELECT ...
@@ -45,6 +46,10 @@ pub struct Check {
     pub sql: String,
     pub expect: String,
     pub blue_sql: Option<String>,
+    /// Holds only while blue is the application's (it compares green with blue on a table that
+    /// has no reverse): skipped while cut over, where green is the new application's.
+    #[serde(default)]
+    pub until_cutover: bool,
 }
 
 #[derive(Deserialize, Clone)]
@@ -71,6 +76,25 @@ pub struct CheckResult {
     /// comparing green with blue cannot tell lag from a difference).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub inconclusive: bool,
+    /// `until_cutover` while cut over: not run.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
+}
+
+impl CheckResult {
+    /// A check marked `until_cutover`, not run while cut over.
+    pub fn skipped(c: &Check) -> Self {
+        CheckResult {
+            name: c.name.clone(),
+            passed: true,
+            value: "skipped while cut over (until_cutover)".into(),
+            expect: c.expect.clone(),
+            blue_value: None,
+            error: None,
+            inconclusive: false,
+            skipped: true,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Clone)]
@@ -204,6 +228,7 @@ pub async fn run_checks(
                 blue_value: None,
                 error: Some(e.to_string()),
                 inconclusive: false,
+                skipped: false,
             })
             .collect();
         return (failed, None);
@@ -232,6 +257,7 @@ async fn run_checks_in(conn: &mut PgConnection, checks: &[Check], out: &mut Vec<
             blue_value: None,
             error: None,
             inconclusive: false,
+            skipped: false,
         };
         let Some((op, want)) = parse_expect(&c.expect) else {
             r.error = Some(format!(

@@ -142,7 +142,11 @@ pub fn render(r: &Report, t: &Timeline) -> String {
                 o,
                 "<tr><td>{}</td><td>{}</td><td><code>{}</code></td><td><code>{}</code>{}</td></tr>",
                 esc(&c.name),
-                pass(c.passed),
+                if c.skipped {
+                    "<span class=\"muted\">skipped</span>"
+                } else {
+                    pass(c.passed)
+                },
                 esc(&c.value),
                 esc(&c.expect),
                 c.error

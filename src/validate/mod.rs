@@ -572,7 +572,28 @@ pub async fn run(url: &str, m: &Mapping, o: &Options) -> Result<report::Report, 
     let mut conn = crate::pg::connect(url).await?;
     let (checks, performance) = match &checks_file {
         Some(f) => (
-            lag::checks_when_caught_up(url, m, &f.checks).await?,
+            {
+                // While cut over, a check that holds only while blue is the application's is
+                // reported as skipped, in file order.
+                let cut_over = outcome.phase == control::Phase::CutOver;
+                let run: Vec<checks::Check> = f
+                    .checks
+                    .iter()
+                    .filter(|c| !(cut_over && c.until_cutover))
+                    .cloned()
+                    .collect();
+                let mut ran = lag::checks_when_caught_up(url, m, &run).await?.into_iter();
+                f.checks
+                    .iter()
+                    .map(|c| {
+                        if cut_over && c.until_cutover {
+                            checks::CheckResult::skipped(c)
+                        } else {
+                            ran.next().expect("one result per check run")
+                        }
+                    })
+                    .collect()
+            },
             checks::run_budgets(&mut conn, &f.performance).await,
         ),
         None => (Vec::new(), Vec::new()),

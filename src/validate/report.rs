@@ -200,7 +200,13 @@ pub fn markdown(r: &Report) -> String {
                 o,
                 "| {} | {} | {} | {} | {} |",
                 c.name,
-                if c.passed { "pass" } else { "**FAIL**" },
+                if c.skipped {
+                    "skipped"
+                } else if c.passed {
+                    "pass"
+                } else {
+                    "**FAIL**"
+                },
                 c.error
                     .as_deref()
                     .map(|e| format!("error: {e}"))

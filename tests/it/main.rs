@@ -3,6 +3,7 @@
 mod copy;
 mod cutover;
 mod demo;
+mod examples;
 mod explain;
 mod hostile;
 mod hostile2;
