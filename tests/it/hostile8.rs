@@ -792,3 +792,55 @@ async fn h8_f8_the_second_cutovers_fence_rechecks_reverse_failures() {
         7
     );
 }
+
+/// The known limit "after a rollback, a straggler on green and a blue writer on the same row of
+/// an entry the follower keeps": the blue application's `+100` committed on blue, its change still
+/// waiting for the follower, so green's row is stale; a straggler still on green then adds 5 to
+/// the stale value and its reverse wrote it over blue's committed `+100`. The straggler's write
+/// now gives way (40001) while a blue write to its row is pending; once the follower applied it,
+/// the straggler's retry reads the current value and both writes survive on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_rollback_a_stragglers_stale_write_gives_way_to_a_pending_blue_write() {
+    let (url, mut c) = joined("hostile8_stale", "").await;
+    cut_over(&url, JOINED).await;
+    let mut straggler = green_session(&url, "joined_green").await;
+    ok(&url, &["rollback", "-m", JOINED, "--yes"]).await;
+    ok(&url, &["sync", "-m", JOINED]).await;
+    let mut app = blue_session(&url, "joined_green").await;
+    exec(&mut app, "UPDATE c SET v = v + 100 WHERE id = 1").await;
+    assert_eq!(
+        count(&mut c, "SELECT v FROM joined_green.cj WHERE id = 1").await,
+        10,
+        "the blue write waits for the follower (cj is the follower's)"
+    );
+    let r = try_exec(&mut straggler, "UPDATE cj SET v = v + 5 WHERE id = 1").await;
+    let blue_v = count(&mut c, "SELECT v FROM public.c WHERE id = 1").await;
+    assert_eq!(
+        blue_v, 110,
+        "the straggler's stale write went over the blue application's committed +100 ({r:?})"
+    );
+    let e = r.expect_err("the straggler's write on a stale row must give way");
+    assert!(
+        e.contains("40001") || e.contains("gave way") || e.contains("not reached green"),
+        "{e}"
+    );
+    ok(&url, &["sync", "-m", JOINED]).await;
+    exec(&mut straggler, "UPDATE cj SET v = v + 5 WHERE id = 1").await;
+    assert_eq!(
+        count(&mut c, "SELECT v FROM public.c WHERE id = 1").await,
+        115
+    );
+    assert_eq!(
+        count(&mut c, "SELECT v FROM joined_green.cj WHERE id = 1").await,
+        115
+    );
+    // A straggler's write to a row nobody changed on blue goes through as before.
+    exec(&mut straggler, "UPDATE cj SET v = v + 1 WHERE id = 2").await;
+    assert_eq!(
+        count(&mut c, "SELECT v FROM public.c WHERE id = 2").await,
+        11
+    );
+    assert_invariant(&url, JOINED).await;
+    assert_eq!(joined_sides_differ(&mut c).await, 0, "green = M(blue)");
+    ok(&url, &["validate", "-m", JOINED]).await;
+}

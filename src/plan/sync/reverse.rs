@@ -397,8 +397,13 @@ impl Reversal {
                 self.record_failure(m, "        ")
             )
         };
+        let stale = if rolled_back {
+            self.stale(m)
+        } else {
+            String::new()
+        };
         let body = format!(
-            "{key_moved}    BEGIN\n{set}{steps}{reset}    EXCEPTION WHEN OTHERS THEN\n{give_way}        IF SQLSTATE = '23505' AND TG_OP = 'INSERT' THEN\n            RAISE;\n        END IF;\n{failed}    END;\n"
+            "{key_moved}    BEGIN\n{set}{stale}{steps}{reset}    EXCEPTION WHEN OTHERS THEN\n{give_way}        IF SQLSTATE = '23505' AND TG_OP = 'INSERT' THEN\n            RAISE;\n        END IF;\n{failed}    END;\n"
         );
         sql!(
             "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn$\n#variable_conflict use_column\nDECLARE\n    lt text;\n    bluegreen_set text;\n{declare}BEGIN\n    IF {inside} THEN\n        RETURN NULL;\n    END IF;\n    IF TG_OP = 'TRUNCATE' THEN\n        RAISE EXCEPTION 'bluegreen: TRUNCATE of % cannot be written back to blue during the migration', {g}::pg_catalog.text USING ERRCODE = 'feature_not_supported', HINT = 'DELETE the rows instead';\n    END IF;\n    {push}\n{body}    {pop}\n    RETURN NULL;\nEND\n$fn$",
@@ -412,6 +417,48 @@ impl Reversal {
                 &format!("'r:' || bluegreen_depth::pg_catalog.text || ':' || {entry}")
             ),
             pop = set_guard(m, "bluegreen_guard"),
+        )
+    }
+
+    /// After a rollback: a straggler's update or delete of green rows whose blue rows have a
+    /// blue write still waiting in the change log gives way (40001). Green's row is stale until the
+    /// follower applies that write, and the reverse would put the straggler's value, computed from
+    /// the stale row, over the blue application's committed one. The blue rows are locked first
+    /// (a blue writer after that waits for the straggler, and its change is then newer than the
+    /// straggler's write), and the change log is read after the lock, in a snapshot of its own.
+    fn stale(&self, m: &Mapping) -> String {
+        let changes = QName::new(&m.control_schema, "changes");
+        let entry = Literal::new(&self.entry);
+        let image = |img: &str| {
+            join(
+                self.blue_key.iter().map(|k| {
+                    let j = self.col_index(k);
+                    format!(
+                        "c.{img} -> {} = pg_catalog.to_jsonb((p.v{j})::{})",
+                        Literal::new(k),
+                        self.types[j]
+                    )
+                }),
+                " AND ",
+            )
+        };
+        let check = |rel: &str| {
+            format!(
+                "            PERFORM 1 FROM {b} AS b, ({side}) AS p WHERE {key} FOR UPDATE OF b;\n            IF EXISTS (SELECT 1 FROM {changes} AS c, ({side}) AS p WHERE c.migration = {mig} AND c.blue_table = {bt} AND c.txid <> pg_catalog.pg_current_xact_id() AND c.skip_entry IS DISTINCT FROM {entry} AND (c.entries IS NULL OR {entry} = ANY (c.entries)) AND (({new}) OR ({old}))) THEN\n                RAISE EXCEPTION 'bluegreen: a blue write to this row of % has not reached green yet, so this write to green read a stale row', {g}::pg_catalog.text USING ERRCODE = 'serialization_failure', HINT = 'retry once the follower applied it, or reconnect to use blue';\n            END IF;\n",
+                b = self.blue,
+                side = self.side(rel),
+                key = self.key_match("b", "p", "v"),
+                mig = Literal::new(&m.migration),
+                bt = Literal::new(self.blue.display()),
+                new = image("new_row"),
+                old = image("old_row"),
+                g = Literal::new(self.green.display()),
+            )
+        };
+        format!(
+            "            IF TG_OP = 'UPDATE' THEN\n{}            ELSIF TG_OP = 'DELETE' THEN\n{}            END IF;\n",
+            check("new_rows"),
+            check("old_rows")
         )
     }
 
