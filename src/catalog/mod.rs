@@ -74,6 +74,9 @@ pub struct Column {
     /// `search_path = pg_catalog` would not use it.
     #[serde(default)]
     pub own_equality: bool,
+    /// For a domain, its base type as `format_type` prints it (with the length).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain_base: Option<String>,
 }
 
 impl Column {
@@ -343,6 +346,7 @@ pub async fn load(conn: &mut PgConnection, schemas: &[&str]) -> Result<Catalog, 
                 identity: get(&r, "identity")?,
                 generated: get(&r, "generated")?,
                 own_equality: get(&r, "own_equality")?,
+                domain_base: get(&r, "domain_base")?,
             });
         }
     }

@@ -95,7 +95,7 @@ fn reversible(e: &TableEntry, bt: &crate::catalog::Table) -> Rebuilt {
                     format!(
                         "{}::{}",
                         crate::sql::Ident::new(&c.name),
-                        unconstrained(&bc.type_sql)
+                        inverted_cast_type(bc)
                     ),
                     false,
                 ),
@@ -103,6 +103,17 @@ fn reversible(e: &TableEntry, bt: &crate::catalog::Table) -> Rebuilt {
         }
     }
     out
+}
+
+/// The type an inverted cast of a value into blue column `bc` names: its type without a length
+/// ([`unconstrained`]); for a domain over a length-limited type, the domain's base type without
+/// it (an explicit cast to the domain truncates as well; the assignment to the column applies the
+/// domain's length and constraints).
+pub fn inverted_cast_type(bc: &crate::catalog::Column) -> String {
+    match &bc.domain_base {
+        Some(base) if unconstrained(base) != *base => unconstrained(base),
+        _ => unconstrained(&bc.type_sql),
+    }
 }
 
 /// The type an inverted cast names: `type_sql` without the length of a string or bit type.

@@ -19,6 +19,7 @@ pub(crate) fn col(name: &str, ty: &str, not_null: bool) -> Column {
         identity: String::new(),
         generated: String::new(),
         own_equality: false,
+        domain_base: None,
     }
 }
 

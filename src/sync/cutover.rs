@@ -375,6 +375,38 @@ pub async fn cutover_gates(
             "add `reverse:` expressions for them, or accept with --accept-lossy-rollback",
         ));
     }
+    // Blue keys a green write could not find again (a text id not in the form its uuid casts
+    // back to): every green write to such a row would miss blue after the flip.
+    let entries = crate::plan::sync::sync_entries(&m, &cat);
+    let reversed = crate::plan::sync::reversals(&m, &entries, &cat);
+    for e in entries
+        .iter()
+        .filter(|e| reversed.iter().any(|r| r.entry == e.entry.name))
+    {
+        let Some(bt) = cat.table(e.driving()) else {
+            continue;
+        };
+        let Some(q) = crate::plan::sync::key_round_trip_example(e, bt, &bt.qname().to_string())
+        else {
+            continue;
+        };
+        let found: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(q))
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db_error)?;
+        if let Some(k) = found {
+            out.push(refusal(
+                "keys",
+                format!(
+                    "{} holds keys that do not come back from green as they are (e.g. {}): {} is keyed by their cast, and a green write to such a row could not find it in blue",
+                    bt.qname().display(),
+                    crate::sql::Literal::new(&k),
+                    e.entry.name
+                ),
+                "rewrite those keys in the form the cast gives back (for text uuids: SET id = id::uuid::text, with the foreign keys that reference them), then cut over",
+            ));
+        }
+    }
     Ok(out)
 }
 

@@ -496,3 +496,90 @@ async fn an_expression_index_backs_a_cast_sync_key() {
     assert_eq!(warned.len(), 1, "{text}");
     assert!(warned[0].contains("table users"), "{text}");
 }
+
+/// Hostile review of the uuid example: green's key is the uuid of blue's text id, and the reverse
+/// casts it back to the lower-case text; a blue row keyed `'BBBB...'` was reachable from blue but
+/// from green never again (green updates and deletes of it silently missed blue). The cutover now
+/// refuses while blue holds such keys, and after it an old session's write of one is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uuid_keys_green_could_not_write_back_are_refused() {
+    let url = empty_db("ex_uuids_case").await;
+    let mut c = connect(&url).await;
+    let dir = support::root().join("examples/uuids");
+    exec(
+        &mut c,
+        &std::fs::read_to_string(dir.join("legacy.sql")).unwrap(),
+    )
+    .await;
+    let generate = std::fs::read_to_string(dir.join("generate.sql")).unwrap();
+    exec(&mut c, &format!("SET uuids.accounts = '20';\n{generate}")).await;
+    support::copy_ok(&url, UUIDS.mapping).await;
+    ok(&url, &["validate", "-m", UUIDS.mapping]).await;
+    let upper = "BBBBBBBB-0000-4000-8000-000000000002";
+    exec(
+        &mut c,
+        &format!(
+            "INSERT INTO public.\"User\" (id, \"accountId\", email, role, \"createdAt\") SELECT '{upper}', min(id), 'upper@example.org', 'MODEL', '2025-01-01' FROM public.\"Account\""
+        ),
+    )
+    .await;
+    let cut = [
+        "cutover",
+        "-m",
+        UUIDS.mapping,
+        "--yes",
+        "--accept-lossy-rollback",
+    ];
+    let out = run_within(&url, &cut, LIMIT).await;
+    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
+    assert!(
+        both(&out).contains("do not come back from green") && both(&out).contains(upper),
+        "{}",
+        both(&out)
+    );
+    assert_eq!(
+        status_json(&url, UUIDS.mapping).await["phase"],
+        "live",
+        "a refused cutover changes nothing"
+    );
+    exec(
+        &mut c,
+        &format!("UPDATE public.\"User\" SET id = lower(id) WHERE id = '{upper}'"),
+    )
+    .await;
+    support::drain(&url, UUIDS.mapping).await;
+    ok(&url, &["validate", "-m", UUIDS.mapping]).await;
+    let mut old = connect(&url).await;
+    ok(&url, &cut).await;
+    let e = sqlx::raw_sql(sqlx::AssertSqlSafe(
+        "INSERT INTO public.\"User\" (id, \"accountId\", email, role, \"createdAt\") SELECT 'CCCCCCCC-0000-4000-8000-000000000003', min(id), 'c@example.org', 'MODEL', '2025-01-01' FROM public.\"Account\"".to_string(),
+    ))
+    .execute(&mut old)
+    .await
+    .expect_err("an old session's key green could not write back")
+    .to_string();
+    assert!(e.contains("not in the form green gives back"), "{e}");
+    exec(
+        &mut old,
+        "INSERT INTO public.\"User\" (id, \"accountId\", email, role, \"createdAt\") SELECT 'cccccccc-0000-4000-8000-000000000003', min(id), 'c@example.org', 'MODEL', '2025-01-01' FROM public.\"Account\"",
+    )
+    .await;
+    let mut green = connect(&url).await;
+    exec(
+        &mut green,
+        "UPDATE users SET first_name = 'Green' WHERE email IN ('upper@example.org', 'c@example.org')",
+    )
+    .await;
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM public.\"User\" WHERE \"firstName\" = 'Green'"
+        )
+        .await,
+        2,
+        "both green writes reached blue"
+    );
+    support::drain(&url, UUIDS.mapping).await;
+    assert_invariant(&url, UUIDS.mapping).await;
+    ok(&url, &["validate", "-m", UUIDS.mapping]).await;
+}

@@ -364,6 +364,28 @@ fn cut_over_body(
     old.push_str(&format!(
         "        IF TG_OP = 'TRUNCATE' THEN\n            {moved}, HINT = 'reconnect: a TRUNCATE of blue after cutover cannot reach green';\n        END IF;\n"
     ));
+    // A blue key written in a form green would not give back (an upper-case uuid text when
+    // green's key is the uuid): green's row would be found, but no green write could reach this
+    // blue row again (hostile review of the uuid example). Refused in the old session.
+    if let Some(bt) = bt {
+        for e in entries
+            .iter()
+            .filter(|e| e.driving() == x && reversed.contains(&e.entry.name))
+        {
+            let (Some(cond), Some(example)) = (
+                super::key_round_trip(e, bt),
+                super::key_round_trip_example(e, bt, "new_rows"),
+            ) else {
+                continue;
+            };
+            old.push_str(&format!(
+                "        IF TG_OP IN ('INSERT', 'UPDATE') THEN\n            -- A statement of its own: a DELETE's trigger has no new_rows to plan against.\n            IF EXISTS (SELECT 1 FROM new_rows AS {alias} WHERE {cond}) THEN\n                RAISE EXCEPTION 'bluegreen: key % of % is not in the form green gives back (%), so no green write could reach this row after the cutover', ({example}), {bt}::pg_catalog.text, {ent}::pg_catalog.text USING ERRCODE = 'check_violation', HINT = 'write the key as green stores it, cast back (a lower-case uuid), or reconnect to use the new schema';\n            END IF;\n        END IF;\n",
+                alias = Ident::new(&e.entry.from_clause.driving().alias),
+                bt = Literal::new(x.display()),
+                ent = Literal::new(&e.entry.name),
+            ));
+        }
+    }
     if !denied.is_empty() {
         old.push_str(&format!(
             "        {moved}, HINT = {};\n",

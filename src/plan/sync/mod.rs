@@ -34,7 +34,7 @@ use std::collections::BTreeSet;
 
 pub use derive::ApplierEntry;
 pub use functions::{capture_trigger_function, forward_trigger_function, live_trigger_function};
-pub use reverse::{Reversal, reversals};
+pub use reverse::{Reversal, key_round_trip, key_round_trip_example, reversals};
 
 /// Where the migration stands, as far as the trigger bodies are concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

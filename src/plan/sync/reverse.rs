@@ -103,6 +103,55 @@ pub fn reversals(m: &Mapping, entries: &[SyncEntry], cat: &Catalog) -> Vec<Rever
     out
 }
 
+/// The blue key values of a reversed entry that a green write could not find again: the green
+/// key is a cast of the blue key column that does not keep every value (`u.id::uuid` of a text
+/// id), and the automatic reverse casts it back to one form (`'BBBB...'` and `'bbbb...'` are one
+/// uuid, which comes back as `'bbbb...'`). As a condition over a relation aliased as the driving
+/// table (`None` when every key column comes back as it was).
+pub fn key_round_trip(e: &SyncEntry, bt: &Table) -> Option<String> {
+    let alias = &e.entry.from_clause.driving().alias;
+    let key = blue_key(bt)?;
+    let declared: Vec<&String> = match &e.entry.reverse {
+        crate::mapping::Reverse::Columns(cols) => cols.iter().map(|(c, _)| c).collect(),
+        _ => Vec::new(),
+    };
+    let conds: Vec<String> = e
+        .keys
+        .iter()
+        .filter(|k| k.blue.is_none())
+        .filter_map(|k| {
+            let c = crate::plan::keys::cast_of(&k.expr, alias)?;
+            let bc = bt.column(&c)?;
+            if !key.contains(&c) || declared.contains(&&c) {
+                return None;
+            }
+            Some(format!(
+                "(({}))::{} IS DISTINCT FROM {}.{}",
+                Expr(&k.expr),
+                crate::plan::reverse::inverted_cast_type(bc),
+                Ident::new(alias),
+                Ident::new(&c)
+            ))
+        })
+        .collect();
+    (!conds.is_empty()).then(|| join(conds, " OR "))
+}
+
+/// A blue key value of `e` (as text) that does not come back from green unchanged, selected from
+/// `rel` (a table or a transition table), for messages.
+pub fn key_round_trip_example(e: &SyncEntry, bt: &Table, rel: &str) -> Option<String> {
+    let cond = key_round_trip(e, bt)?;
+    let alias = Ident::new(&e.entry.from_clause.driving().alias);
+    let key = blue_key(bt)?;
+    Some(format!(
+        "SELECT ({})::pg_catalog.text FROM {rel} AS {alias} WHERE {cond} LIMIT 1",
+        join(
+            key.iter().map(|k| format!("{alias}.{}", Ident::new(k))),
+            " OPERATOR(pg_catalog.||) ', ' OPERATOR(pg_catalog.||) "
+        )
+    ))
+}
+
 fn blue_key(bt: &Table) -> Option<Vec<String>> {
     bt.primary_key
         .as_ref()
