@@ -329,7 +329,9 @@ async fn claim_and_apply(
                 .filter(|(_, every, concerns, skip)| {
                     (*every || !e.row_local)
                         && concerns.as_ref().is_none_or(|c| c.contains(&e.name))
-                        && skip.as_deref() != Some(e.name.as_str())
+                        // An echo of a reverse is skipped while cut over (green is the
+                        // application's); after a rollback blue is, and it is re-derived.
+                        && (plan.cut_over.is_none() || skip.as_deref() != Some(e.name.as_str()))
                 })
                 .map(|(id, _, _, _)| *id)
                 .collect();

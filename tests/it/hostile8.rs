@@ -844,3 +844,86 @@ async fn after_a_rollback_a_stragglers_stale_write_gives_way_to_a_pending_blue_w
     assert_eq!(joined_sides_differ(&mut c).await, 0, "green = M(blue)");
     ok(&url, &["validate", "-m", JOINED]).await;
 }
+
+/// Hostile review of the stale-straggler rule, finding 1: the applier could not take the green
+/// row the straggler held, set the key aside as a sync failure and deleted its change row; the
+/// straggler's check, reading only the change log, then let its stale value over the blue
+/// application's committed `+100` (and validate passed). A standing sync failure of the row's
+/// key now makes the straggler give way too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_rollback_a_straggler_gives_way_to_a_blue_write_set_aside_as_a_sync_failure() {
+    let (url, mut c) = joined("hostile8_stale_failure", "").await;
+    cut_over(&url, JOINED).await;
+    let mut straggler = green_session(&url, "joined_green").await;
+    ok(&url, &["rollback", "-m", JOINED, "--yes"]).await;
+    ok(&url, &["sync", "-m", JOINED]).await;
+    exec(
+        &mut straggler,
+        "BEGIN; SELECT * FROM cj WHERE id = 1 FOR UPDATE",
+    )
+    .await;
+    let mut app = blue_session(&url, "joined_green").await;
+    exec(&mut app, "UPDATE c SET v = v + 100 WHERE id = 1").await;
+    // The applier meets the straggler's lock: key 1 set aside, its change row gone.
+    let _ = run_within(&url, &["sync", "-m", JOINED], LIMIT).await;
+    assert_eq!(
+        control_rows(&mut c, "sync_failures", "joined").await,
+        1,
+        "the applier set key 1 aside"
+    );
+    let r = try_exec(&mut straggler, "UPDATE cj SET v = v + 5 WHERE id = 1").await;
+    let _ = try_exec(&mut straggler, "ROLLBACK").await;
+    assert_eq!(
+        count(&mut c, "SELECT v FROM public.c WHERE id = 1").await,
+        110,
+        "the straggler's stale write went over the blue application's +100 ({r:?})"
+    );
+    assert!(r.is_err(), "the straggler's write must give way");
+    ok(&url, &["sync", "-m", JOINED]).await;
+    exec(&mut straggler, "UPDATE cj SET v = v + 5 WHERE id = 1").await;
+    assert_eq!(
+        count(&mut c, "SELECT v FROM public.c WHERE id = 1").await,
+        115
+    );
+    assert_invariant(&url, JOINED).await;
+    assert_eq!(joined_sides_differ(&mut c).await, 0, "green = M(blue)");
+    ok(&url, &["validate", "-m", JOINED]).await;
+}
+
+/// Hostile review of the stale-straggler rule, findings 3 and 4: a straggler's update of a
+/// green-only column writes nothing to blue and must not lock the blue row (a blue writer of it
+/// does not wait), and a straggler's second write to a row is not held back by the echo of its
+/// own first one (no follower running).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_rollback_a_straggler_neither_blocks_blue_for_nothing_nor_itself() {
+    let (url, mut c) = joined("hostile8_stale_self", "").await;
+    cut_over(&url, JOINED).await;
+    let mut straggler = green_session(&url, "joined_green").await;
+    ok(&url, &["rollback", "-m", JOINED, "--yes"]).await;
+    ok(&url, &["sync", "-m", JOINED]).await;
+    exec(
+        &mut straggler,
+        "BEGIN; UPDATE cj SET wname = 'zz' WHERE id = 2",
+    )
+    .await;
+    let mut app = blue_session(&url, "joined_green").await;
+    crate::support::must_not_wait(
+        &mut app,
+        "a blue write to a row whose green twin a straggler changed only in a green-only column",
+        "UPDATE c SET v = v + 1 WHERE id = 2",
+        Duration::from_secs(5),
+    )
+    .await;
+    exec(&mut straggler, "ROLLBACK").await;
+    ok(&url, &["sync", "-m", JOINED]).await;
+    exec(&mut straggler, "UPDATE cj SET v = v + 1 WHERE id = 3").await;
+    exec(&mut straggler, "UPDATE cj SET v = v + 1 WHERE id = 3").await;
+    assert_eq!(
+        count(&mut c, "SELECT v FROM public.c WHERE id = 3").await,
+        12
+    );
+    ok(&url, &["sync", "-m", JOINED]).await;
+    assert_invariant(&url, JOINED).await;
+    assert_eq!(joined_sides_differ(&mut c).await, 0, "green = M(blue)");
+    ok(&url, &["validate", "-m", JOINED]).await;
+}

@@ -222,6 +222,10 @@ pub fn forward_trigger_function(
     }
 }
 
+/// The entry whose reverse wrote the statement's blue rows, one trigger level up (the loop
+/// guard says `r:<depth>:<entry>`), else NULL.
+const REVERSE_SOURCE: &str = "CASE WHEN pg_catalog.left(bluegreen_guard, 2) = 'r:' AND pg_catalog.split_part(bluegreen_guard, ':', 2)::pg_catalog.int4 = bluegreen_depth - 1 THEN pg_catalog.substr(bluegreen_guard, pg_catalog.length(pg_catalog.split_part(bluegreen_guard, ':', 2)) + 4) END";
+
 fn live_body(
     m: &Mapping,
     entries: &[SyncEntry],
@@ -239,12 +243,21 @@ fn live_body(
         .iter()
         .filter(|e| e.row_local() && e.driving() == x)
         .collect();
+    // After a rollback, the blue rows a green straggler's reverse wrote are logged as its echo
+    // (`skip_entry`): the straggler's own later writes do not take them for a blue write green
+    // has not seen. The applier re-derives them all the same once rolled back.
+    let skip = guard.then_some(REVERSE_SOURCE);
     let mut body = log_truncate(m, x);
     if local.is_empty() {
         if followed {
-            body.push_str(&log_rows(m, x, false, filter, "    "));
+            body.push_str(&log_rows_skipping(m, x, false, filter, skip, "    "));
         }
-        return function(m, n, "", &body);
+        let declare = if guard {
+            format!("DECLARE\n{}", guard_declare(m))
+        } else {
+            String::new()
+        };
+        return function(m, n, &declare, &body);
     }
     // The isolation level, read once per statement.
     let mut declare = "DECLARE\n    lt text;\n    bluegreen_set text;\n    bluegreen_iso text := pg_catalog.current_setting('transaction_isolation');\n".to_string();
@@ -256,10 +269,10 @@ fn live_body(
     // step's subtransaction) would fail application commits that never conflicted (H2-11).
     body.push_str(&format!(
         "    IF bluegreen_iso = 'serializable' THEN\n{}        RETURN NULL;\n    END IF;\n",
-        log_rows(m, x, true, filter, "        ")
+        log_rows_skipping(m, x, true, filter, skip, "        ")
     ));
     if followed {
-        body.push_str(&log_rows(m, x, false, filter, "    "));
+        body.push_str(&log_rows_skipping(m, x, false, filter, skip, "    "));
     }
     // A step that cannot fail runs bare (no subtransaction) in READ COMMITTED; in REPEATABLE
     // READ a concurrent applier's commit could still raise a serialization error.
@@ -438,7 +451,7 @@ fn cut_over_body(
         ));
     }
     let mut body = format!(
-        "    bluegreen_src := CASE WHEN pg_catalog.left(bluegreen_guard, 2) = 'r:' AND pg_catalog.split_part(bluegreen_guard, ':', 2)::pg_catalog.int4 = bluegreen_depth - 1 THEN pg_catalog.substr(bluegreen_guard, pg_catalog.length(pg_catalog.split_part(bluegreen_guard, ':', 2)) + 4) END;\n    bluegreen_old := NOT (pg_catalog.left(bluegreen_guard, 2) IN ('r:', 'f:') AND pg_catalog.split_part(bluegreen_guard, ':', 2)::pg_catalog.int4 < bluegreen_depth);\n    IF bluegreen_old THEN\n{old}    END IF;\n"
+        "    bluegreen_src := {REVERSE_SOURCE};\n    bluegreen_old := NOT (pg_catalog.left(bluegreen_guard, 2) IN ('r:', 'f:') AND pg_catalog.split_part(bluegreen_guard, ':', 2)::pg_catalog.int4 < bluegreen_depth);\n    IF bluegreen_old THEN\n{old}    END IF;\n"
     );
     body.push_str(&log_truncate(m, x));
     if followed {

@@ -50,6 +50,9 @@ pub struct Reversal {
     /// The row owner inserts and deletes blue rows; a column owner (another entry of a split)
     /// only updates the columns it owns, on rows the row owner wrote.
     pub row_owner: bool,
+    /// The entry's sync key, as green columns with their types (how `sync_failures` records a
+    /// key).
+    pub sync_key: Vec<(String, String)>,
 }
 
 /// The entries whose green writes reverse into blue: invertible (every blue column comes back),
@@ -98,6 +101,11 @@ pub fn reversals(m: &Mapping, entries: &[SyncEntry], cat: &Catalog) -> Vec<Rever
             overriding,
             types,
             row_owner: rp.verdict == Verdict::Invertible,
+            sync_key: e
+                .keys
+                .iter()
+                .map(|k| (k.green.clone(), k.green_type.clone()))
+                .collect(),
         });
     }
     out
@@ -227,13 +235,16 @@ impl Reversal {
         )
     }
 
-    fn update(&self) -> Option<String> {
-        let set: Vec<(usize, &String)> = self
+    /// An update's rows paired old with new (`p`, with `o<j>` / `n<j>` per reversed column) and
+    /// the condition that some non-key reversed column changed; `None` when only key columns are
+    /// reversed (an update then writes nothing to blue).
+    fn paired(&self) -> Option<(String, String)> {
+        let set: Vec<usize> = self
             .columns
             .iter()
             .enumerate()
             .filter(|(_, (c, _))| !self.blue_key.contains(c))
-            .map(|(j, (c, _))| (j, c))
+            .map(|(j, _)| j)
             .collect();
         if set.is_empty() {
             return None;
@@ -242,29 +253,44 @@ impl Reversal {
             (0..self.green_key.len()).map(|j| format!("n.gk{j} = o.gk{j}")),
             " AND ",
         );
-        let mut cols: Vec<String> = (0..self.columns.len())
+        let cols: Vec<String> = (0..self.columns.len())
             .map(|j| format!("o.v{j} AS o{j}, n.v{j} AS n{j}"))
             .collect();
-        cols.dedup();
-        let differs = |j: usize| {
-            format!("(p.o{j})::pg_catalog.text IS DISTINCT FROM (p.n{j})::pg_catalog.text")
-        };
-        Some(format!(
-            "UPDATE {b} AS b SET {set} FROM (SELECT {cols} FROM ({o}) AS o JOIN ({n}) AS n ON {on}) AS p WHERE {key} AND ({any})",
-            b = self.blue,
-            set = join(
-                set.iter().map(|(j, c)| format!(
-                    "{c} = CASE WHEN {} THEN p.n{j} ELSE b.{c} END",
-                    differs(*j),
-                    c = Ident::new(*c)
-                )),
-                ", "
+        Some((
+            format!(
+                "(SELECT {} FROM ({}) AS o JOIN ({}) AS n ON {on}) AS p",
+                join(cols, ", "),
+                self.side("old_rows"),
+                self.side("new_rows")
             ),
-            cols = join(cols, ", "),
-            o = self.side("old_rows"),
-            n = self.side("new_rows"),
+            join(set.iter().map(|j| Self::differs(*j)), " OR "),
+        ))
+    }
+
+    fn differs(j: usize) -> String {
+        format!("(p.o{j})::pg_catalog.text IS DISTINCT FROM (p.n{j})::pg_catalog.text")
+    }
+
+    fn update(&self) -> Option<String> {
+        let (paired, any) = self.paired()?;
+        let set: Vec<String> = self
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, (c, _))| !self.blue_key.contains(c))
+            .map(|(j, (c, _))| {
+                format!(
+                    "{c} = CASE WHEN {} THEN p.n{j} ELSE b.{c} END",
+                    Self::differs(j),
+                    c = Ident::new(c)
+                )
+            })
+            .collect();
+        Some(format!(
+            "UPDATE {b} AS b SET {set} FROM {paired} WHERE {key} AND ({any})",
+            b = self.blue,
+            set = join(set, ", "),
             key = self.key_match("b", "p", "n"),
-            any = join(set.iter().map(|(j, _)| differs(*j)), " OR "),
         ))
     }
 
@@ -470,20 +496,26 @@ impl Reversal {
     }
 
     /// After a rollback: a straggler's update or delete of green rows whose blue rows have a
-    /// blue write still waiting in the change log gives way (40001). Green's row is stale until the
-    /// follower applies that write, and the reverse would put the straggler's value, computed from
-    /// the stale row, over the blue application's committed one. The blue rows are locked first
-    /// (a blue writer after that waits for the straggler, and its change is then newer than the
-    /// straggler's write), and the change log is read after the lock, in a snapshot of its own.
+    /// blue write green has not taken yet gives way (40001): pending in the change log (from
+    /// another transaction, not the echo of a reverse of this entry), or set aside as a sync
+    /// failure of the row's key. Green's row is stale until the follower applies it, and the
+    /// reverse would put the straggler's value, computed from the stale row, over the blue
+    /// application's committed one. Only rows whose reverse writes blue are judged (an update of
+    /// green-only columns waits for nothing); their blue rows are locked first (`FOR NO KEY
+    /// UPDATE`, as the reverse's own write would: a blue writer after that waits for the
+    /// straggler, and its change is then newer than the straggler's write), and the change log
+    /// is read after the lock, in a snapshot of its own.
     fn stale(&self, m: &Mapping) -> String {
         let changes = QName::new(&m.control_schema, "changes");
+        let failures = QName::new(&m.control_schema, "sync_failures");
         let entry = Literal::new(&self.entry);
-        let image = |img: &str| {
+        let mig = Literal::new(&m.migration);
+        let image = |img: &str, prefix: &str| {
             join(
                 self.blue_key.iter().map(|k| {
                     let j = self.col_index(k);
                     format!(
-                        "c.{img} -> {} = pg_catalog.to_jsonb((p.v{j})::{})",
+                        "c.{img} -> {} = pg_catalog.to_jsonb((p.{prefix}{j})::{})",
                         Literal::new(k),
                         self.types[j]
                     )
@@ -491,23 +523,43 @@ impl Reversal {
                 " AND ",
             )
         };
-        let check = |rel: &str| {
+        let sync_key = format!(
+            "pg_catalog.jsonb_build_array({})",
+            join(
+                self.sync_key
+                    .iter()
+                    .map(|(c, t)| format!("r.{}::{t}", Ident::new(c))),
+                ", "
+            )
+        );
+        let raise = format!(
+            "RAISE EXCEPTION 'bluegreen: a blue write to this row of % has not reached green yet, so this write to green read a stale row', {}::pg_catalog.text USING ERRCODE = 'serialization_failure', HINT = 'retry once the follower applied it, or reconnect to use blue'",
+            Literal::new(self.green.display())
+        );
+        // `rel`: the relation of the rows judged (aliased `p`), `filter` on them, `prefix` of
+        // their reversed values, `green_rows` the transition table for the sync-failure keys.
+        let check = |rel: &str, filter: &str, prefix: &str, green_rows: &str| {
+            let key = self.key_match("b", "p", prefix);
             format!(
-                "            PERFORM 1 FROM {b} AS b, ({side}) AS p WHERE {key} FOR UPDATE OF b;\n            IF EXISTS (SELECT 1 FROM {changes} AS c, ({side}) AS p WHERE c.migration = {mig} AND c.blue_table = {bt} AND c.txid <> pg_catalog.pg_current_xact_id() AND c.skip_entry IS DISTINCT FROM {entry} AND (c.entries IS NULL OR {entry} = ANY (c.entries)) AND (({new}) OR ({old}))) THEN\n                RAISE EXCEPTION 'bluegreen: a blue write to this row of % has not reached green yet, so this write to green read a stale row', {g}::pg_catalog.text USING ERRCODE = 'serialization_failure', HINT = 'retry once the follower applied it, or reconnect to use blue';\n            END IF;\n",
+                "            PERFORM 1 FROM {b} AS b, {rel} WHERE {key} AND ({filter}) FOR NO KEY UPDATE OF b;\n            IF EXISTS (SELECT 1 FROM {changes} AS c, {rel} WHERE ({filter}) AND c.migration = {mig} AND c.blue_table = {bt} AND c.txid <> pg_catalog.pg_current_xact_id() AND c.skip_entry IS DISTINCT FROM {entry} AND (c.entries IS NULL OR {entry} = ANY (c.entries)) AND (({new}) OR ({old})))\n               OR EXISTS (SELECT 1 FROM {failures} AS f, {green_rows} AS r WHERE f.migration = {mig} AND f.green_table = {entry} AND f.sync_key = {sync_key}) THEN\n                {raise};\n            END IF;\n",
                 b = self.blue,
-                side = self.side(rel),
-                key = self.key_match("b", "p", "v"),
-                mig = Literal::new(&m.migration),
                 bt = Literal::new(self.blue.display()),
-                new = image("new_row"),
-                old = image("old_row"),
-                g = Literal::new(self.green.display()),
+                new = image("new_row", prefix),
+                old = image("old_row", prefix),
             )
         };
+        let update = self
+            .paired()
+            .map(|(paired, any)| check(&paired, &any, "n", "new_rows"))
+            .unwrap_or_default();
+        let delete = check(
+            &format!("({}) AS p", self.side("old_rows")),
+            "true",
+            "v",
+            "old_rows",
+        );
         format!(
-            "            IF TG_OP = 'UPDATE' THEN\n{}            ELSIF TG_OP = 'DELETE' THEN\n{}            END IF;\n",
-            check("new_rows"),
-            check("old_rows")
+            "            IF TG_OP = 'UPDATE' THEN\n{update}            ELSIF TG_OP = 'DELETE' THEN\n{delete}            END IF;\n"
         )
     }
 
