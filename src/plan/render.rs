@@ -431,7 +431,10 @@ pub fn markdown(plan: &Plan) -> String {
         o,
         "R1. Flip back in one short transaction; reverse sync kept blue current for invertible tables.\n   ```sh\n   bluegreen rollback {m} --yes\n   ```"
     );
-    let _ = writeln!(o, "R2. Redeploy the previous application release.");
+    let _ = writeln!(
+        o,
+        "R2. Redeploy the previous application release and restart every connection pool of the new one right away (sessions still on green keep writing green; their writes reach blue, but they can deadlock with blue writers on the same rows)."
+    );
     let _ = writeln!(
         o,
         "R3. Validate again (green is re-derived from blue for the tables without a reverse; the next cutover needs a validation newer than the rollback).\n   ```sh\n   bluegreen validate {m} --report reports/{}-after-rollback\n   ```",
