@@ -927,3 +927,37 @@ async fn after_a_rollback_a_straggler_neither_blocks_blue_for_nothing_nor_itself
     assert_eq!(joined_sides_differ(&mut c).await, 0, "green = M(blue)");
     ok(&url, &["validate", "-m", JOINED]).await;
 }
+
+/// Third hostile review of the stale-straggler rule, finding 2: after a rollback a blue insert
+/// into a row-local entry's table is re-derived in its own statement (green is current) and
+/// logged only for the follower's entries; a straggler's update of that row gave way for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_rollback_a_straggler_does_not_give_way_to_a_row_local_write_green_already_has() {
+    let (url, mut c) = small("hostile8_stale_local", "", "").await;
+    cut_over(&url, SMALL).await;
+    let mut straggler = green_session(&url, "small_green").await;
+    ok(&url, &["rollback", "-m", SMALL, "--yes"]).await;
+    ok(&url, &["sync", "-m", SMALL]).await;
+    let mut app = blue_session(&url, "small_green").await;
+    exec(
+        &mut app,
+        "INSERT INTO acct (id, owner, balance) VALUES (1000, 'new', 1)",
+    )
+    .await;
+    exec(
+        &mut straggler,
+        "UPDATE acct SET balance = balance + 1 WHERE id = 1000",
+    )
+    .await;
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT balance::int8 FROM public.acct WHERE id = 1000"
+        )
+        .await,
+        2
+    );
+    ok(&url, &["sync", "-m", SMALL]).await;
+    assert_invariant(&url, SMALL).await;
+    assert_eq!(acct_sides_differ(&mut c).await, 0);
+}

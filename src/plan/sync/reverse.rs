@@ -53,6 +53,9 @@ pub struct Reversal {
     /// The entry's sync key, as green columns with their types (how `sync_failures` records a
     /// key).
     pub sync_key: Vec<(String, String)>,
+    /// Kept row-local: a blue write re-derives it in its own statement, so only the change rows
+    /// logged for every entry (a step that gave way) leave its green rows behind.
+    pub row_local: bool,
 }
 
 /// The entries whose green writes reverse into blue: invertible (every blue column comes back),
@@ -106,6 +109,7 @@ pub fn reversals(m: &Mapping, entries: &[SyncEntry], cat: &Catalog) -> Vec<Rever
                 .iter()
                 .map(|k| (k.green.clone(), k.green_type.clone()))
                 .collect(),
+            row_local: e.row_local(),
         });
     }
     out
@@ -541,11 +545,16 @@ impl Reversal {
         let check = |rel: &str, filter: &str, prefix: &str, green_rows: &str| {
             let key = self.key_match("b", "p", prefix);
             format!(
-                "            PERFORM 1 FROM {b} AS b, {rel} WHERE {key} AND ({filter}) FOR NO KEY UPDATE OF b;\n            IF EXISTS (SELECT 1 FROM {changes} AS c, {rel} WHERE ({filter}) AND c.migration = {mig} AND c.blue_table = {bt} AND c.txid <> pg_catalog.pg_current_xact_id() AND c.skip_entry IS DISTINCT FROM {entry} AND (c.entries IS NULL OR {entry} = ANY (c.entries)) AND (({new}) OR ({old})))\n               OR EXISTS (SELECT 1 FROM {failures} AS f, {green_rows} AS r WHERE f.migration = {mig} AND f.green_table = {entry} AND f.sync_key = {sync_key}) THEN\n                {raise};\n            END IF;\n",
+                "            PERFORM 1 FROM {b} AS b, {rel} WHERE {key} AND ({filter}) FOR NO KEY UPDATE OF b;\n            IF EXISTS (SELECT 1 FROM {changes} AS c, {rel} WHERE ({filter}) AND c.migration = {mig} AND c.blue_table = {bt} AND c.txid <> pg_catalog.pg_current_xact_id() AND c.skip_entry IS DISTINCT FROM {entry} AND (c.entries IS NULL OR {entry} = ANY (c.entries)){every} AND (({new}) OR ({old})))\n               OR EXISTS (SELECT 1 FROM {failures} AS f, {green_rows} AS r WHERE f.migration = {mig} AND f.green_table = {entry} AND f.sync_key = {sync_key}) THEN\n                {raise};\n            END IF;\n",
                 b = self.blue,
                 bt = Literal::new(self.blue.display()),
                 new = image("new_row", prefix),
                 old = image("old_row", prefix),
+                every = if self.row_local {
+                    " AND c.all_entries"
+                } else {
+                    ""
+                },
             )
         };
         let update = self
