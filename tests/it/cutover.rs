@@ -57,17 +57,7 @@ fn pgbench(db: &str, args: &[&str]) -> std::process::Command {
     c
 }
 
-/// Rows of `a` not in `b` plus rows of `b` not in `a`, as multisets, on `cols` (cast to text).
-async fn differ(c: &mut PgConnection, a: &str, b: &str, cols: &str) -> i64 {
-    count(
-        c,
-        &format!(
-            "SELECT (SELECT count(*) FROM (SELECT {cols} FROM {a} EXCEPT ALL SELECT {cols} FROM {b}) x)
-                  + (SELECT count(*) FROM (SELECT {cols} FROM {b} EXCEPT ALL SELECT {cols} FROM {a}) y)"
-        ),
-    )
-    .await
-}
+use crate::support::multiset_differ as differ;
 
 /// Both directions for the pgbench mapping: every table the same in blue and green.
 async fn assert_pgbench_sides_equal(c: &mut PgConnection, what: &str) {
@@ -202,12 +192,7 @@ async fn pgbench_moves_to_green_and_back_and_forward_again_losing_nothing() {
     assert_pgbench_sides_equal(&mut c, "after the second cutover").await;
     assert!(invariant_violations(&url, PGB).await.is_empty());
     ok(&url, &["validate", "-m", PGB]).await;
-    let deadlocks: Vec<String> = cluster()
-        .log()
-        .lines()
-        .filter(|l| l.contains(&format!("db={db} ")) && l.contains("deadlock detected"))
-        .map(String::from)
-        .collect();
+    let deadlocks = crate::support::deadlocks_logged(db);
     assert!(deadlocks.is_empty(), "deadlocks: {deadlocks:?}");
 }
 

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sqlx::postgres::PgDatabaseError;
 use sqlx::{Connection, PgConnection};
@@ -305,17 +305,26 @@ async fn ok(url: &str, args: &[&str]) -> String {
     support::stdout(&out)
 }
 
-async fn scenario(ex: &'static Example) {
-    let url = empty_db(ex.db).await;
+/// A new database `db` holding the example in `dir`: its legacy schema, then its generator sized
+/// by `knob` (a `SET`).
+async fn load_example(db: &str, dir: &str, knob: &str) -> (String, PgConnection) {
+    let url = empty_db(db).await;
     let mut c = connect(&url).await;
-    let dir = support::root().join(ex.dir);
+    let dir = support::root().join(dir);
     exec(
         &mut c,
         &std::fs::read_to_string(dir.join("legacy.sql")).unwrap(),
     )
     .await;
-    let generate = std::fs::read_to_string(dir.join("generate.sql")).unwrap();
-    exec(&mut c, &format!("{}\n{generate}", ex.knob)).await;
+    if !knob.is_empty() {
+        let generate = std::fs::read_to_string(dir.join("generate.sql")).unwrap();
+        exec(&mut c, &format!("{knob}\n{generate}")).await;
+    }
+    (url, c)
+}
+
+async fn scenario(ex: &'static Example) {
+    let (url, mut c) = load_example(ex.db, ex.dir, ex.knob).await;
 
     let plan = ok(&url, &["plan", "-m", ex.mapping]).await;
     assert!(plan.contains("plan OK"), "{plan}");
@@ -327,28 +336,7 @@ async fn scenario(ex: &'static Example) {
     );
 
     let log = std::env::temp_dir().join(format!("{}-follower.log", ex.db));
-    let mut follower = std::process::Command::new(assert_cmd::cargo::cargo_bin("bluegreen"))
-        .current_dir(support::root())
-        .env("DATABASE_URL", &url)
-        .env_remove("RUST_LOG")
-        .args(["copy", "--follow", "-m", ex.mapping])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start copy --follow");
-    let started = Instant::now();
-    loop {
-        if status_json(&url, ex.mapping).await["phase"] == "live" {
-            break;
-        }
-        assert!(
-            follower.try_wait().unwrap().is_none(),
-            "copy --follow exited: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        assert!(started.elapsed() < LIMIT, "not live after {LIMIT:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let follower = support::start_follower(&url, ex.mapping, &log, LIMIT).await;
 
     let stop_old = Arc::new(AtomicBool::new(false));
     let old = Arc::new(Tally::default());
@@ -385,14 +373,7 @@ async fn scenario(ex: &'static Example) {
     old_task.await.unwrap();
 
     wait_drained(&url, ex.mapping, LIMIT).await;
-    // SAFETY: a signal to our own child process.
-    unsafe { libc::kill(follower.id() as i32, libc::SIGTERM) };
-    let status = follower.wait().unwrap();
-    assert!(
-        status.success(),
-        "the follower exited {status}: {}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    support::stop_follower(follower, &log);
     let st = status_json(&url, ex.mapping).await;
     assert_eq!(st["phase"], "rolled_back", "{st}");
     assert_eq!(st["failures_total"], 0, "{st}");
@@ -446,12 +427,7 @@ async fn scenario(ex: &'static Example) {
         new_n,
         "every row the new sessions inserted on green is in blue after the rollback"
     );
-    let deadlocks: Vec<String> = support::cluster()
-        .log()
-        .lines()
-        .filter(|l| l.contains(&format!("db={} ", ex.db)) && l.contains("deadlock detected"))
-        .map(String::from)
-        .collect();
+    let deadlocks = support::deadlocks_logged(ex.db);
     assert!(deadlocks.is_empty(), "{deadlocks:#?}");
     let _ = std::fs::remove_dir_all(&report);
     let _ = std::fs::remove_file(&log);
@@ -471,14 +447,7 @@ async fn uuids_seed_004_through_copy_cutover_and_rollback_under_writers() {
 /// warns again (`probe` compares the key and the index as PostgreSQL deparses both).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expression_index_backs_a_cast_sync_key() {
-    let url = empty_db("ex_uuids_index").await;
-    let mut c = connect(&url).await;
-    let dir = support::root().join("examples/uuids");
-    exec(
-        &mut c,
-        &std::fs::read_to_string(dir.join("legacy.sql")).unwrap(),
-    )
-    .await;
+    let (url, mut c) = load_example("ex_uuids_index", UUIDS.dir, "").await;
     exec(&mut c, "DROP INDEX \"User_id_uuid_idx\"").await;
     // An index on another expression of the same column does not count.
     exec(
@@ -503,16 +472,7 @@ async fn an_expression_index_backs_a_cast_sync_key() {
 /// refuses while blue holds such keys, and after it an old session's write of one is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uuid_keys_green_could_not_write_back_are_refused() {
-    let url = empty_db("ex_uuids_case").await;
-    let mut c = connect(&url).await;
-    let dir = support::root().join("examples/uuids");
-    exec(
-        &mut c,
-        &std::fs::read_to_string(dir.join("legacy.sql")).unwrap(),
-    )
-    .await;
-    let generate = std::fs::read_to_string(dir.join("generate.sql")).unwrap();
-    exec(&mut c, &format!("SET uuids.accounts = '20';\n{generate}")).await;
+    let (url, mut c) = load_example("ex_uuids_case", UUIDS.dir, "SET uuids.accounts = '20';").await;
     support::copy_ok(&url, UUIDS.mapping).await;
     ok(&url, &["validate", "-m", UUIDS.mapping]).await;
     let upper = "BBBBBBBB-0000-4000-8000-000000000002";

@@ -793,6 +793,17 @@ async fn h8_f8_the_second_cutovers_fence_rechecks_reverse_failures() {
     );
 }
 
+/// The joined mapping copied, cut over and rolled back, with a session opened while cut over
+/// (still on green: a straggler) and the change log applied.
+async fn rolled_back_with_a_straggler(db: &str) -> (String, PgConnection, PgConnection) {
+    let (url, c) = joined(db, "").await;
+    cut_over(&url, JOINED).await;
+    let straggler = green_session(&url, "joined_green").await;
+    ok(&url, &["rollback", "-m", JOINED, "--yes"]).await;
+    ok(&url, &["sync", "-m", JOINED]).await;
+    (url, c, straggler)
+}
+
 /// The known limit "after a rollback, a straggler on green and a blue writer on the same row of
 /// an entry the follower keeps": the blue application's `+100` committed on blue, its change still
 /// waiting for the follower, so green's row is stale; a straggler still on green then adds 5 to
@@ -801,11 +812,7 @@ async fn h8_f8_the_second_cutovers_fence_rechecks_reverse_failures() {
 /// the straggler's retry reads the current value and both writes survive on both sides.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_rollback_a_stragglers_stale_write_gives_way_to_a_pending_blue_write() {
-    let (url, mut c) = joined("hostile8_stale", "").await;
-    cut_over(&url, JOINED).await;
-    let mut straggler = green_session(&url, "joined_green").await;
-    ok(&url, &["rollback", "-m", JOINED, "--yes"]).await;
-    ok(&url, &["sync", "-m", JOINED]).await;
+    let (url, mut c, mut straggler) = rolled_back_with_a_straggler("hostile8_stale").await;
     let mut app = blue_session(&url, "joined_green").await;
     exec(&mut app, "UPDATE c SET v = v + 100 WHERE id = 1").await;
     assert_eq!(
@@ -852,11 +859,7 @@ async fn after_a_rollback_a_stragglers_stale_write_gives_way_to_a_pending_blue_w
 /// key now makes the straggler give way too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_rollback_a_straggler_gives_way_to_a_blue_write_set_aside_as_a_sync_failure() {
-    let (url, mut c) = joined("hostile8_stale_failure", "").await;
-    cut_over(&url, JOINED).await;
-    let mut straggler = green_session(&url, "joined_green").await;
-    ok(&url, &["rollback", "-m", JOINED, "--yes"]).await;
-    ok(&url, &["sync", "-m", JOINED]).await;
+    let (url, mut c, mut straggler) = rolled_back_with_a_straggler("hostile8_stale_failure").await;
     exec(
         &mut straggler,
         "BEGIN; SELECT * FROM cj WHERE id = 1 FOR UPDATE",
@@ -896,11 +899,7 @@ async fn after_a_rollback_a_straggler_gives_way_to_a_blue_write_set_aside_as_a_s
 /// own first one (no follower running).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_rollback_a_straggler_neither_blocks_blue_for_nothing_nor_itself() {
-    let (url, mut c) = joined("hostile8_stale_self", "").await;
-    cut_over(&url, JOINED).await;
-    let mut straggler = green_session(&url, "joined_green").await;
-    ok(&url, &["rollback", "-m", JOINED, "--yes"]).await;
-    ok(&url, &["sync", "-m", JOINED]).await;
+    let (url, mut c, mut straggler) = rolled_back_with_a_straggler("hostile8_stale_self").await;
     exec(
         &mut straggler,
         "BEGIN; UPDATE cj SET wname = 'zz' WHERE id = 2",

@@ -42,7 +42,8 @@ impl Rng {
     }
 }
 
-fn seed() -> u64 {
+/// The seed of a randomized test: `BLUEGREEN_SEED`, else from the clock (printed by the test).
+pub fn seed() -> u64 {
     std::env::var("BLUEGREEN_SEED")
         .ok()
         .and_then(|s| s.parse().ok())

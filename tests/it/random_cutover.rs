@@ -29,25 +29,12 @@ use std::time::{Duration, Instant};
 use sqlx::postgres::PgDatabaseError;
 use sqlx::{Connection, PgConnection, Row};
 
-use crate::random::{Rng, wait_drained};
-use crate::support::{self, both, connect, count, empty_db, exec, run_within, status_json};
+use crate::random::{Rng, seed, wait_drained};
+use crate::support::{self, both, connect, empty_db, exec, run_within, status_json};
 
 const LIMIT: Duration = Duration::from_secs(60);
 /// Keys each session owns in its explicit range (reused: deleted, then inserted again).
 const POOL: i64 = 24;
-
-fn seed() -> u64 {
-    std::env::var("BLUEGREEN_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                % 1_000_000_007
-        })
-}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
@@ -587,18 +574,6 @@ fn add(ledger: &mut Ledger, k: i64, d: i64) {
     }
 }
 
-/// Rows of `a` not in `b` plus rows of `b` not in `a`, as multisets, on `cols`.
-async fn differ(c: &mut PgConnection, a: &str, b: &str, cols: &str) -> i64 {
-    count(
-        c,
-        &format!(
-            "SELECT (SELECT count(*) FROM (SELECT {cols} FROM {a} EXCEPT ALL SELECT {cols} FROM {b}) x)
-                  + (SELECT count(*) FROM (SELECT {cols} FROM {b} EXCEPT ALL SELECT {cols} FROM {a}) y)"
-        ),
-    )
-    .await
-}
-
 /// Each ledgered key as `table` holds it now.
 async fn found(
     c: &mut PgConnection,
@@ -630,18 +605,6 @@ async fn found(
     .collect()
 }
 
-fn follower(url: &str, fx: &Fixture, log: &std::path::Path) -> std::process::Child {
-    std::process::Command::new(assert_cmd::cargo::cargo_bin("bluegreen"))
-        .current_dir(support::root())
-        .env("DATABASE_URL", url)
-        .env_remove("RUST_LOG")
-        .args(["copy", "--follow", "-m", fx.mapping])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("start copy --follow")
-}
-
 async fn scenario(fx: &'static Fixture) {
     let seed = seed();
     eprintln!(
@@ -653,23 +616,7 @@ async fn scenario(fx: &'static Fixture) {
     exec(&mut c, fx.blue_sql).await;
     let started = Instant::now();
     let log = std::env::temp_dir().join(format!("{}-follower-{seed}.log", fx.db));
-    let mut f = follower(&url, fx, &log);
-    loop {
-        let st = status_json(&url, fx.mapping).await;
-        if st["phase"] == "live" {
-            break;
-        }
-        assert!(
-            f.try_wait().unwrap().is_none(),
-            "seed {seed}: copy --follow exited before going live: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        assert!(
-            started.elapsed() < LIMIT,
-            "seed {seed}: not live after {LIMIT:?}: {st}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let f = support::start_follower(&url, fx.mapping, &log, LIMIT).await;
 
     let mut d = Rng::new(seed ^ 0x5EED_F11B);
     let sessions = 3 + d.below(2);
@@ -790,14 +737,7 @@ async fn scenario(fx: &'static Fixture) {
     );
 
     let took = wait_drained(&url, fx.mapping, LIMIT).await;
-    // SAFETY: a signal to our own child process.
-    unsafe { libc::kill(f.id() as i32, libc::SIGTERM) };
-    let status = f.wait().unwrap();
-    assert!(
-        status.success(),
-        "seed {seed}: the follower exited {status}: {}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    support::stop_follower(f, &log);
     let st = status_json(&url, fx.mapping).await;
     let phase = st["phase"].as_str().unwrap_or_default().to_string();
     eprintln!("random_cutover: seed {seed}: drained in {took:?}, phase {phase}");
@@ -833,7 +773,7 @@ async fn scenario(fx: &'static Fixture) {
     );
     let blue = format!("public.{}", fx.blue_table);
     let green = format!("{}.{}", fx.green, fx.green_table);
-    let n = differ(&mut c, &blue, &green, fx.cols).await;
+    let n = support::multiset_differ(&mut c, &blue, &green, fx.cols).await;
     assert_eq!(
         n, 0,
         "seed {seed}: {blue} and {green} differ in {n} row(s) ({phase})\nschedule:\n  {schedule}"
@@ -865,12 +805,7 @@ async fn scenario(fx: &'static Fixture) {
     let ledgered: usize = ledgers.iter().map(|l| l.len()).sum();
     eprintln!("random_cutover: seed {seed}: {ledgered} ledgered keys all present on both sides");
 
-    let deadlocks: Vec<String> = support::cluster()
-        .log()
-        .lines()
-        .filter(|l| l.contains(&format!("db={} ", fx.db)) && l.contains("deadlock detected"))
-        .map(String::from)
-        .collect();
+    let deadlocks = support::deadlocks_logged(fx.db);
     assert!(
         deadlocks.is_empty(),
         "seed {seed}: deadlocks in the server log: {deadlocks:#?}\nschedule:\n  {schedule}"

@@ -474,3 +474,70 @@ pub async fn run_within(url: &str, args: &[&str], limit: Duration) -> Output {
     let child = command(url, args).spawn().unwrap();
     wait_child(child, limit, args.join(" ")).await
 }
+
+/// Rows of `a` not in `b` plus rows of `b` not in `a`, as multisets, on `cols`.
+pub async fn multiset_differ(c: &mut PgConnection, a: &str, b: &str, cols: &str) -> i64 {
+    count(
+        c,
+        &format!(
+            "SELECT (SELECT count(*) FROM (SELECT {cols} FROM {a} EXCEPT ALL SELECT {cols} FROM {b}) x)
+                  + (SELECT count(*) FROM (SELECT {cols} FROM {b} EXCEPT ALL SELECT {cols} FROM {a}) y)"
+        ),
+    )
+    .await
+}
+
+/// The `deadlock detected` lines the test cluster's log holds for database `db`.
+pub fn deadlocks_logged(db: &str) -> Vec<String> {
+    cluster()
+        .log()
+        .lines()
+        .filter(|l| l.contains(&format!("db={db} ")) && l.contains("deadlock detected"))
+        .map(String::from)
+        .collect()
+}
+
+/// `bluegreen copy --follow -m mapping` in the background, its stderr to `log`; returns once the
+/// migration is live (the follower running), failing if it exits first or takes over `limit`.
+pub async fn start_follower(
+    url: &str,
+    mapping: &str,
+    log: &Path,
+    limit: Duration,
+) -> std::process::Child {
+    let mut f = std::process::Command::new(assert_cmd::cargo::cargo_bin("bluegreen"))
+        .current_dir(root())
+        .env("DATABASE_URL", url)
+        .env_remove("RUST_LOG")
+        .args(["copy", "--follow", "-m", mapping])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("start copy --follow");
+    let started = std::time::Instant::now();
+    loop {
+        let st = status_json(url, mapping).await;
+        if st["phase"] == "live" {
+            return f;
+        }
+        assert!(
+            f.try_wait().unwrap().is_none(),
+            "copy --follow exited before going live: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        assert!(started.elapsed() < limit, "not live after {limit:?}: {st}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Stop a follower started by [`start_follower`] (SIGTERM) and require a clean exit.
+pub fn stop_follower(mut f: std::process::Child, log: &Path) {
+    // SAFETY: a signal to our own child process.
+    unsafe { libc::kill(f.id() as i32, libc::SIGTERM) };
+    let status = f.wait().unwrap();
+    assert!(
+        status.success(),
+        "the follower exited {status}: {}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
