@@ -56,7 +56,8 @@ pub fn seed() -> u64 {
         })
 }
 
-fn live_seconds(default: u64) -> u64 {
+/// How long a randomized test writes: `BLUEGREEN_SOAK_SECONDS`, else `default` (the CI run).
+pub fn live_seconds(default: u64) -> u64 {
     std::env::var("BLUEGREEN_SOAK_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())

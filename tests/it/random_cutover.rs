@@ -19,7 +19,8 @@
 //! value in green and in blue, and the server must have logged no deadlock for the database.
 //!
 //! The seed is printed and in every failure; `BLUEGREEN_SEED=<n>` replays its statement streams
-//! and its flip schedule (the interleaving itself is up to the machine).
+//! and its flip schedule (the interleaving itself is up to the machine); `BLUEGREEN_SOAK_SECONDS`
+//! writes longer than the CI default of about 17 s, with more flips.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,7 +30,7 @@ use std::time::{Duration, Instant};
 use sqlx::postgres::PgDatabaseError;
 use sqlx::{Connection, PgConnection, Row};
 
-use crate::random::{Rng, seed, wait_drained};
+use crate::random::{Rng, live_seconds, seed, wait_drained};
 use crate::support::{self, both, connect, empty_db, exec, run_within, status_json};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -646,8 +647,10 @@ async fn scenario(fx: &'static Fixture) {
         .collect();
 
     // The driver: 2 to 4 flips, a validation before each cutover, ~20 s of writes in all.
-    let flips = 2 + d.below(3);
-    let gap = 17_000 / (flips + 1);
+    // About 17 s of writes in CI; `BLUEGREEN_SOAK_SECONDS` runs longer, one more flip per 15 s.
+    let secs = live_seconds(17);
+    let flips = 2 + d.below(3) + secs.saturating_sub(17) / 15;
+    let gap = secs * 1000 / (flips + 1);
     let mut schedule = vec![format!(
         "{sessions} sessions (old: {:?}), {flips} flips",
         kinds
