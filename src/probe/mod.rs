@@ -149,18 +149,28 @@ impl Probe<'_> {
 
     /// `SELECT count(*) ...` under a savepoint; `None` when it cannot be evaluated.
     async fn count_guarded(&mut self, sql: &Sql) -> Result<Option<i64>, sqlx::Error> {
-        self.exec(&sql!("SAVEPOINT bluegreen_count")).await?;
-        match sqlx::query_scalar::<_, i64>(sql.assert_safe())
+        match self.row_guarded(sql).await? {
+            Some(r) => Ok(Some(sqlx::Row::try_get(&r, 0)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// One row of `sql` under a savepoint; `None` when it cannot be evaluated.
+    async fn row_guarded(
+        &mut self,
+        sql: &Sql,
+    ) -> Result<Option<sqlx::postgres::PgRow>, sqlx::Error> {
+        self.exec(&sql!("SAVEPOINT bluegreen_row")).await?;
+        match sqlx::query(sql.assert_safe())
             .fetch_one(&mut *self.conn)
             .await
         {
-            Ok(n) => {
-                self.exec(&sql!("RELEASE SAVEPOINT bluegreen_count"))
-                    .await?;
-                Ok(Some(n))
+            Ok(r) => {
+                self.exec(&sql!("RELEASE SAVEPOINT bluegreen_row")).await?;
+                Ok(Some(r))
             }
             Err(_) => {
-                self.exec(&sql!("ROLLBACK TO SAVEPOINT bluegreen_count"))
+                self.exec(&sql!("ROLLBACK TO SAVEPOINT bluegreen_row"))
                     .await?;
                 Ok(None)
             }

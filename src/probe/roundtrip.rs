@@ -19,7 +19,7 @@ use crate::diag::Diagnostic;
 use crate::mapping::{Mapping, TableEntry};
 use crate::plan::query::{self, Shape};
 use crate::plan::reverse::{Verdict, reverse_plan};
-use crate::sql::{Expr, Ident, Literal, Sql, join, sql};
+use crate::sql::{Expr, Ident, Literal, join, sql};
 
 /// Profiled rows the check perturbs, per column and perturbation.
 const ROWS: u32 = 500;
@@ -240,27 +240,5 @@ impl Probe<'_> {
             }
         }
         Ok(())
-    }
-
-    /// One row of `sql` under a savepoint; `None` when it cannot be evaluated.
-    async fn row_guarded(
-        &mut self,
-        sql: &Sql,
-    ) -> Result<Option<sqlx::postgres::PgRow>, sqlx::Error> {
-        self.exec(&sql!("SAVEPOINT bluegreen_row")).await?;
-        match sqlx::query(sql.assert_safe())
-            .fetch_one(&mut *self.conn)
-            .await
-        {
-            Ok(r) => {
-                self.exec(&sql!("RELEASE SAVEPOINT bluegreen_row")).await?;
-                Ok(Some(r))
-            }
-            Err(_) => {
-                self.exec(&sql!("ROLLBACK TO SAVEPOINT bluegreen_row"))
-                    .await?;
-                Ok(None)
-            }
-        }
     }
 }
