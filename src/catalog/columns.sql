@@ -9,6 +9,8 @@ SELECT a.attrelid::int8 AS table_oid,
        a.attgenerated::text AS generated,
        -- A domain's base type with its length (`character varying(5)` for a domain over it).
        CASE WHEN t.typtype = 'd' THEN format_type(t.typbasetype, t.typtypmod) END AS domain_base,
+       -- The column's collation (NULL for a type without one).
+       CASE WHEN a.attcollation <> 0 THEN a.attcollation::regcollation::text END AS collation,
        -- `=` on the type (a domain's base type) defined outside pg_catalog (citext's).
        EXISTS (SELECT 1 FROM pg_operator o
                WHERE o.oprname = '=' AND o.oprleft = COALESCE(NULLIF(t.typbasetype, 0), a.atttypid)

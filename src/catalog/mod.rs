@@ -77,6 +77,9 @@ pub struct Column {
     /// For a domain, its base type as `format_type` prints it (with the length).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain_base: Option<String>,
+    /// The column's collation as `regcollation` prints it; `None` for a type without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collation: Option<String>,
 }
 
 impl Column {
@@ -347,6 +350,7 @@ pub async fn load(conn: &mut PgConnection, schemas: &[&str]) -> Result<Catalog, 
                 generated: get(&r, "generated")?,
                 own_equality: get(&r, "own_equality")?,
                 domain_base: get(&r, "domain_base")?,
+                collation: get(&r, "collation")?,
             });
         }
     }

@@ -20,6 +20,7 @@ pub(crate) fn col(name: &str, ty: &str, not_null: bool) -> Column {
         generated: String::new(),
         own_equality: false,
         domain_base: None,
+        collation: None,
     }
 }
 

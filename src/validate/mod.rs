@@ -33,7 +33,7 @@ use crate::pg::{db_error, exec};
 use crate::plan::chunks::{condition, count};
 use crate::plan::query::{Shape, mapping_select_typed};
 use crate::plan::upsert_key;
-use crate::sql::{Expr, Ident, Literal, QName, Sql, TypeName, join, sql};
+use crate::sql::{Ident, Literal, QName, Sql, TypeName, join, sql};
 
 use digest::stream_digest;
 pub use digest::{Digest, digest_rows};
@@ -159,16 +159,71 @@ pub struct Outcome {
     pub phase: control::Phase,
 }
 
-/// The key range column of an entry: green's first upsert-key column and the expression that
-/// fills it, when that expression can filter blue rows (no aggregate, no value map).
-fn range_key<'a>(e: &'a TableEntry, gt: &'a catalog::Table) -> Option<(&'a str, &'a str, &'a str)> {
-    let key = upsert_key(e, gt)?;
-    let c = e.column(&key[0])?;
-    if c.value_map.is_some() {
-        return None;
+/// How an entry's rows are split into chunks: ranges of one green column, each chunk's blue side
+/// filtered on the blue column that holds the same value (bounds cast to blue's type, so blue's
+/// own index serves each chunk).
+struct RangeKey<'a> {
+    column: &'a str,
+    expr: &'a str,
+    green_type: &'a str,
+    blue_column: String,
+    blue_type: String,
+}
+
+/// The range column of an entry: a column of one of green's NOT NULL unique keys (the upsert
+/// key's first column first) filled by a plain or widened blue column, with no value map, and
+/// compared under the same collation on both sides (else a row could fall into different chunks
+/// on the two sides). None when no key column is a blue column: ranges of a computed key (an
+/// `md5(...)::uuid` id) would make every chunk compute it over the whole of blue, so such an
+/// entry is one chunk.
+fn range_key<'a>(e: &'a TableEntry, gt: &'a catalog::Table, cat: &Catalog) -> Option<RangeKey<'a>> {
+    let mut keys = gt.arbiter_keys();
+    if let Some(u) = upsert_key(e, gt) {
+        keys.retain(|k| *k != u);
+        keys.insert(0, u);
     }
-    let ty = gt.column(&c.name)?.type_sql.as_str();
-    Some((c.name.as_str(), c.expr.text.as_str(), ty))
+    // First columns of every key before the others: they spread best.
+    let width = keys.iter().map(Vec::len).max().unwrap_or(0);
+    let columns = (0..width).flat_map(|i| keys.iter().filter_map(move |k| k.get(i)));
+    let aliases: Vec<&str> = e
+        .from_clause
+        .items
+        .iter()
+        .map(|i| i.alias.as_str())
+        .collect();
+    for name in columns {
+        let (Some(c), Some(g)) = (e.column(name), gt.column(name)) else {
+            continue;
+        };
+        if c.value_map.is_some() || g.own_equality {
+            continue;
+        }
+        let [a] = crate::sql::scan::referenced_aliases(&c.expr.text, &aliases)[..] else {
+            continue;
+        };
+        let Some(bt) = e
+            .from_clause
+            .item_by_alias(a)
+            .and_then(|it| cat.table(&it.table))
+        else {
+            continue;
+        };
+        let Some((bc, blue_type)) = crate::plan::keys::key_column(&c.expr.text, a, bt, &g.type_sql)
+        else {
+            continue;
+        };
+        if bt.column(&bc).map(|b| &b.collation) != Some(&g.collation) {
+            continue;
+        }
+        return Some(RangeKey {
+            column: c.name.as_str(),
+            expr: c.expr.text.as_str(),
+            green_type: g.type_sql.as_str(),
+            blue_column: format!("{}.{}", Ident::new(a), Ident::new(&bc)),
+            blue_type,
+        });
+    }
+    None
 }
 
 fn green_rows_sql(e: &TableEntry, gt: &catalog::Table, cond: &str) -> Sql {
@@ -256,11 +311,11 @@ async fn plan_tasks(
                 ),
             )
         })?;
-        let key = match range_key(e, gt) {
-            Some(k) if filters_rows(conn, e, k.1).await? => Some(k),
+        let key = match range_key(e, gt, cat) {
+            Some(k) if filters_rows(conn, e, k.expr).await? => Some(k),
             _ => None,
         };
-        let Some((col, x, ty)) = key else {
+        let Some(k) = key else {
             tasks.push(Task {
                 entry: i,
                 green_cond: "true".into(),
@@ -268,36 +323,17 @@ async fn plan_tasks(
             });
             continue;
         };
-        let green_key = format!("bluegreen_g.{}", Ident::new(col));
-        let aliases: Vec<&str> = e
-            .from_clause
-            .items
-            .iter()
-            .map(|i| i.alias.as_str())
-            .collect();
-        let blue_column = match crate::sql::scan::referenced_aliases(x, &aliases).as_slice() {
-            [a] => e
-                .from_clause
-                .item_by_alias(a)
-                .and_then(|it| cat.table(&it.table))
-                .and_then(|bt| crate::plan::keys::key_column(x, a, bt, ty))
-                .map(|(c, bty)| (format!("{}.{}", Ident::new(*a), Ident::new(&c)), bty)),
-            _ => None,
-        };
-        let (blue_key, blue_type) = match &blue_column {
-            Some((k, bty)) => (k.clone(), bty.as_str()),
-            None => (format!("({})::{}", Expr(x), TypeName(ty)), ty),
-        };
+        let green_key = format!("bluegreen_g.{}", Ident::new(k.column));
         let rows = chunks::estimate_rows(conn, &gt.qname(), gt.reltuples).await?;
         let source = format!("{} AS bluegreen_g", gt.qname());
         let ranges = chunks::key_ranges(conn, &green_key, &source, count(rows, chunk_rows)).await?;
-        let green_bound = |v: &str| format!("{}::{}", Literal::new(v), TypeName(ty));
-        let blue_bound = |v: &str| format!("{}::{}", Literal::new(v), TypeName(blue_type));
+        let green_bound = |v: &str| format!("{}::{}", Literal::new(v), TypeName(k.green_type));
+        let blue_bound = |v: &str| format!("{}::{}", Literal::new(v), TypeName(&k.blue_type));
         for r in ranges {
             tasks.push(Task {
                 entry: i,
                 green_cond: condition(&green_key, &r, green_bound),
-                blue_cond: condition(&blue_key, &r, blue_bound),
+                blue_cond: condition(&k.blue_column, &r, blue_bound),
             });
         }
     }

@@ -337,3 +337,85 @@ async fn keys_the_fast_path_cannot_trust() {
     let _ = run(&url, &["sync", "-m", "tests/fixtures/edge.yaml"]).await;
     crate::support::assert_invariant(&url, "tests/fixtures/edge.yaml").await;
 }
+
+/// Which column a table is split on: a computed key (`md5(...)::uuid`) would make every chunk
+/// compute it over the whole of blue, so validate ranges over a unique key that is a blue column
+/// (the session key, served by blue's index), or compares the table in one chunk. Never across
+/// collations: with green's text key under ICU and blue's under C, a range holds other rows on
+/// each side, and every chunk differs and is compared row by row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_ranges_over_a_blue_column_and_never_across_collations() {
+    const RANGES: &str = "tests/fixtures/ranges.yaml";
+    let url = empty_db("validate_ranges").await;
+    let mut c = connect(&url).await;
+    exec(
+        &mut c,
+        "CREATE TABLE msgs (id bigint PRIMARY KEY, session text NOT NULL, body text);
+         CREATE INDEX ON msgs (session);
+         INSERT INTO msgs SELECT g, CASE WHEN g % 2 = 0 THEN 'a' ELSE 'B' END || (g % 400), 'm' || g
+         FROM generate_series(1, 2000) g;
+         CREATE TABLE codes (code text PRIMARY KEY, n integer NOT NULL);
+         INSERT INTO codes SELECT chr(CASE WHEN g % 2 = 0 THEN 65 ELSE 97 END + g % 26) || g, g
+         FROM generate_series(1, 500) g;",
+    )
+    .await;
+    crate::support::copy_ok(&url, RANGES).await;
+    let validate = || async {
+        let out = run(
+            &url,
+            &[
+                "validate",
+                "-m",
+                RANGES,
+                "--chunk-rows",
+                "50",
+                "--format",
+                "json",
+            ],
+        )
+        .await;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("{}{}", text(&out.stdout), text(&out.stderr)));
+        (out.status.code(), v)
+    };
+    let (code, v) = validate().await;
+    let table = |v: &serde_json::Value, name: &str| {
+        v["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["table"] == name)
+            .unwrap_or_else(|| panic!("{name} in {v}"))
+            .clone()
+    };
+    assert_eq!(code, Some(0), "{v:#}");
+    assert!(
+        table(&v, "sessions")["chunks"].as_u64().unwrap() >= 8,
+        "{v:#}"
+    );
+    for one in ["sessions_ci", "codes", "computed"] {
+        assert_eq!(table(&v, one)["chunks"], 1, "{one}: {v:#}");
+    }
+    for t in v["tables"].as_array().unwrap() {
+        assert_eq!(t["differing_chunks"], 0, "{v:#}");
+    }
+    // A difference in a table ranged over its second unique key is found and named by its key.
+    exec(
+        &mut c,
+        "UPDATE ranges_green.sessions SET n = n + 1 WHERE session_key = 'a10'",
+    )
+    .await;
+    let (code, v) = validate().await;
+    assert_eq!(code, Some(1), "{v:#}");
+    let s = table(&v, "sessions");
+    assert_eq!(
+        (
+            s["changed"].as_u64(),
+            s["missing"].as_u64(),
+            s["extra"].as_u64()
+        ),
+        (Some(1), Some(0), Some(0)),
+        "{v:#}"
+    );
+    assert_eq!(table(&v, "codes")["matches"], true, "{v:#}");
+}
