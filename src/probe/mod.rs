@@ -38,6 +38,8 @@ use crate::sql::{QName, Sql, sql};
 pub const SAMPLE_THRESHOLD: f64 = 200_000.0;
 /// Rows a sample aims for.
 pub const SAMPLE_ROWS: f64 = 100_000.0;
+/// About how many driving rows the mapping is evaluated twice on (its determinism check).
+pub const TWICE_ROWS: f64 = 10_000.0;
 
 pub use crate::plan::ProfileMode;
 
