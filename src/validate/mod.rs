@@ -160,14 +160,13 @@ pub struct Outcome {
 }
 
 /// How an entry's rows are split into chunks: ranges of one green column, each chunk's blue side
-/// filtered on the blue column that holds the same value (bounds cast to blue's type, so blue's
-/// own index serves each chunk).
+/// filtered on the blue column that holds the same value (so blue's own index serves each
+/// chunk).
 struct RangeKey<'a> {
     column: &'a str,
     expr: &'a str,
     green_type: &'a str,
     blue_column: String,
-    blue_type: String,
 }
 
 /// The range column of an entry: a column of one of green's NOT NULL unique keys (the upsert
@@ -191,6 +190,11 @@ fn range_key<'a>(e: &'a TableEntry, gt: &'a catalog::Table, cat: &Catalog) -> Op
         .iter()
         .map(|i| i.alias.as_str())
         .collect();
+    // A window function sees the rows the WHERE keeps: restricted to a range, `row_number()`
+    // counts from 1 again.
+    if e.columns.iter().any(|c| windowed(&c.expr.text)) {
+        return None;
+    }
     for name in columns {
         let (Some(c), Some(g)) = (e.column(name), gt.column(name)) else {
             continue;
@@ -208,10 +212,18 @@ fn range_key<'a>(e: &'a TableEntry, gt: &'a catalog::Table, cat: &Catalog) -> Op
         else {
             continue;
         };
-        let Some((bc, blue_type)) = crate::plan::keys::key_column(&c.expr.text, a, bt, &g.type_sql)
-        else {
+        // A plain column only: a cast may narrow (`i.amt::numeric(10,0)` rounds 9.6 into the
+        // range of 10 on green's side while blue's row stays below it).
+        let Some(bc) = crate::plan::keys::plain_column_of(&c.expr.text, a) else {
             continue;
         };
+        // Every blue value a distinct green value in the same order.
+        if !bt
+            .column(&bc)
+            .is_some_and(|b| crate::plan::keys::widening(&b.type_sql, &g.type_sql))
+        {
+            continue;
+        }
         if bt.column(&bc).map(|b| &b.collation) != Some(&g.collation) {
             continue;
         }
@@ -220,10 +232,19 @@ fn range_key<'a>(e: &'a TableEntry, gt: &'a catalog::Table, cat: &Catalog) -> Op
             expr: c.expr.text.as_str(),
             green_type: g.type_sql.as_str(),
             blue_column: format!("{}.{}", Ident::new(a), Ident::new(&bc)),
-            blue_type,
         });
     }
     None
+}
+
+/// Whether `expr` calls a window function (`... OVER (...)` or `OVER w`).
+fn windowed(expr: &str) -> bool {
+    let Ok(t) = crate::sql::scan::tokens(expr) else {
+        return true;
+    };
+    t.iter()
+        .enumerate()
+        .any(|(i, x)| x.is_word("over") && (i == 0 || !t[i - 1].is_punct(".")))
 }
 
 fn green_rows_sql(e: &TableEntry, gt: &catalog::Table, cond: &str) -> Sql {
@@ -328,7 +349,11 @@ async fn plan_tasks(
         let source = format!("{} AS bluegreen_g", gt.qname());
         let ranges = chunks::key_ranges(conn, &green_key, &source, count(rows, chunk_rows)).await?;
         let green_bound = |v: &str| format!("{}::{}", Literal::new(v), TypeName(k.green_type));
-        let blue_bound = |v: &str| format!("{}::{}", Literal::new(v), TypeName(&k.blue_type));
+        // Both sides compare with bounds in green's type: a green value outside blue's narrower
+        // type (an extra row of 3,000,000,000 over an integer column) must be a difference, not an
+        // error; the comparison across widened types (integer against bigint) is exact and still
+        // served by blue's index.
+        let blue_bound = green_bound;
         for r in ranges {
             tasks.push(Task {
                 entry: i,

@@ -356,7 +356,11 @@ async fn validate_ranges_over_a_blue_column_and_never_across_collations() {
          FROM generate_series(1, 2000) g;
          CREATE TABLE codes (code text PRIMARY KEY, n integer NOT NULL);
          INSERT INTO codes SELECT chr(CASE WHEN g % 2 = 0 THEN 65 ELSE 97 END + g % 26) || g, g
-         FROM generate_series(1, 500) g;",
+         FROM generate_series(1, 500) g;
+         CREATE TABLE amounts (amt numeric(10,2) PRIMARY KEY, label text NOT NULL);
+         INSERT INTO amounts SELECT g - 0.4, 'a' || g FROM generate_series(1, 200) g;
+         CREATE TABLE narrow (id integer PRIMARY KEY, v text NOT NULL);
+         INSERT INTO narrow SELECT g, 'v' || g FROM generate_series(1, 200) g;",
     )
     .await;
     crate::support::copy_ok(&url, RANGES).await;
@@ -393,7 +397,11 @@ async fn validate_ranges_over_a_blue_column_and_never_across_collations() {
         table(&v, "sessions")["chunks"].as_u64().unwrap() >= 8,
         "{v:#}"
     );
-    for one in ["sessions_ci", "codes", "computed"] {
+    assert!(
+        table(&v, "narrow")["chunks"].as_u64().unwrap() >= 4,
+        "{v:#}"
+    );
+    for one in ["sessions_ci", "codes", "computed", "rounded", "ranked"] {
         assert_eq!(table(&v, one)["chunks"], 1, "{one}: {v:#}");
     }
     for t in v["tables"].as_array().unwrap() {
@@ -402,7 +410,7 @@ async fn validate_ranges_over_a_blue_column_and_never_across_collations() {
     // A difference in a table ranged over its second unique key is found and named by its key.
     exec(
         &mut c,
-        "UPDATE ranges_green.sessions SET n = n + 1 WHERE session_key = 'a10'",
+        "UPDATE ranges_green.sessions SET n = n + 1 WHERE session_key = 'a10';",
     )
     .await;
     let (code, v) = validate().await;
