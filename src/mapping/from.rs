@@ -30,6 +30,10 @@ impl FromClause {
     pub fn driving(&self) -> &FromItem {
         &self.items[0]
     }
+    /// Every item's alias, in order.
+    pub fn aliases(&self) -> Vec<&str> {
+        self.items.iter().map(|i| i.alias.as_str()).collect()
+    }
     pub fn item_by_alias(&self, alias: &str) -> Option<&FromItem> {
         self.items.iter().find(|i| i.alias == alias)
     }

@@ -117,12 +117,7 @@ pub fn quantile_query(key: &str, source: &str) -> Sql {
 /// it and the entry has no `where` (cheaper), else the entry's whole `from` with its `where`.
 pub fn quantile_source(e: &TableEntry, driving: &catalog::Table, key: &str) -> String {
     let d = e.from_clause.driving();
-    let aliases: Vec<&str> = e
-        .from_clause
-        .items
-        .iter()
-        .map(|i| i.alias.as_str())
-        .collect();
+    let aliases = e.from_clause.aliases();
     if referenced_aliases(key, &aliases) == [d.alias.as_str()] && e.where_.is_none() {
         format!("{} AS {}", driving.qname(), Ident::new(&d.alias))
     } else {

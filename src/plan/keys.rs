@@ -114,6 +114,33 @@ pub fn plain_column_of(expr: &str, alias: &str) -> Option<String> {
         .map(|(_, c)| c)
 }
 
+/// `alias.column::type` (or `CAST`) where the cast is to exactly `green_type` (as `format_type`
+/// prints it; `int8`, `int4`, `int`, `int2` read as their standard names): the column's name. A
+/// cast to another type may narrow (`numeric(10,0)` rounds), so its order is not the column's.
+pub fn cast_to(expr: &str, alias: &str, green_type: &str) -> Option<String> {
+    let col = cast_of(expr, alias)?;
+    let toks = scan::tokens(expr).ok()?;
+    let ty: Vec<&str> = match toks
+        .iter()
+        .position(|t| t.is_punct("::") || t.is_word("as"))
+    {
+        Some(i) if toks[i].is_word("as") => &toks[i + 1..toks.len() - 1],
+        Some(i) => &toks[i + 1..],
+        None => return None,
+    }
+    .iter()
+    .map(|t| t.text)
+    .collect();
+    let ty = ty.join(" ").to_ascii_lowercase();
+    let ty = match ty.as_str() {
+        "int8" => "bigint",
+        "int4" | "int" => "integer",
+        "int2" => "smallint",
+        other => other,
+    };
+    (ty == green_type).then_some(col)
+}
+
 /// The green columns of `e` computed from blue: neither a plain copy nor a cast of a column of
 /// the driving table (a value map counts as computed).
 pub fn computed_columns(e: &crate::mapping::TableEntry) -> Vec<&str> {
@@ -294,6 +321,16 @@ mod tests {
         assert_eq!(plain_column_of("w.id", "l"), None);
         assert_eq!(plain_column_of("l.id + 1", "l"), None);
         assert_eq!(cast_of("l.id::bigint", "l").as_deref(), Some("id"));
+        assert_eq!(
+            cast_to("(l.id)::int8", "l", "bigint").as_deref(),
+            Some("id")
+        );
+        assert_eq!(
+            cast_to("CAST(l.id AS bigint)", "l", "bigint").as_deref(),
+            Some("id")
+        );
+        assert_eq!(cast_to("l.amt::numeric(10,0)", "l", "numeric"), None);
+        assert_eq!(cast_to("l.id::bigint", "l", "integer"), None);
         assert_eq!(
             cast_of("l.price::numeric(10, 2)", "l").as_deref(),
             Some("price")

@@ -29,11 +29,15 @@ impl Probe<'_> {
         } else {
             1.0
         };
-        let sampled_rel = format!(
-            "(SELECT * FROM {} TABLESAMPLE SYSTEM ({:.6}) REPEATABLE (7))",
-            bt.qname(),
-            fraction * 100.0
-        );
+        // The driving table's rows, a fraction of its pages (the same ones on every evaluation).
+        let sampled = |fraction: f64| {
+            format!(
+                "(SELECT * FROM {} TABLESAMPLE SYSTEM ({:.6}) REPEATABLE (7))",
+                bt.qname(),
+                fraction * 100.0
+            )
+        };
+        let sampled_rel = sampled(fraction);
         let shape = Shape {
             replace: sample.then_some((driving.alias.as_str(), sampled_rel.as_str())),
             extra_where: Vec::new(),
@@ -308,11 +312,7 @@ impl Probe<'_> {
         // TWICE_ROWS driving rows shows it (over the whole profile this cost two more
         // evaluations of M: 6 of the 13 s CarBot's plan took at 250,000 leads).
         let twice_fraction = (TWICE_ROWS / bt.reltuples.max(1.0)).min(fraction);
-        let twice_rel = format!(
-            "(SELECT * FROM {} TABLESAMPLE SYSTEM ({:.6}) REPEATABLE (7))",
-            bt.qname(),
-            twice_fraction * 100.0
-        );
+        let twice_rel = sampled(twice_fraction);
         let twice_select = if twice_fraction < 1.0 {
             query::mapping_select(
                 e,

@@ -175,8 +175,7 @@ impl Probe<'_> {
                     )
                 };
                 let q = sql!(
-                    "WITH bluegreen_rt_s AS (SELECT * FROM bluegreen_rt_sample),
-                     bluegreen_rt_v AS (SELECT g.*, ({value}) AS bluegreen_v FROM bluegreen_rt_s AS g),
+                    "WITH bluegreen_rt_v AS (SELECT g.*, ({value}) AS bluegreen_v FROM bluegreen_rt_sample AS g),
                      bluegreen_rt_g AS (SELECT * FROM (SELECT {select_g} FROM bluegreen_rt_v AS v
                          WHERE v.bluegreen_v IS NOT NULL AND v.bluegreen_v IS DISTINCT FROM v.{col}
                            AND (v.bluegreen_v::{ty})::pg_catalog.text IS NOT DISTINCT FROM (v.bluegreen_v)::pg_catalog.text) AS bluegreen_rt_x

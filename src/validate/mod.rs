@@ -184,12 +184,7 @@ fn range_key<'a>(e: &'a TableEntry, gt: &'a catalog::Table, cat: &Catalog) -> Op
     // First columns of every key before the others: they spread best.
     let width = keys.iter().map(Vec::len).max().unwrap_or(0);
     let columns = (0..width).flat_map(|i| keys.iter().filter_map(move |k| k.get(i)));
-    let aliases: Vec<&str> = e
-        .from_clause
-        .items
-        .iter()
-        .map(|i| i.alias.as_str())
-        .collect();
+    let aliases = e.from_clause.aliases();
     // A window function sees the rows the WHERE keeps: restricted to a range, `row_number()`
     // counts from 1 again.
     if e.columns.iter().any(|c| windowed(&c.expr.text)) {
@@ -215,10 +210,9 @@ fn range_key<'a>(e: &'a TableEntry, gt: &'a catalog::Table, cat: &Catalog) -> Op
         // A plain column, or a cast of one to green's own type (`(p.id)::bigint`): another cast
         // may narrow (`i.amt::numeric(10,0)` rounds 9.6 into the range of 10 on green's side
         // while blue's row stays below it).
-        let Some(bc) = crate::plan::keys::plain_column_of(&c.expr.text, a).or_else(|| {
-            crate::plan::keys::cast_of(&c.expr.text, a)
-                .filter(|_| cast_target(&c.expr.text).as_deref() == Some(g.type_sql.as_str()))
-        }) else {
+        let Some(bc) = crate::plan::keys::plain_column_of(&c.expr.text, a)
+            .or_else(|| crate::plan::keys::cast_to(&c.expr.text, a, &g.type_sql))
+        else {
             continue;
         };
         // Every blue value a distinct green value in the same order.
@@ -239,26 +233,6 @@ fn range_key<'a>(e: &'a TableEntry, gt: &'a catalog::Table, cat: &Catalog) -> Op
         });
     }
     None
-}
-
-/// The type a `x::type` expression casts to, as `format_type` names the common integer types.
-fn cast_target(expr: &str) -> Option<String> {
-    let t = crate::sql::scan::tokens(expr).ok()?;
-    let i = t.iter().rposition(|x| x.is_punct("::"))?;
-    let ty = t[i + 1..]
-        .iter()
-        .map(|x| x.text.to_ascii_lowercase())
-        .collect::<Vec<_>>()
-        .join(" ");
-    Some(
-        match ty.as_str() {
-            "int8" => "bigint",
-            "int4" | "int" => "integer",
-            "int2" => "smallint",
-            other => other,
-        }
-        .to_string(),
-    )
 }
 
 /// Whether `expr` calls a window function (`... OVER (...)` or `OVER w`).

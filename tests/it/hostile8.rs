@@ -699,10 +699,7 @@ async fn h8_f6_a_second_cutover_needs_a_validation_newer_than_the_rollback() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h8_f8_the_second_cutovers_fence_rechecks_reverse_failures() {
     let (url, mut c) = small("hostile8_f8", " CHECK (balance >= 0)", "").await;
-    cut_over(&url, SMALL).await;
-    let mut straggler = green_session(&url, "small_green").await;
-    ok(&url, &["rollback", "-m", SMALL, "--yes"]).await;
-    ok(&url, &["sync", "-m", SMALL]).await;
+    let mut straggler = straggler_after_rollback(&url, SMALL, "small_green").await;
     ok(&url, &["validate", "-m", SMALL]).await;
     let straggler_pid = pid(&mut straggler).await;
     let args = ["cutover", "-m", SMALL, "--yes", "--accept-lossy-rollback"];
@@ -793,14 +790,20 @@ async fn h8_f8_the_second_cutovers_fence_rechecks_reverse_failures() {
     );
 }
 
-/// The joined mapping copied, cut over and rolled back, with a session opened while cut over
-/// (still on green: a straggler) and the change log applied.
+/// Cut over and rolled back, with a session opened while cut over (still on green: a
+/// straggler) and the change log applied; returns the straggler.
+async fn straggler_after_rollback(url: &str, mapping: &str, green: &str) -> PgConnection {
+    cut_over(url, mapping).await;
+    let straggler = green_session(url, green).await;
+    ok(url, &["rollback", "-m", mapping, "--yes"]).await;
+    ok(url, &["sync", "-m", mapping]).await;
+    straggler
+}
+
+/// The joined mapping copied, cut over and rolled back, with a straggler.
 async fn rolled_back_with_a_straggler(db: &str) -> (String, PgConnection, PgConnection) {
     let (url, c) = joined(db, "").await;
-    cut_over(&url, JOINED).await;
-    let straggler = green_session(&url, "joined_green").await;
-    ok(&url, &["rollback", "-m", JOINED, "--yes"]).await;
-    ok(&url, &["sync", "-m", JOINED]).await;
+    let straggler = straggler_after_rollback(&url, JOINED, "joined_green").await;
     (url, c, straggler)
 }
 
@@ -933,10 +936,7 @@ async fn after_a_rollback_a_straggler_neither_blocks_blue_for_nothing_nor_itself
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_rollback_a_straggler_does_not_give_way_to_a_row_local_write_green_already_has() {
     let (url, mut c) = small("hostile8_stale_local", "", "").await;
-    cut_over(&url, SMALL).await;
-    let mut straggler = green_session(&url, "small_green").await;
-    ok(&url, &["rollback", "-m", SMALL, "--yes"]).await;
-    ok(&url, &["sync", "-m", SMALL]).await;
+    let mut straggler = straggler_after_rollback(&url, SMALL, "small_green").await;
     let mut app = blue_session(&url, "small_green").await;
     exec(
         &mut app,

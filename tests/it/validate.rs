@@ -364,6 +364,9 @@ async fn validate_ranges_over_a_blue_column_and_never_across_collations() {
     )
     .await;
     crate::support::copy_ok(&url, RANGES).await;
+    // green = M(blue) exactly (a multiset comparison, not validate's digests): every
+    // difference validate names below is real, and its PASS here must be one.
+    crate::support::assert_invariant(&url, RANGES).await;
     let validate = || async {
         let out = run(
             &url,

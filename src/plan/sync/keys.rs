@@ -25,13 +25,7 @@ impl SyncEntry<'_> {
     /// `SELECT DISTINCT <keys> ...` for a change to alias `alias` whose rows are in `changed`.
     fn touched_keys(&self, alias: &str, changed: &str) -> String {
         let sel = self.key_texts();
-        let aliases: Vec<&str> = self
-            .entry
-            .from_clause
-            .items
-            .iter()
-            .map(|i| i.alias.as_str())
-            .collect();
+        let aliases = self.entry.from_clause.aliases();
         // Keys read only from the changed alias come straight from its rows.
         let only_this = self.keys.iter().all(|k| {
             let refs = referenced_aliases(&k.expr, &aliases);
@@ -55,13 +49,7 @@ impl SyncEntry<'_> {
     /// than the driving one (its keys need the join: the follower's).
     pub(super) fn keys_of_driving_rows(&self, rel: &str) -> Option<String> {
         let d = &self.entry.from_clause.driving().alias;
-        let aliases: Vec<&str> = self
-            .entry
-            .from_clause
-            .items
-            .iter()
-            .map(|i| i.alias.as_str())
-            .collect();
+        let aliases = self.entry.from_clause.aliases();
         self.keys
             .iter()
             .all(|k| {

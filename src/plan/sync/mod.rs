@@ -247,12 +247,7 @@ pub fn sync_entries<'a>(m: &'a Mapping, cat: &'a Catalog) -> Vec<SyncEntry<'a>> 
         let Some(upsert_key) = upsert_key(e, gt) else {
             continue;
         };
-        let aliases: Vec<&str> = e
-            .from_clause
-            .items
-            .iter()
-            .map(|i| i.alias.as_str())
-            .collect();
+        let aliases = e.from_clause.aliases();
         let keys: Vec<Key> = keys
             .into_iter()
             .filter_map(|(c, x)| {
