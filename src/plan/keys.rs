@@ -62,10 +62,6 @@ pub fn widening(blue: &str, green: &str) -> bool {
     if rank(blue).is_some() && green == "numeric" {
         return true;
     }
-    let modifier = |t: &str, base: &str| -> Option<Vec<u32>> {
-        let inner = t.strip_prefix(base)?.strip_prefix('(')?.strip_suffix(')')?;
-        inner.split(',').map(|n| n.trim().parse().ok()).collect()
-    };
     let varchar = "character varying";
     if blue.starts_with(varchar) && (green == "text" || green == varchar) {
         return true;
@@ -87,6 +83,49 @@ pub fn widening(blue: &str, green: &str) -> bool {
     false
 }
 
+/// `numeric(10,2)` -> `[10, 2]`, `character varying(20)` -> `[20]` (types as `format_type`
+/// prints them); None for another base type or no modifier.
+fn modifier(t: &str, base: &str) -> Option<Vec<u32>> {
+    let inner = t.strip_prefix(base)?.strip_prefix('(')?.strip_suffix(')')?;
+    inner.split(',').map(|n| n.trim().parse().ok()).collect()
+}
+
+/// The SQL of `text` (a key as green renders it, of type `green`) as a value of `blue`, a type
+/// that widens to `green`: NULL where `blue` cannot hold it exactly. Keys read from green (by
+/// validate's re-check, or a re-derive after a TRUNCATE) may be values no blue row holds, and
+/// the plain cast would raise (2^40 as `integer`) or change them (`character varying(3)`
+/// truncates, `numeric(10,2)` rounds) and so find another row.
+pub fn narrow_back(text: &str, green: &str, blue: &str) -> String {
+    let cast = format!("{text}::{blue}");
+    if blue == green {
+        return cast;
+    }
+    let num = format!("{text}::pg_catalog.numeric");
+    let range = [
+        ("smallint", "-32768", "32767"),
+        ("integer", "-2147483648", "2147483647"),
+        ("bigint", "-9223372036854775808", "9223372036854775807"),
+    ];
+    let guard = if let Some((_, lo, hi)) = range.iter().find(|(t, _, _)| *t == blue) {
+        Some(format!(
+            "{num} BETWEEN {lo} AND {hi} AND {num} = pg_catalog.trunc({num})"
+        ))
+    } else if let Some([n]) = modifier(blue, "character varying").as_deref() {
+        Some(format!("pg_catalog.length({text}) <= {n}"))
+    } else if let Some([p, s]) = modifier(blue, "numeric").as_deref() {
+        Some(format!(
+            "{text} = 'NaN' OR ({num} = pg_catalog.round({num}, {s}) AND pg_catalog.abs({num}) < 1e{})",
+            p.saturating_sub(*s)
+        ))
+    } else {
+        None
+    };
+    match guard {
+        Some(g) => format!("CASE WHEN {g} THEN {cast} END"),
+        None => cast,
+    }
+}
+
 /// The blue column of `alias` a key expression reads, when the expression is that column alone
 /// or cast to a type it widens to: (column, blue type). Lookups of blue by such a key compare the
 /// column itself, so an index on it serves them.
@@ -96,7 +135,9 @@ pub fn key_column(
     blue: &catalog::Table,
     green_type: &str,
 ) -> Option<(String, String)> {
-    let col = plain_column_of(expr, alias).or_else(|| cast_of(expr, alias))?;
+    // Only a cast to green's own type: `numeric(10,0)` into green's `numeric` rounds, and a
+    // rounded key looked up by blue's column finds no row.
+    let col = plain_column_of(expr, alias).or_else(|| cast_to(expr, alias, green_type))?;
     let bc = blue.column(&col)?;
     widening(&bc.type_sql, green_type).then(|| (col, bc.type_sql.clone()))
 }
@@ -131,7 +172,16 @@ pub fn cast_to(expr: &str, alias: &str, green_type: &str) -> Option<String> {
     .iter()
     .map(|t| t.text)
     .collect();
-    let ty = ty.join(" ").to_ascii_lowercase();
+    // As format_type prints it: a space between words only (`character varying(40)`).
+    let mut joined = String::new();
+    for (i, t) in ty.iter().enumerate() {
+        let word = |t: &str| t.chars().all(|c| c.is_alphanumeric() || c == '_');
+        if i > 0 && word(t) && (word(ty[i - 1]) || ty[i - 1] == ")") {
+            joined.push(' ');
+        }
+        joined.push_str(t);
+    }
+    let ty = joined.to_ascii_lowercase();
     let ty = match ty.as_str() {
         "int8" => "bigint",
         "int4" | "int" => "integer",
@@ -331,6 +381,29 @@ mod tests {
         );
         assert_eq!(cast_to("l.amt::numeric(10,0)", "l", "numeric"), None);
         assert_eq!(cast_to("l.id::bigint", "l", "integer"), None);
+        // Written as format_type prints the type, whatever the spacing.
+        assert_eq!(
+            cast_to(
+                "(l.code)::character varying ( 40 )",
+                "l",
+                "character varying(40)"
+            )
+            .as_deref(),
+            Some("code")
+        );
+        assert_eq!(
+            cast_to("l.price::numeric(12, 2)", "l", "numeric(12,2)").as_deref(),
+            Some("price")
+        );
+        assert_eq!(
+            cast_to(
+                "CAST(l.at AS timestamp with time zone)",
+                "l",
+                "timestamp with time zone"
+            )
+            .as_deref(),
+            Some("at")
+        );
         assert_eq!(
             cast_of("l.price::numeric(10, 2)", "l").as_deref(),
             Some("price")

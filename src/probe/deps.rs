@@ -93,12 +93,23 @@ impl Probe<'_> {
             let rows = sqlx::query(include_str!("deps.sql"))
                 .fetch_all(&mut *self.conn)
                 .await?;
-            let sqlvalue: bool = sqlx::query_scalar(
-                "SELECT coalesce(bool_or(r.ev_action::text LIKE '%SQLVALUEFUNCTION%'), false) FROM pg_rewrite r WHERE r.ev_class = 'bluegreen_probe'::regclass",
+            let (sqlvalue, windowed): (bool, bool) = sqlx::query_as(
+                "SELECT coalesce(bool_or(r.ev_action::text LIKE '%SQLVALUEFUNCTION%'), false), coalesce(bool_or(r.ev_action::text LIKE '%{WINDOWFUNC %'), false) FROM pg_rewrite r WHERE r.ev_class = 'bluegreen_probe'::regclass",
             )
             .fetch_one(&mut *self.conn)
             .await?;
             self.exec(&sql!("DROP VIEW bluegreen_probe")).await?;
+            if windowed {
+                // Copy computes M one chunk at a time and sync one key at a time: a window's value
+                // depends on rows neither of them sees.
+                self.diags.push(
+                    Diagnostic::error("window-function", "calls a window function (... OVER ...): its value depends on other rows, which copy (one chunk at a time) and sync (one changed key at a time) do not see, so green would silently differ from M(blue)")
+                        .at(Some(span.clone()))
+                        .table(&e.name)
+                        .maybe_column(col)
+                        .hint("compute the value from the row and the rows joined in `from` (an aggregate with `group_by` is fine); a rank or running total belongs in a view or query over green, not in a stored column"),
+                );
+            }
             let mut flagged: Vec<String> = Vec::new();
             if sqlvalue {
                 flagged.push("CURRENT_DATE / CURRENT_TIMESTAMP / CURRENT_USER depend on the clock or the session".to_string());

@@ -185,11 +185,6 @@ fn range_key<'a>(e: &'a TableEntry, gt: &'a catalog::Table, cat: &Catalog) -> Op
     let width = keys.iter().map(Vec::len).max().unwrap_or(0);
     let columns = (0..width).flat_map(|i| keys.iter().filter_map(move |k| k.get(i)));
     let aliases = e.from_clause.aliases();
-    // A window function sees the rows the WHERE keeps: restricted to a range, `row_number()`
-    // counts from 1 again.
-    if e.columns.iter().any(|c| windowed(&c.expr.text)) {
-        return None;
-    }
     for name in columns {
         let (Some(c), Some(g)) = (e.column(name), gt.column(name)) else {
             continue;
@@ -233,16 +228,6 @@ fn range_key<'a>(e: &'a TableEntry, gt: &'a catalog::Table, cat: &Catalog) -> Op
         });
     }
     None
-}
-
-/// Whether `expr` calls a window function (`... OVER (...)` or `OVER w`).
-fn windowed(expr: &str) -> bool {
-    let Ok(t) = crate::sql::scan::tokens(expr) else {
-        return true;
-    };
-    t.iter()
-        .enumerate()
-        .any(|(i, x)| x.is_word("over") && (i == 0 || !t[i - 1].is_punct(".")))
 }
 
 fn green_rows_sql(e: &TableEntry, gt: &catalog::Table, cond: &str) -> Sql {

@@ -100,7 +100,9 @@ impl SyncEntry<'_> {
         let lhs = join(self.keys.iter().map(blue_side), ", ");
         let rhs = join(
             self.keys.iter().enumerate().map(|(j, k)| match &k.blue {
-                Some((_, _, bt)) => format!("u.k{j}::{bt}"),
+                Some((_, _, bt)) => {
+                    crate::plan::keys::narrow_back(&format!("u.k{j}"), &k.green_type, bt)
+                }
                 None => format!("u.k{j}::{}", k.green_type),
             }),
             ", ",
