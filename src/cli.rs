@@ -317,8 +317,9 @@ pub struct PrepareArgs {
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum EngineArg {
-    /// Pick per the benchmark: the COPY pipe (its reading and writing backends run on two cores
-    /// even with one job); insert-select for tables chunked by physical ranges.
+    /// Pick per the benchmark: insert-select (the COPY pipe renders and parses every row once
+    /// more, which cost more than the insert itself on the one-large-table benchmark; see
+    /// BENCHMARKS.md).
     Auto,
     /// Server-side INSERT ... SELECT per chunk: no data leaves the server.
     InsertSelect,

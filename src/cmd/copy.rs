@@ -13,8 +13,8 @@ pub async fn run(a: &CopyArgs) -> anyhow::Result<Outcome> {
         chunk_rows: s.chunk_rows,
         lock_timeout_ms: s.lock_timeout_ms,
         engine: match a.engine {
-            EngineArg::Copy | EngineArg::Auto => Engine::Copy,
-            EngineArg::InsertSelect => Engine::InsertSelect,
+            EngineArg::Copy => Engine::Copy,
+            EngineArg::InsertSelect | EngineArg::Auto => Engine::InsertSelect,
         },
     };
     let url = a.common.database_url.clone();

@@ -84,6 +84,91 @@ fn referenced_table(definition: &str, default_schema: &str) -> Option<QName> {
     }
 }
 
+/// Put the keys copy left out (dropped until their index is built after the data) back into
+/// `cat` as the constraints they were, so every command between `prepare` and the end of the
+/// copy sees green's keys as the DDL declares them. A no-op without a control schema.
+pub async fn restore_keys(
+    conn: &mut PgConnection,
+    m: &Mapping,
+    cat: &mut crate::catalog::Catalog,
+) -> Result<(), Diagnostic> {
+    let table = QName::new(&m.control_schema, "deferred").to_string();
+    let exists: bool = sqlx::query_scalar("SELECT pg_catalog.to_regclass($1) IS NOT NULL")
+        .bind(&table)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db_error)?;
+    if !exists {
+        return Ok(());
+    }
+    for p in pending(conn, m).await? {
+        if !matches!(p.kind, DeferralKind::PrimaryKey | DeferralKind::UniqueKey) {
+            continue;
+        }
+        let Some(t) = cat
+            .tables
+            .get_mut(&(p.table.schema.clone(), p.table.name.clone()))
+        else {
+            continue;
+        };
+        let columns = key_columns(&p.definition).ok_or_else(|| {
+            Diagnostic::error(
+                "unknown-deferral",
+                format!(
+                    "cannot read the columns of deferred key {} from `{}`",
+                    p.name, p.definition
+                ),
+            )
+        })?;
+        let primary = p.kind == DeferralKind::PrimaryKey;
+        // A build interrupted before the attach leaves a plain unique index of that name.
+        t.indexes.retain(|ix| ix.name != p.name);
+        t.indexes.push(crate::catalog::Index {
+            name: p.name.clone(),
+            unique: true,
+            primary,
+            columns: columns.iter().cloned().map(Some).collect(),
+            partial: false,
+            nulls_not_distinct: false,
+            valid: true,
+            immediate: true,
+            definition: p.definition.clone(),
+            backs_constraint: true,
+            bytes: 0,
+        });
+        let key = crate::catalog::Key {
+            name: p.name.clone(),
+            columns,
+        };
+        if primary {
+            t.primary_key = Some(key);
+        } else if !t.unique.iter().any(|u| u.name == p.name) {
+            t.unique.push(key);
+        }
+    }
+    Ok(())
+}
+
+/// The columns of a unique index's definition (`CREATE UNIQUE INDEX n ON t USING btree (a, "B")`).
+fn key_columns(definition: &str) -> Option<Vec<String>> {
+    let toks = crate::sql::scan::tokens(definition).ok()?;
+    let using = toks.iter().position(|t| t.is_word("using"))?;
+    let open = using + 2;
+    if !toks.get(open)?.is_punct("(") {
+        return None;
+    }
+    let mut out = Vec::new();
+    for (i, t) in toks[open + 1..].iter().enumerate() {
+        match i % 2 {
+            0 => out.push(t.ident()?),
+            _ if t.is_punct(",") => {}
+            _ if t.is_punct(")") => return Some(out),
+            _ => return None,
+        }
+    }
+    None
+}
+
 /// The deferred foreign keys not validated yet.
 pub async fn pending_foreign_keys(
     conn: &mut PgConnection,
@@ -117,6 +202,22 @@ pub async fn mark_done(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn key_columns_from_index_definitions() {
+        assert_eq!(
+            super::key_columns("CREATE UNIQUE INDEX leads_pkey ON leads_v2.leads USING btree (id)"),
+            Some(vec!["id".to_string()])
+        );
+        assert_eq!(
+            super::key_columns("CREATE UNIQUE INDEX \"K\" ON g.t USING btree (a, \"B c\")"),
+            Some(vec!["a".to_string(), "B c".to_string()])
+        );
+        assert_eq!(
+            super::key_columns("CREATE UNIQUE INDEX k ON g.t USING btree (lower(a))"),
+            None
+        );
+    }
+
     #[test]
     fn referenced_tables_from_definitions() {
         let r = |d| super::referenced_table(d, "g").map(|q| q.display());

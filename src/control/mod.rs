@@ -132,8 +132,9 @@ pub async fn load_catalog(conn: &mut PgConnection, m: &Mapping) -> Result<Catalo
     exec(conn, &sql!("SET search_path = pg_catalog")).await?;
     let schemas = m.catalog_schemas();
     let refs: Vec<&str> = schemas.iter().map(String::as_str).collect();
-    let cat = catalog::load(conn, &refs).await.map_err(db_error)?;
+    let mut cat = catalog::load(conn, &refs).await.map_err(db_error)?;
     exec(conn, &set_mapping_search_path(m, false)).await?;
+    deferred::restore_keys(conn, m, &mut cat).await?;
     Ok(cat)
 }
 

@@ -23,13 +23,15 @@ pub(super) async fn finish(
     o: &Options,
 ) -> Result<(), Diagnostic> {
     if runs::phase(conn, m).await? < Phase::Copied {
-        let indexes: Vec<deferred::Pending> = deferred::pending(conn, m)
+        let builds: Vec<deferred::Pending> = deferred::pending(conn, m)
             .await?
             .into_iter()
-            .filter(|p| p.kind == DeferralKind::Index)
+            .filter(|p| p.kind.builds_index())
             .collect();
-        // Index builds in parallel, at most `jobs` at once.
-        let results = futures::stream::iter(indexes.into_iter().map(|ix| {
+        // Index builds in parallel, at most `jobs` at once: secondary indexes are done when
+        // built; a key's index is attached as its constraint after every build (ACCESS
+        // EXCLUSIVE, which a build beside it on the same table would hold up).
+        let results = futures::stream::iter(builds.iter().map(|ix| {
             let url = url.to_string();
             let m = m.clone();
             let lock_timeout_ms = o.lock_timeout_ms;
@@ -41,8 +43,11 @@ pub(super) async fn finish(
                 let table = std::slice::from_ref(&ix.table);
                 locking::run_locked(&mut c, lock_timeout_ms, table, async |tx| {
                     exec(tx, &drop).await?;
-                    exec(tx, &build).await?;
-                    deferred::mark_done(tx, &m, DeferralKind::Index, &ix.name).await
+                    exec(tx, &build).await.map_err(|d| key_not_unique(d, ix))?;
+                    if ix.kind == DeferralKind::Index {
+                        deferred::mark_done(tx, &m, DeferralKind::Index, &ix.name).await?;
+                    }
+                    Ok(())
                 })
                 .await?;
                 eprintln!("bluegreen: built index {}", ix.name);
@@ -55,6 +60,19 @@ pub(super) async fn finish(
         for r in results {
             r?;
         }
+        for k in builds.iter().filter(|p| p.kind != DeferralKind::Index) {
+            let attach = steps::attach_key(k.kind, &k.table, &k.name);
+            locking::run_locked(
+                conn,
+                o.lock_timeout_ms,
+                std::slice::from_ref(&k.table),
+                async |tx| {
+                    exec(tx, &attach).await?;
+                    deferred::mark_done(tx, m, k.kind, &k.name).await
+                },
+            )
+            .await?;
+        }
         let cat = control::load_catalog(conn, m).await?;
         for (_, sql) in steps::advance_sequences(m, &cat) {
             exec(conn, &sql).await?;
@@ -66,6 +84,25 @@ pub(super) async fn finish(
         events::record(conn, m, "copy", "copied", serde_json::json!({})).await?;
     }
     Ok(())
+}
+
+/// A key's index that cannot be built because green holds a key twice: the mapping produces two
+/// rows with one key (copy's chunks cannot: each key value is in one chunk).
+fn key_not_unique(d: Diagnostic, ix: &deferred::Pending) -> Diagnostic {
+    if d.sqlstate.as_deref() != Some("23505") || ix.kind == DeferralKind::Index {
+        return d;
+    }
+    Diagnostic::error(
+        "duplicate-key",
+        format!(
+            "green's {} {} cannot be built after the copy: {}",
+            ix.kind.as_str(),
+            ix.name,
+            d.message
+        ),
+    )
+    .table(&ix.table.name)
+    .hint("the mapping produces two rows with one key in one snapshot of blue (a join that repeats the driving row?): find them with `bluegreen plan --profile full`; a fixed mapping needs a new migration name (and green schema)")
 }
 
 /// VALIDATE every foreign key added NOT VALID at the live switch (run after `sync::go_live`, by

@@ -139,7 +139,10 @@ async fn green_ddl(
             .hint("run `bluegreen plan` to locate the error")
         })?;
         exec(tx, &sql!("SET LOCAL search_path = pg_catalog")).await?;
-        let cat = catalog::load(tx, &[&m.green]).await.map_err(db_error)?;
+        // Blue too: whether copy can leave a green key out depends on the blue table it chunks.
+        let schemas = m.catalog_schemas();
+        let refs: Vec<&str> = schemas.iter().map(String::as_str).collect();
+        let cat = catalog::load(tx, &refs).await.map_err(db_error)?;
         for d in steps::deferrals(m, &cat) {
             control::deferred::defer(tx, m, &d).await?;
         }

@@ -356,6 +356,54 @@ pub fn chunk_key(
     }
 }
 
+/// The green unique key copy can leave out until the data is in (`prepare` drops it, `copy`
+/// builds it after, beside the other indexes, and attaches it as the constraint): the table's
+/// only unique index (no exclusion constraint), a PRIMARY KEY or UNIQUE constraint (immediate,
+/// plain columns, no INCLUDE, NULLs distinct) whose first column copy's chunks partition: the
+/// chunk key is that column's expression, or the blue column it is or widens. Then no two
+/// chunks can produce one key value, even where rows change between their snapshots, so the
+/// copy needs no arbiter (maintaining a random uuid key row by row cost more than the insert
+/// itself: BENCHMARKS.md); a mapping that produces a key twice fails the build after the copy.
+pub fn bare_copy_key<'a>(
+    e: &TableEntry,
+    bt: &catalog::Table,
+    gt: &'a catalog::Table,
+) -> Option<&'a catalog::Index> {
+    if gt.partitioned || gt.inherited || !gt.exclusions.is_empty() {
+        return None;
+    }
+    let mut unique = gt.indexes.iter().filter(|i| i.unique);
+    let ix = unique.next()?;
+    if unique.next().is_some()
+        || !ix.backs_constraint
+        || !ix.valid
+        || !ix.immediate
+        || ix.partial
+        || ix.nulls_not_distinct
+        || scan::tokens(&ix.definition)
+            .ok()?
+            .iter()
+            .any(|t| t.is_word("include"))
+    {
+        return None;
+    }
+    let first = ix.columns.first()?.as_deref()?;
+    if ix.columns.iter().any(Option::is_none) {
+        return None;
+    }
+    let col = e.column(first).filter(|c| c.value_map.is_none())?;
+    let expr = &col.expr.text;
+    let sync = sync_key(e, gt).map(|(k, _)| k).unwrap_or_default();
+    let ChunkKey::Expr(chunked) = chunk_key(e, bt, gt, &sync) else {
+        return None;
+    };
+    let alias = &e.from_clause.driving().alias;
+    let partitions = chunked == *expr
+        || key_column(expr, alias, bt, &gt.column(first)?.type_sql)
+            .is_some_and(|(c, _)| chunked == format!("{}.{}", Ident::new(alias), Ident::new(&c)));
+    partitions.then_some(ix)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

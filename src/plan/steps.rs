@@ -76,6 +76,10 @@ pub fn capture_triggers(m: &Mapping, target: &QName, n: usize) -> Vec<Sql> {
 pub enum DeferralKind {
     Index,
     ForeignKey,
+    /// A PRIMARY KEY or UNIQUE constraint left out of the copy (`plan::keys::bare_copy_key`):
+    /// its index built with the others, then attached (`ALTER TABLE ... USING INDEX`).
+    PrimaryKey,
+    UniqueKey,
 }
 
 impl DeferralKind {
@@ -84,13 +88,36 @@ impl DeferralKind {
         match self {
             DeferralKind::Index => "index",
             DeferralKind::ForeignKey => "foreign key",
+            DeferralKind::PrimaryKey => "primary key",
+            DeferralKind::UniqueKey => "unique key",
         }
     }
     pub fn parse(s: &str) -> Option<DeferralKind> {
-        [DeferralKind::Index, DeferralKind::ForeignKey]
-            .into_iter()
-            .find(|k| k.as_str() == s)
+        [
+            DeferralKind::Index,
+            DeferralKind::ForeignKey,
+            DeferralKind::PrimaryKey,
+            DeferralKind::UniqueKey,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
     }
+    /// Restored by building an index (`definition` is its `CREATE ... INDEX`).
+    pub fn builds_index(self) -> bool {
+        self != DeferralKind::ForeignKey
+    }
+}
+
+/// `ALTER TABLE table ADD CONSTRAINT name PRIMARY KEY | UNIQUE USING INDEX name`: a deferred
+/// key's index, built after the copy, made the constraint again (instant).
+pub fn attach_key(kind: DeferralKind, table: &QName, name: &str) -> Sql {
+    let what = if kind == DeferralKind::PrimaryKey {
+        "PRIMARY KEY"
+    } else {
+        "UNIQUE"
+    };
+    let n = Ident::new(name);
+    sql!("ALTER TABLE {table} ADD CONSTRAINT {n} {what} USING INDEX {n}")
 }
 
 /// A green secondary index or foreign key that `prepare` records and drops, and `copy` restores
@@ -106,8 +133,11 @@ pub struct Deferral {
     pub drop: Sql,
 }
 
+/// In the order they are dropped: foreign keys first (a key they reference is dropped after
+/// them), then secondary indexes, then the keys copy leaves out.
 pub fn deferrals(m: &Mapping, cat: &Catalog) -> Vec<Deferral> {
     let mut out = Vec::new();
+    let mut keys = Vec::new();
     for gt in cat.tables_in(&m.green) {
         for ix in gt.indexes.iter().filter(|ix| !ix.backs_constraint) {
             out.push(Deferral {
@@ -117,6 +147,28 @@ pub fn deferrals(m: &Mapping, cat: &Catalog) -> Vec<Deferral> {
                 definition: ix.definition.clone(),
                 ref_table: None,
                 drop: sql!("DROP INDEX {}", QName::new(&gt.schema, &ix.name)),
+            });
+        }
+        let bare = m.entry(&gt.name).and_then(|e| {
+            let bt = cat.table(&e.from_clause.driving().table)?;
+            super::keys::bare_copy_key(e, bt, gt)
+        });
+        if let Some(ix) = bare {
+            keys.push(Deferral {
+                kind: if ix.primary {
+                    DeferralKind::PrimaryKey
+                } else {
+                    DeferralKind::UniqueKey
+                },
+                name: ix.name.clone(),
+                table: gt.qname(),
+                definition: ix.definition.clone(),
+                ref_table: None,
+                drop: sql!(
+                    "ALTER TABLE {} DROP CONSTRAINT {}",
+                    gt.qname(),
+                    Ident::new(&ix.name)
+                ),
             });
         }
         for fk in &gt.foreign_keys {
@@ -134,6 +186,8 @@ pub fn deferrals(m: &Mapping, cat: &Catalog) -> Vec<Deferral> {
             });
         }
     }
+    out.sort_by_key(|d| d.kind != DeferralKind::ForeignKey);
+    out.extend(keys);
     out
 }
 
@@ -301,6 +355,29 @@ pub fn all(m: &Mapping, cat: &Catalog, s: &EffectiveSettings) -> Vec<Step> {
                 format!("SHARE on {} (green, not yet in use)", gt.qname().display()),
             ));
         }
+    }
+    for d in deferrals(m, cat)
+        .into_iter()
+        .filter(|d| matches!(d.kind, DeferralKind::PrimaryKey | DeferralKind::UniqueKey))
+    {
+        out.push(step(
+            "copy",
+            format!(
+                "build deferred {} {} (with the indexes), then attach it",
+                d.kind.as_str(),
+                d.name
+            ),
+            format!(
+                "{};
+{}",
+                d.definition,
+                attach_key(d.kind, &d.table, &d.name)
+            ),
+            format!(
+                "SHARE on {t} while it builds, then ACCESS EXCLUSIVE on {t} (instant; green, not yet in use)",
+                t = d.table.display()
+            ),
+        ));
     }
     for gt in green_tables.iter().filter_map(|q| cat.table(q)) {
         for fk in &gt.foreign_keys {

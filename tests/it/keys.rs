@@ -5,7 +5,8 @@
 //! green by hand) is a difference validate names, not an error that stops it.
 
 use crate::support::{
-    assert_invariant_now, both, connect, copy_ok, empty_db, exec, run, sync_and_check,
+    assert_invariant_now, both, connect, copy_ok, count, empty_db, exec, run, stderr,
+    sync_and_check,
 };
 
 const CAST_KEYS: &str = "tests/fixtures/cast_keys.yaml";
@@ -77,6 +78,91 @@ async fn a_green_key_blue_s_type_cannot_hold_is_an_extra_row_not_an_error() {
             ),
             (Some(extra), Some(0), Some(0)),
             "{table}: {v:#}"
+        );
+    }
+}
+
+/// Copy leaves out a green key its chunks partition (the table's only unique key, its first
+/// column the chunk key or the blue column it widens) and builds it after the data; a key that
+/// a rounding cast computes is kept while copy writes. Every key is a constraint again after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_builds_a_key_its_chunks_partition_after_the_data() {
+    let url = empty_db("cast_keys_bare").await;
+    let mut c = connect(&url).await;
+    exec(&mut c, BLUE).await;
+    let out = run(&url, &["prepare", "-m", CAST_KEYS]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", both(&out));
+    let left_out: Vec<String> = sqlx::query_scalar(
+        "SELECT green_table || ' ' || kind FROM bluegreen.deferred WHERE migration = 'cast_keys' AND NOT done ORDER BY 1",
+    )
+    .fetch_all(&mut c)
+    .await
+    .unwrap();
+    assert_eq!(
+        left_out,
+        [
+            "coded primary key",
+            "priced primary key",
+            "widened primary key"
+        ],
+        "rounded's key is computed by a cast that does not keep every value"
+    );
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM pg_constraint WHERE contype = 'p' AND connamespace = 'cast_keys'::regnamespace").await,
+        1
+    );
+    // What sees green between prepare and the end of the copy sees its keys as declared.
+    let out = run(&url, &["plan", "-m", CAST_KEYS, "--profile", "none"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", both(&out));
+    copy_ok(&url, CAST_KEYS).await;
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM pg_constraint WHERE contype = 'p' AND connamespace = 'cast_keys'::regnamespace").await,
+        4
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM bluegreen.deferred WHERE migration = 'cast_keys' AND NOT done"
+        )
+        .await,
+        0
+    );
+    assert_invariant_now(&url, CAST_KEYS).await;
+    exec(
+        &mut c,
+        "UPDATE public.narrow SET v = v || '!' WHERE id < 10",
+    )
+    .await;
+    sync_and_check(&url, CAST_KEYS, "an update after the copy").await;
+}
+
+/// A mapping that produces one key twice (a join repeating it), copied without the checks
+/// before writing: the key's build after the copy fails, naming the table and the key, and a
+/// second run fails the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_the_mapping_produces_twice_fails_its_build_after_the_copy() {
+    const DUP: &str = "tests/fixtures/dup_key.yaml";
+    let url = empty_db("dup_key").await;
+    let mut c = connect(&url).await;
+    exec(
+        &mut c,
+        "CREATE TABLE public.p (id integer PRIMARY KEY);
+         INSERT INTO public.p SELECT generate_series(1, 100);
+         CREATE TABLE public.q (id integer PRIMARY KEY, p_id integer NOT NULL);
+         INSERT INTO public.q SELECT g, 1 + g % 100 FROM generate_series(1, 150) g;",
+    )
+    .await;
+    for attempt in 0..2 {
+        let out = run(&url, &["copy", "-m", DUP, "--profile", "none"]).await;
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "attempt {attempt}: {err}");
+        assert!(
+            err.contains("error[duplicate-key]")
+                && err.contains("table dup")
+                && err.contains("primary key dup_pkey")
+                && err.contains("is duplicated")
+                && err.contains("plan --profile full"),
+            "attempt {attempt}: {err}"
         );
     }
 }
