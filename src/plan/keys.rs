@@ -85,7 +85,7 @@ pub fn widening(blue: &str, green: &str) -> bool {
 
 /// `numeric(10,2)` -> `[10, 2]`, `character varying(20)` -> `[20]` (types as `format_type`
 /// prints them); None for another base type or no modifier.
-fn modifier(t: &str, base: &str) -> Option<Vec<u32>> {
+fn modifier(t: &str, base: &str) -> Option<Vec<i64>> {
     let inner = t.strip_prefix(base)?.strip_prefix('(')?.strip_suffix(')')?;
     inner.split(',').map(|n| n.trim().parse().ok()).collect()
 }
@@ -115,7 +115,7 @@ pub fn narrow_back(text: &str, green: &str, blue: &str) -> String {
     } else if let Some([p, s]) = modifier(blue, "numeric").as_deref() {
         Some(format!(
             "{text} = 'NaN' OR ({num} = pg_catalog.round({num}, {s}) AND pg_catalog.abs({num}) < 1e{})",
-            p.saturating_sub(*s)
+            p - s
         ))
     } else {
         None
@@ -397,11 +397,18 @@ pub fn bare_copy_key<'a>(
     let ChunkKey::Expr(chunked) = chunk_key(e, bt, gt, &sync) else {
         return None;
     };
+    // The key's first column must be a blue column the chunks range over, alone or widened,
+    // with blue's collation: one green value per blue value, equal where blue's are. A computed
+    // key, an assignment that rounds (numeric(10,2) into integer: 25.70 and 26.20 are two
+    // chunks' rows and one key) or a nondeterministic collation on one side (`a` and `A` in two
+    // chunks, one key in green) can put one key value in two chunks.
     let alias = &e.from_clause.driving().alias;
-    let partitions = chunked == *expr
-        || key_column(expr, alias, bt, &gt.column(first)?.type_sql)
-            .is_some_and(|(c, _)| chunked == format!("{}.{}", Ident::new(alias), Ident::new(&c)));
-    partitions.then_some(ix)
+    let gc = gt.column(first)?;
+    let (bc, _) = key_column(expr, alias, bt, &gc.type_sql)?;
+    let same_collation = bt.column(&bc).map(|c| &c.collation) == Some(&gc.collation);
+    let ranges_over_it =
+        chunked == *expr || chunked == format!("{}.{}", Ident::new(alias), Ident::new(&bc));
+    (same_collation && ranges_over_it).then_some(ix)
 }
 
 #[cfg(test)]

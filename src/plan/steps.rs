@@ -133,13 +133,21 @@ pub struct Deferral {
     pub drop: Sql,
 }
 
+/// A secondary index copy builds after the data: not a constraint's, and not unique. A unique
+/// index stays while copy writes, an arbiter of the chunks' `ON CONFLICT DO NOTHING`: rows that
+/// change between two chunks' snapshots (an email handed from one row to another) would put one
+/// value in two chunks' rows, and its build after the copy would fail.
+fn deferred_index(ix: &crate::catalog::Index) -> bool {
+    !ix.backs_constraint && !ix.unique
+}
+
 /// In the order they are dropped: foreign keys first (a key they reference is dropped after
 /// them), then secondary indexes, then the keys copy leaves out.
 pub fn deferrals(m: &Mapping, cat: &Catalog) -> Vec<Deferral> {
     let mut out = Vec::new();
     let mut keys = Vec::new();
     for gt in cat.tables_in(&m.green) {
-        for ix in gt.indexes.iter().filter(|ix| !ix.backs_constraint) {
+        for ix in gt.indexes.iter().filter(|ix| deferred_index(ix)) {
             out.push(Deferral {
                 kind: DeferralKind::Index,
                 name: ix.name.clone(),
@@ -347,7 +355,7 @@ pub fn all(m: &Mapping, cat: &Catalog, s: &EffectiveSettings) -> Vec<Step> {
         ));
     }
     for gt in green_tables.iter().filter_map(|q| cat.table(q)) {
-        for ix in gt.indexes.iter().filter(|ix| !ix.backs_constraint) {
+        for ix in gt.indexes.iter().filter(|ix| deferred_index(ix)) {
             out.push(step(
                 "copy",
                 format!("build deferred index {}", ix.name),

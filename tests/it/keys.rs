@@ -19,7 +19,9 @@ const BLUE: &str =
      CREATE TABLE public.codes (code character varying(3) PRIMARY KEY, n integer NOT NULL);
      INSERT INTO public.codes SELECT 'c' || g, g FROM generate_series(1, 50) g;
      CREATE TABLE public.prices (price numeric(6,2) PRIMARY KEY, n integer NOT NULL);
-     INSERT INTO public.prices SELECT g + 0.01, g FROM generate_series(1, 50) g;";
+     INSERT INTO public.prices SELECT g + 0.01, g FROM generate_series(1, 50) g;
+     CREATE TABLE public.names (name text PRIMARY KEY, n integer NOT NULL);
+     INSERT INTO public.names SELECT 'n' || g, g FROM generate_series(1, 50) g;";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rounded_key_is_looked_up_by_its_value_and_a_widened_one_by_blue_s_column() {
@@ -105,11 +107,11 @@ async fn copy_builds_a_key_its_chunks_partition_after_the_data() {
             "priced primary key",
             "widened primary key"
         ],
-        "rounded's key is computed by a cast that does not keep every value"
+        "rounded's key is computed by a cast that does not keep every value; folded's compares under another collation than blue's"
     );
     assert_eq!(
         count(&mut c, "SELECT count(*) FROM pg_constraint WHERE contype = 'p' AND connamespace = 'cast_keys'::regnamespace").await,
-        1
+        2
     );
     // What sees green between prepare and the end of the copy sees its keys as declared.
     let out = run(&url, &["plan", "-m", CAST_KEYS, "--profile", "none"]).await;
@@ -117,7 +119,7 @@ async fn copy_builds_a_key_its_chunks_partition_after_the_data() {
     copy_ok(&url, CAST_KEYS).await;
     assert_eq!(
         count(&mut c, "SELECT count(*) FROM pg_constraint WHERE contype = 'p' AND connamespace = 'cast_keys'::regnamespace").await,
-        4
+        5
     );
     assert_eq!(
         count(

@@ -13,6 +13,7 @@ mod hostile5;
 mod hostile6;
 mod hostile7;
 mod hostile8;
+mod hostile9;
 mod keys;
 mod live;
 mod narrow;

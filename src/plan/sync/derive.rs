@@ -247,9 +247,11 @@ impl SyncEntry<'_> {
                 ", "
             ),
             on = join(
-                self.upsert_key
-                    .iter()
-                    .map(|c| format!("bluegreen_g.{0} = m.{0}", Ident::new(c))),
+                self.upsert_key.iter().map(|c| format!(
+                    "bluegreen_g.{0} = m.{0}{1}",
+                    Ident::new(c),
+                    self.green_collation(c)
+                )),
                 " AND "
             ),
             g = list("bluegreen_g."),
@@ -329,6 +331,15 @@ impl SyncEntry<'_> {
     /// NULL columns (the same answer there, and the planner can hash the anti-join: IS NOT
     /// DISTINCT FROM compared every green row with every derived one, 80 ms for a batch of 1,500
     /// tracks) and IS NOT DISTINCT FROM on the nullable ones of a NULLS NOT DISTINCT key.
+    /// ` COLLATE <green's>` for M's side of a comparison with green's column `c`: M's column
+    /// carries blue's collation, and two columns of differing implicit collations cannot be
+    /// compared (42P22: a key copied from a "C" column into a case-insensitive one).
+    fn green_collation(&self, c: &str) -> String {
+        match self.green.column(c).and_then(|g| g.collation.as_deref()) {
+            Some(coll) => format!(" COLLATE {coll}"),
+            None => String::new(),
+        }
+    }
     fn not_produced(&self, m: &Mapping) -> String {
         format!(
             "NOT EXISTS (SELECT 1 FROM ({}) AS m WHERE {})",
@@ -342,7 +353,11 @@ impl SyncEntry<'_> {
                     } else {
                         "IS NOT DISTINCT FROM"
                     };
-                    format!("m.{0}::{ty} {eq} bluegreen_g.{0}", Ident::new(c))
+                    format!(
+                        "m.{0}::{ty}{1} {eq} bluegreen_g.{0}",
+                        Ident::new(c),
+                        self.green_collation(c)
+                    )
                 }),
                 " AND "
             )
@@ -598,9 +613,11 @@ impl SyncEntry<'_> {
                 ", "
             ),
             on = join(
-                self.upsert_key
-                    .iter()
-                    .map(|c| format!("bluegreen_g.{0} = m.{0}", Ident::new(c))),
+                self.upsert_key.iter().map(|c| format!(
+                    "bluegreen_g.{0} = m.{0}{1}",
+                    Ident::new(c),
+                    self.green_collation(c)
+                )),
                 " AND "
             ),
             g = list("bluegreen_g."),
