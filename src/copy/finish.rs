@@ -41,7 +41,7 @@ pub(super) async fn finish(
                 let build = sql!("{}", ix.definition);
                 let drop = sql!("DROP INDEX IF EXISTS {}", QName::new(&m.green, &ix.name));
                 let table = std::slice::from_ref(&ix.table);
-                locking::run_locked(&mut c, lock_timeout_ms, table, async |tx| {
+                locking::run_locked_green(&mut c, lock_timeout_ms, table, async |tx| {
                     exec(tx, &drop).await?;
                     exec(tx, &build).await.map_err(|d| key_not_unique(d, ix))?;
                     if ix.kind == DeferralKind::Index {
@@ -62,7 +62,7 @@ pub(super) async fn finish(
         }
         for k in builds.iter().filter(|p| p.kind != DeferralKind::Index) {
             let attach = steps::attach_key(k.kind, &k.table, &k.name);
-            locking::run_locked(
+            locking::run_locked_green(
                 conn,
                 o.lock_timeout_ms,
                 std::slice::from_ref(&k.table),

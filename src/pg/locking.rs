@@ -51,9 +51,32 @@ pub async fn run_locked(
     conn: &mut PgConnection,
     lock_timeout_ms: u64,
     tables: &[QName],
+    work: impl AsyncFnMut(&mut PgConnection) -> Result<(), Diagnostic>,
+) -> Result<(), Diagnostic> {
+    let attempt_ms = attempt_timeout_ms(lock_timeout_ms, deadlock_timeout_ms(conn).await?);
+    run_locked_for(conn, attempt_ms, tables, work).await
+}
+
+/// [`run_locked`] for green tables no application uses yet (copy's index builds): each attempt
+/// waits past `deadlock_timeout`, which is when a waiting backend cancels an autovacuum worker in
+/// its way. An autovacuum of a table copy just filled holds SHARE UPDATE EXCLUSIVE for minutes
+/// (a 10-million-row green table: every build's attempts ran out below `deadlock_timeout`).
+pub async fn run_locked_green(
+    conn: &mut PgConnection,
+    lock_timeout_ms: u64,
+    tables: &[QName],
+    work: impl AsyncFnMut(&mut PgConnection) -> Result<(), Diagnostic>,
+) -> Result<(), Diagnostic> {
+    let attempt_ms = lock_timeout_ms.max(1) + 2 * deadlock_timeout_ms(conn).await?;
+    run_locked_for(conn, attempt_ms, tables, work).await
+}
+
+async fn run_locked_for(
+    conn: &mut PgConnection,
+    lock_timeout_ms: u64,
+    tables: &[QName],
     mut work: impl AsyncFnMut(&mut PgConnection) -> Result<(), Diagnostic>,
 ) -> Result<(), Diagnostic> {
-    let lock_timeout_ms = attempt_timeout_ms(lock_timeout_ms, deadlock_timeout_ms(conn).await?);
     let mut delay = Duration::from_millis(100);
     for attempt in 1..=ATTEMPTS {
         let result = async {

@@ -168,3 +168,36 @@ async fn a_key_the_mapping_produces_twice_fails_its_build_after_the_copy() {
         );
     }
 }
+
+/// The index builds after the copy wait past `deadlock_timeout` on green (no application uses it
+/// yet), which is when a waiting backend cancels an autovacuum worker in its way: at 10 million
+/// rows, autovacuum of the table copy just filled held every build's attempts below
+/// `deadlock_timeout` off until the copy gave up. Here a session holds what a vacuum holds (SHARE
+/// UPDATE EXCLUSIVE) on one green table for 12 s, longer than all six short attempts and their
+/// backoff took (about 8 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_builds_outwait_what_a_vacuum_of_green_holds() {
+    let url = empty_db("cast_keys_vacuum").await;
+    let mut c = connect(&url).await;
+    exec(&mut c, BLUE).await;
+    let out = run(&url, &["prepare", "-m", CAST_KEYS]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", both(&out));
+    let mut holder = connect(&url).await;
+    exec(
+        &mut holder,
+        "BEGIN; LOCK TABLE cast_keys.widened IN SHARE UPDATE EXCLUSIVE MODE",
+    )
+    .await;
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_secs(12)).await;
+        exec(&mut holder, "COMMIT").await;
+    });
+    let out = run(&url, &["copy", "-m", CAST_KEYS]).await;
+    release.await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", both(&out));
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM pg_constraint WHERE contype = 'p' AND conrelid = 'cast_keys.widened'::regclass").await,
+        1
+    );
+    assert_invariant_now(&url, CAST_KEYS).await;
+}
