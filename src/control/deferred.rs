@@ -1,6 +1,7 @@
-//! Green secondary indexes and foreign keys held back while the copy writes into bare tables
-//! (`deferred`): recorded and dropped by `prepare`, rebuilt by `copy` after the data (foreign keys
-//! NOT VALID at the live switch, validated after it).
+//! Green secondary indexes, foreign keys and the keys copy's chunks partition, held back while
+//! the copy writes into bare tables (`deferred`): recorded and dropped by `prepare`, rebuilt by
+//! `copy` after the data (keys attached to their index, foreign keys NOT VALID at the live switch,
+//! validated after it). Until then [`restore_keys`] puts the keys back into the catalog.
 
 use sqlx::{PgConnection, Row};
 
@@ -17,7 +18,8 @@ pub struct Pending {
     pub kind: DeferralKind,
     pub name: String,
     pub table: QName,
-    /// `CREATE INDEX ...`, or the constraint definition (`FOREIGN KEY (...) REFERENCES ...`).
+    /// `CREATE [UNIQUE] INDEX ...` (an index or a key), or a foreign key's definition
+    /// (`FOREIGN KEY (...) REFERENCES ...`).
     pub definition: String,
     /// The table a foreign key references (recorded at prepare).
     pub ref_table: Option<QName>,
