@@ -59,21 +59,48 @@ async fn writer(url: String, seed: u64, stop: Arc<AtomicBool>) -> (u64, u64) {
     (i, own)
 }
 
+/// `validate` must PASS. While the writers run, a key they never stop writing can stay pending
+/// through every re-check and the fence (on a loaded 2-core machine the writers held blue's
+/// tables through each of its lock attempts): such a run names no difference, only keys
+/// unverified (hot), and is tried again, at most three times in all. Anything else fails at once.
 async fn validate_passes(url: &str, when: &str) {
-    let out = run(url, &["validate", "-m", MAPPING]).await;
-    for l in String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .filter(|l| l.contains("fenced") || l.contains("pending after"))
-    {
-        eprintln!("live: validate {when}: {l}");
+    for attempt in 1..=3 {
+        let out = run(url, &["validate", "-m", MAPPING, "--format", "json"]).await;
+        for l in String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| l.contains("fenced") || l.contains("pending after"))
+        {
+            eprintln!("live: validate {when}: {l}");
+        }
+        let report = || {
+            format!(
+                "validate {when} (attempt {attempt}): {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        };
+        if out.status.code() == Some(0) {
+            return;
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", report()));
+        let named: u64 = v["tables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                ["missing", "extra", "duplicated", "changed"]
+                    .iter()
+                    .map(|k| t[*k].as_u64().unwrap_or(0))
+                    .sum::<u64>()
+            })
+            .sum();
+        let only_hot = out.status.code() == Some(1)
+            && named == 0
+            && v["unverified_hot"].as_u64().unwrap_or(0) > 0;
+        assert!(only_hot && attempt < 3, "{}", report());
+        eprintln!("live: validate {when}: only hot keys unverified, trying again");
     }
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "validate {when}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
