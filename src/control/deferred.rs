@@ -86,14 +86,11 @@ fn referenced_table(definition: &str, default_schema: &str) -> Option<QName> {
     }
 }
 
-/// Put the keys copy left out (dropped until their index is built after the data) back into
-/// `cat` as the constraints they were, so every command between `prepare` and the end of the
-/// copy sees green's keys as the DDL declares them. A no-op without a control schema.
-pub async fn restore_keys(
+/// [`pending`], or nothing where the control schema does not exist yet.
+pub async fn pending_if_any(
     conn: &mut PgConnection,
     m: &Mapping,
-    cat: &mut crate::catalog::Catalog,
-) -> Result<(), Diagnostic> {
+) -> Result<Vec<Pending>, Diagnostic> {
     let table = QName::new(&m.control_schema, "deferred").to_string();
     let exists: bool = sqlx::query_scalar("SELECT pg_catalog.to_regclass($1) IS NOT NULL")
         .bind(&table)
@@ -101,9 +98,19 @@ pub async fn restore_keys(
         .await
         .map_err(db_error)?;
     if !exists {
-        return Ok(());
+        return Ok(Vec::new());
     }
-    for p in pending(conn, m).await? {
+    pending(conn, m).await
+}
+
+/// Put the keys copy left out (dropped until their index is built after the data) back into
+/// `cat` as the constraints they were, so every command between `prepare` and the end of the
+/// copy sees green's keys as the DDL declares them (`pending`: what is still deferred).
+pub fn restore_keys(
+    cat: &mut crate::catalog::Catalog,
+    pending: &[Pending],
+) -> Result<(), Diagnostic> {
+    for p in pending {
         if !matches!(p.kind, DeferralKind::PrimaryKey | DeferralKind::UniqueKey) {
             continue;
         }

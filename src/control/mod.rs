@@ -128,14 +128,24 @@ pub async fn exists(conn: &mut PgConnection, m: &Mapping) -> Result<bool, Diagno
 
 /// The catalog of the schemas the mapping names, read with `search_path = pg_catalog` (so type
 /// names come out schema-qualified); leaves the session on the mapping's search_path.
+/// The keys copy left out (still deferred) are put back in (`deferred::restore_keys`).
 pub async fn load_catalog(conn: &mut PgConnection, m: &Mapping) -> Result<Catalog, Diagnostic> {
+    Ok(load_catalog_and_deferred(conn, m).await?.0)
+}
+
+/// [`load_catalog`], and what is still deferred (read once for both).
+async fn load_catalog_and_deferred(
+    conn: &mut PgConnection,
+    m: &Mapping,
+) -> Result<(Catalog, Vec<deferred::Pending>), Diagnostic> {
     exec(conn, &sql!("SET search_path = pg_catalog")).await?;
     let schemas = m.catalog_schemas();
     let refs: Vec<&str> = schemas.iter().map(String::as_str).collect();
     let mut cat = catalog::load(conn, &refs).await.map_err(db_error)?;
     exec(conn, &set_mapping_search_path(m, false)).await?;
-    deferred::restore_keys(conn, m, &mut cat).await?;
-    Ok(cat)
+    let pending = deferred::pending_if_any(conn, m).await?;
+    deferred::restore_keys(&mut cat, &pending)?;
+    Ok((cat, pending))
 }
 
 /// The catalog with the green foreign keys that are still deferred (dropped for the copy) put
@@ -144,8 +154,11 @@ pub async fn load_catalog_for_sync(
     conn: &mut PgConnection,
     m: &Mapping,
 ) -> Result<Catalog, Diagnostic> {
-    let mut cat = load_catalog(conn, m).await?;
-    for fk in deferred::pending_foreign_keys(conn, m).await? {
+    let (mut cat, pending) = load_catalog_and_deferred(conn, m).await?;
+    for fk in pending
+        .into_iter()
+        .filter(|p| p.kind == crate::plan::steps::DeferralKind::ForeignKey)
+    {
         let Some(ref_table) = fk.ref_table else {
             continue;
         };

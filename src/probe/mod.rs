@@ -259,7 +259,8 @@ impl Probe<'_> {
         let refs: Vec<&str> = schemas.iter().map(String::as_str).collect();
         let mut cat = catalog::load(self.conn, &refs).await.map_err(db_diag)?;
         // Green prepared earlier: the keys the copy leaves out are still green's keys.
-        crate::control::deferred::restore_keys(self.conn, m, &mut cat).await?;
+        let pending = crate::control::deferred::pending_if_any(self.conn, m).await?;
+        crate::control::deferred::restore_keys(&mut cat, &pending)?;
         let statics = static_checks(m, &cat);
         let broken: Vec<String> = statics
             .iter()
