@@ -338,7 +338,9 @@ pub struct CopyArgs {
     /// Parallel workers (overrides settings.jobs).
     #[arg(long)]
     pub jobs: Option<u32>,
-    /// Rows per chunk (overrides settings.chunk_rows); used when chunks are first planned.
+    /// Rows per chunk (overrides settings.chunk_rows); used when chunks are first planned. A key
+    /// in no order on a heap larger than half of shared_buffers (a random uuid) gets chunks of up
+    /// to a million rows (at least 4, a multiple of --jobs): each chunk reads the whole heap.
     #[arg(long)]
     pub chunk_rows: Option<u64>,
     /// Copy engine.
@@ -384,7 +386,8 @@ pub struct ValidateArgs {
     /// Parallel workers sharing the snapshot (overrides settings.jobs).
     #[arg(long)]
     pub jobs: Option<u32>,
-    /// Rows per compared chunk (overrides settings.chunk_rows).
+    /// Rows per compared chunk (overrides settings.chunk_rows); a key in no order on a heap
+    /// larger than half of shared_buffers gets chunks of up to a million rows.
     #[arg(long)]
     pub chunk_rows: Option<u64>,
     /// Differences listed at most (totals are always complete).

@@ -14,8 +14,15 @@ SELECT a.attrelid::int8 AS table_oid,
        -- `=` on the type (a domain's base type) defined outside pg_catalog (citext's).
        EXISTS (SELECT 1 FROM pg_operator o
                WHERE o.oprname = '=' AND o.oprleft = COALESCE(NULLIF(t.typbasetype, 0), a.atttypid)
-                 AND o.oprright = o.oprleft AND o.oprnamespace <> 'pg_catalog'::regnamespace) AS own_equality
+                 AND o.oprright = o.oprleft AND o.oprnamespace <> 'pg_catalog'::regnamespace) AS own_equality,
+       -- How far the column's order is from the heap's (NULL until analysed; pg_stats shows only
+       -- columns the user may read).
+       (SELECT s.correlation::float8 FROM pg_stats s
+        WHERE s.schemaname = n.nspname AND s.tablename = c.relname AND s.attname = a.attname
+          AND NOT s.inherited) AS correlation
 FROM pg_attribute a
+JOIN pg_class c ON c.oid = a.attrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_type t ON t.oid = a.atttypid
 LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
 WHERE a.attrelid = ANY($1::int8[]::oid[]) AND a.attnum > 0 AND NOT a.attisdropped

@@ -29,6 +29,9 @@ pub struct Server {
     pub is_superuser: bool,
     pub search_path: String,
     pub schemas: Vec<String>,
+    /// `shared_buffers` in bytes.
+    #[serde(skip)]
+    pub shared_buffers: i64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -80,6 +83,10 @@ pub struct Column {
     /// The column's collation as `regcollation` prints it; `None` for a type without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub collation: Option<String>,
+    /// `pg_stats.correlation`: how far the column's order is from the heap's (`None` until
+    /// analysed). Chunk planning reads it (`plan::chunks::scattered`).
+    #[serde(skip)]
+    pub correlation: Option<f64>,
 }
 
 impl Column {
@@ -302,6 +309,7 @@ pub async fn load(conn: &mut PgConnection, schemas: &[&str]) -> Result<Catalog, 
         user: get(&srow, "current_user")?,
         is_superuser: get::<Option<bool>>(&srow, "is_superuser")?.unwrap_or(false),
         search_path: get(&srow, "search_path")?,
+        shared_buffers: get(&srow, "shared_buffers")?,
         schemas: get::<Option<Vec<String>>>(&srow, "schemas")?.unwrap_or_default(),
     };
 
@@ -351,6 +359,7 @@ pub async fn load(conn: &mut PgConnection, schemas: &[&str]) -> Result<Catalog, 
                 own_equality: get(&r, "own_equality")?,
                 domain_base: get(&r, "domain_base")?,
                 collation: get(&r, "collation")?,
+                correlation: get(&r, "correlation")?,
             });
         }
     }

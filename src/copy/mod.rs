@@ -22,7 +22,10 @@ use crate::control::{self, Phase, chunks, events, runs};
 use crate::diag::Diagnostic;
 use crate::mapping::{Mapping, TableEntry};
 use crate::pg::{self, db_error, exec, locking};
-use crate::plan::chunks::{PHYSICAL_KEY_TYPE, count, physical_ranges, quantile_source};
+use crate::plan::chunks::{
+    PHYSICAL_KEY_TYPE, count, physical_ranges, planned_count, quantile_source, scattered,
+};
+use crate::plan::keys::plain_column_of;
 use crate::plan::query::{Shape, chunk_insert, set_mapping_search_path};
 use crate::plan::{ChunkKey, chunk_key, sync_key};
 use crate::sql::{Ident, QName, sql};
@@ -50,6 +53,7 @@ async fn plan_chunks(
     m: &Mapping,
     cat: &Catalog,
     chunk_rows: u64,
+    jobs: u32,
 ) -> Result<(), Diagnostic> {
     let mut tx = conn.begin().await.map_err(db_error)?;
     chunks::lock_planning(&mut tx, m).await?;
@@ -87,8 +91,22 @@ async fn plan_chunks(
                 .await
                 .map_err(db_error)?;
                 let rows = chunks::estimate_rows(&mut tx, &bt.qname(), bt.reltuples).await?;
-                let ranges =
-                    chunks::key_ranges(&mut tx, &key, &source, count(rows, chunk_rows)).await?;
+                let scattered = plain_column_of(&key, &driving.alias)
+                    .and_then(|c| bt.column(&c))
+                    .is_some_and(|c| {
+                        scattered(c.correlation, bt.heap_bytes, cat.server.shared_buffers)
+                    });
+                let n = planned_count(rows, chunk_rows, jobs, scattered);
+                if n < count(rows, chunk_rows) {
+                    eprintln!(
+                        "bluegreen: {}: {key} is in no order on {}, which is larger than half of shared_buffers: {n} chunks of about {:.0} rows instead of {} (each chunk reads nearly the whole heap)",
+                        e.name,
+                        bt.qname().display(),
+                        rows / n as f64,
+                        count(rows, chunk_rows)
+                    );
+                }
+                let ranges = chunks::key_ranges(&mut tx, &key, &source, n).await?;
                 (key, key_type.unwrap_or_else(|| "text".into()), ranges)
             }
         };
@@ -136,7 +154,7 @@ pub async fn copy(url: &str, m: &Mapping, o: &Options) -> Result<(), Diagnostic>
         )
         .await?;
     }
-    plan_chunks(&mut conn, m, &cat, o.chunk_rows).await?;
+    plan_chunks(&mut conn, m, &cat, o.chunk_rows, o.jobs).await?;
 
     let progress = Arc::new(progress::Progress::new(&mut conn, m).await?);
     let mut workers = Vec::new();

@@ -211,7 +211,22 @@ pub fn build(
             cols.iter()
                 .any(|c| bt.column(c).is_some_and(|bc| !bc.not_null))
         });
-        let chunks = ((est_driving / settings.chunk_rows as f64).ceil() as u64).max(1)
+        // As copy plans them (`copy::plan_chunks`): a key in no order on a heap too large to stay
+        // cached gets a few large chunks.
+        let scattered_key = match &chunk_key {
+            ChunkKey::Expr(k) => plain_column_of(k, &driving.alias)
+                .and_then(|c| bt.column(&c))
+                .is_some_and(|c| {
+                    chunks::scattered(c.correlation, bt.heap_bytes, cat.server.shared_buffers)
+                }),
+            ChunkKey::Physical => false,
+        };
+        let chunks = chunks::planned_count(
+            est_driving,
+            settings.chunk_rows,
+            settings.jobs,
+            scattered_key,
+        ) as u64
             + u64::from(nullable_key);
         let defaults = gt
             .columns

@@ -21,6 +21,7 @@ pub(crate) fn col(name: &str, ty: &str, not_null: bool) -> Column {
         own_equality: false,
         domain_base: None,
         collation: None,
+        correlation: None,
     }
 }
 

@@ -30,7 +30,7 @@ use crate::control::{self, chunks, events, runs, validations};
 use crate::diag::Diagnostic;
 use crate::mapping::{Mapping, TableEntry};
 use crate::pg::{db_error, exec};
-use crate::plan::chunks::{condition, count};
+use crate::plan::chunks::{condition, planned_count, scattered};
 use crate::plan::query::{Shape, mapping_select_typed};
 use crate::plan::upsert_key;
 use crate::sql::{Ident, Literal, QName, Sql, TypeName, join, sql};
@@ -167,6 +167,8 @@ struct RangeKey<'a> {
     expr: &'a str,
     green_type: &'a str,
     blue_column: String,
+    /// Ranges of it are scattered over blue's or green's heap (`plan::chunks::scattered`).
+    scattered: bool,
 }
 
 /// The range column of an entry: a column of one of green's NOT NULL unique keys (the upsert
@@ -220,11 +222,16 @@ fn range_key<'a>(e: &'a TableEntry, gt: &'a catalog::Table, cat: &Catalog) -> Op
         if bt.column(&bc).map(|b| &b.collation) != Some(&g.collation) {
             continue;
         }
+        let cache = cat.server.shared_buffers;
         return Some(RangeKey {
             column: c.name.as_str(),
             expr: c.expr.text.as_str(),
             green_type: g.type_sql.as_str(),
             blue_column: format!("{}.{}", Ident::new(a), Ident::new(&bc)),
+            scattered: scattered(g.correlation, gt.heap_bytes, cache)
+                || bt
+                    .column(&bc)
+                    .is_some_and(|b| scattered(b.correlation, bt.heap_bytes, cache)),
         });
     }
     None
@@ -303,6 +310,7 @@ async fn plan_tasks(
     m: &Mapping,
     cat: &Catalog,
     chunk_rows: u64,
+    jobs: u32,
 ) -> Result<Vec<Task>, Diagnostic> {
     let mut tasks = Vec::new();
     for (i, e) in m.tables.iter().enumerate() {
@@ -330,7 +338,8 @@ async fn plan_tasks(
         let green_key = format!("bluegreen_g.{}", Ident::new(k.column));
         let rows = chunks::estimate_rows(conn, &gt.qname(), gt.reltuples).await?;
         let source = format!("{} AS bluegreen_g", gt.qname());
-        let ranges = chunks::key_ranges(conn, &green_key, &source, count(rows, chunk_rows)).await?;
+        let n = planned_count(rows, chunk_rows, jobs, k.scattered);
+        let ranges = chunks::key_ranges(conn, &green_key, &source, n).await?;
         let green_bound = |v: &str| format!("{}::{}", Literal::new(v), TypeName(k.green_type));
         // Both sides compare with bounds in green's type: a green value outside blue's narrower
         // type (an extra row of 3,000,000,000 over an integer column) must be a difference, not an
@@ -371,7 +380,7 @@ pub async fn compare(url: &str, m: &Mapping, o: &Options) -> Result<Outcome, Dia
         &crate::plan::query::set_mapping_search_path(m, true),
     )
     .await?;
-    let tasks = plan_tasks(&mut main, m, &cat, o.chunk_rows).await?;
+    let tasks = plan_tasks(&mut main, m, &cat, o.chunk_rows, o.jobs).await?;
     let ntasks = tasks.len();
     let queue = Arc::new(Mutex::new(tasks.into_iter().collect::<VecDeque<_>>()));
     // Progress: a bar over all chunks on a terminal, a line every tenth of the work otherwise.

@@ -544,3 +544,71 @@ async fn a_database_statement_timeout_never_cancels_bluegreen() {
     exec(&mut app, "RESET statement_timeout").await;
     assert_invariant(&url, m).await;
 }
+
+/// A key in no order on its heap (a random uuid), over a heap larger than half of
+/// shared_buffers: every range of it has rows on nearly every page, so copy and validate plan a
+/// few large chunks (4, a multiple of the 2 jobs, plus the NULL keys') instead of one per
+/// `chunk_rows` (each would read the whole heap again). `plan` says the same, and green is M(blue).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_in_no_order_on_a_large_heap_gets_a_few_large_chunks() {
+    const MAPPING: &str = "tests/fixtures/scattered.yaml";
+    let url = crate::support::empty_db("scattered").await;
+    let mut c = crate::support::connect(&url).await;
+    // fillfactor 10 spreads 60,000 rows over about 150 MB of heap (the test cluster's
+    // shared_buffers is 256 MB).
+    crate::support::exec(
+        &mut c,
+        "CREATE TABLE public.events (id uuid PRIMARY KEY, payload text NOT NULL) WITH (fillfactor = 10);
+         INSERT INTO public.events SELECT md5(g::text)::uuid, repeat(md5(g::text), 6) FROM generate_series(1, 60000) g;
+         ANALYZE public.events;",
+    )
+    .await;
+    let heap: i64 =
+        sqlx::query_scalar("SELECT pg_relation_size('public.events') - pg_size_bytes(current_setting('shared_buffers')) / 2")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+    assert!(
+        heap > 0,
+        "the heap must exceed half of shared_buffers by {heap}"
+    );
+
+    let out = run(&url, &["plan", "-m", MAPPING, "--format", "json"]).await;
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The ranges; copy adds one for NULL keys (empty here).
+    assert_eq!(plan["tables"][0]["chunks"], 4, "{}", plan["tables"]);
+
+    let out = run(&url, &["copy", "-m", MAPPING]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("e.id is in no order on public.events") && err.contains("5 chunks on e.id"),
+        "{err}"
+    );
+    let planned = crate::support::count(
+        &mut c,
+        "SELECT count(*) FROM bluegreen.chunks WHERE migration = 'scattered' AND state = 'done'",
+    )
+    .await;
+    assert_eq!(planned, 5);
+
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("r");
+    let out = run(
+        &url,
+        &[
+            "validate",
+            "-m",
+            MAPPING,
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(r["tables"][0]["chunks"], 5, "{}", r["tables"]);
+    crate::support::assert_invariant_now(&url, MAPPING).await;
+}
