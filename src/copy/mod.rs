@@ -23,9 +23,8 @@ use crate::diag::Diagnostic;
 use crate::mapping::{Mapping, TableEntry};
 use crate::pg::{self, db_error, exec, locking};
 use crate::plan::chunks::{
-    PHYSICAL_KEY_TYPE, count, physical_ranges, planned_count, quantile_source, scattered,
+    PHYSICAL_KEY_TYPE, count, physical_ranges, planned_count, quantile_source, scattered_key,
 };
-use crate::plan::keys::plain_column_of;
 use crate::plan::query::{Shape, chunk_insert, set_mapping_search_path};
 use crate::plan::{ChunkKey, chunk_key, sync_key};
 use crate::sql::{Ident, QName, sql};
@@ -91,19 +90,16 @@ async fn plan_chunks(
                 .await
                 .map_err(db_error)?;
                 let rows = chunks::estimate_rows(&mut tx, &bt.qname(), bt.reltuples).await?;
-                let scattered = plain_column_of(&key, &driving.alias)
-                    .and_then(|c| bt.column(&c))
-                    .is_some_and(|c| {
-                        scattered(c.correlation, bt.heap_bytes, cat.server.shared_buffers)
-                    });
+                let scattered = scattered_key(&key, &driving.alias, bt, cat.server.shared_buffers);
                 let n = planned_count(rows, chunk_rows, jobs, scattered);
-                if n < count(rows, chunk_rows) {
+                let asked = count(rows, chunk_rows);
+                if n < asked {
                     eprintln!(
                         "bluegreen: {}: {key} is in no order on {}, which is larger than half of shared_buffers: {n} chunks of about {:.0} rows instead of {} (each chunk reads nearly the whole heap)",
                         e.name,
                         bt.qname().display(),
                         rows / n as f64,
-                        count(rows, chunk_rows)
+                        asked
                     );
                 }
                 let ranges = chunks::key_ranges(&mut tx, &key, &source, n).await?;

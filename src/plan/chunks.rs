@@ -49,6 +49,19 @@ pub fn scattered(correlation: Option<f64>, heap_bytes: i64, cache_bytes: i64) ->
     correlation.is_some_and(|c| c.abs() < SCATTERED_CORRELATION) && heap_bytes > cache_bytes / 2
 }
 
+/// [`scattered`] for column `column` of `t` (`false` for a column `t` lacks).
+pub fn scattered_column(t: &catalog::Table, column: &str, cache_bytes: i64) -> bool {
+    t.column(column)
+        .is_some_and(|c| scattered(c.correlation, t.heap_bytes, cache_bytes))
+}
+
+/// [`scattered_column`] for a chunk key: `false` unless it is a plain column of `alias`, the
+/// driving table `t`.
+pub fn scattered_key(key: &str, alias: &str, t: &catalog::Table, cache_bytes: i64) -> bool {
+    crate::plan::keys::plain_column_of(key, alias)
+        .is_some_and(|c| scattered_column(t, &c, cache_bytes))
+}
+
 /// How many chunks to plan: `count`, but over a scattered key chunks of up to
 /// `SCATTERED_CHUNK_ROWS`, at least `SCATTERED_CHUNKS`, a multiple of `jobs`: the heap is read
 /// once per chunk, so as few as keep each chunk's transaction short.

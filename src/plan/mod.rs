@@ -207,27 +207,18 @@ pub fn build(
             ),
             None => (est_driving, bt.heap_bytes as f64),
         };
-        let nullable_key = plain.as_ref().is_some_and(|cols| {
-            cols.iter()
-                .any(|c| bt.column(c).is_some_and(|bc| !bc.not_null))
-        });
         // As copy plans them (`copy::plan_chunks`): a key in no order on a heap too large to stay
-        // cached gets a few large chunks.
-        let scattered_key = match &chunk_key {
-            ChunkKey::Expr(k) => plain_column_of(k, &driving.alias)
-                .and_then(|c| bt.column(&c))
-                .is_some_and(|c| {
-                    chunks::scattered(c.correlation, bt.heap_bytes, cat.server.shared_buffers)
-                }),
-            ChunkKey::Physical => false,
+        // cached gets a few large chunks; key ranges always end with the NULL keys' own chunk.
+        let chunks = match &chunk_key {
+            ChunkKey::Expr(k) => {
+                let scattered =
+                    chunks::scattered_key(k, &driving.alias, bt, cat.server.shared_buffers);
+                chunks::planned_count(est_driving, settings.chunk_rows, settings.jobs, scattered)
+                    as u64
+                    + 1
+            }
+            ChunkKey::Physical => chunks::count(est_driving, settings.chunk_rows) as u64,
         };
-        let chunks = chunks::planned_count(
-            est_driving,
-            settings.chunk_rows,
-            settings.jobs,
-            scattered_key,
-        ) as u64
-            + u64::from(nullable_key);
         let defaults = gt
             .columns
             .iter()

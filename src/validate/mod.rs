@@ -30,7 +30,7 @@ use crate::control::{self, chunks, events, runs, validations};
 use crate::diag::Diagnostic;
 use crate::mapping::{Mapping, TableEntry};
 use crate::pg::{db_error, exec};
-use crate::plan::chunks::{condition, planned_count, scattered};
+use crate::plan::chunks::{condition, planned_count, scattered_column};
 use crate::plan::query::{Shape, mapping_select_typed};
 use crate::plan::upsert_key;
 use crate::sql::{Ident, Literal, QName, Sql, TypeName, join, sql};
@@ -228,10 +228,7 @@ fn range_key<'a>(e: &'a TableEntry, gt: &'a catalog::Table, cat: &Catalog) -> Op
             expr: c.expr.text.as_str(),
             green_type: g.type_sql.as_str(),
             blue_column: format!("{}.{}", Ident::new(a), Ident::new(&bc)),
-            scattered: scattered(g.correlation, gt.heap_bytes, cache)
-                || bt
-                    .column(&bc)
-                    .is_some_and(|b| scattered(b.correlation, bt.heap_bytes, cache)),
+            scattered: scattered_column(gt, &c.name, cache) || scattered_column(bt, &bc, cache),
         });
     }
     None
